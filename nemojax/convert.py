@@ -72,9 +72,10 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, bas
 
 
 # ================================================================================================ streaming
-TARGETS = ("nvfp4", "hlwq-q5", "hlwq-q5-converged", "bf16")
+TARGETS = ("nvfp4", "hlwq-q5", "hlwq-q5-converged", "bf16", "orbax")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
-SUPPORTED = ("bf16 -> nvfp4 | hlwq-q5 | hlwq-q5-converged; nvfp4 -> bf16; hlwq (layout A/B/C) -> bf16")
+SUPPORTED = ("bf16 -> nvfp4 | hlwq-q5 | hlwq-q5-converged; nvfp4 -> bf16; hlwq (layout A/B/C) -> bf16; "
+             "any -> orbax (optionally quantizing a bf16 checkpoint with quant=<recipe>)")
 
 
 class ConvertError(ValueError):
@@ -172,6 +173,20 @@ class _ShardWriter:
         return files
 
 
+def open_source(src, dst, base=None):
+    """A conversion's input: ``(src, config, Checkpoint, base Checkpoint | None, plan items, format)``."""
+    from .weights import Checkpoint, plan
+
+    src = os.fspath(src)
+    if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
+        raise ConvertError("the output folder must differ from the input folder")
+    cfg = Config.from_json(src)
+    ck = Checkpoint(src)
+    base_ck = Checkpoint(base) if base is not None else None
+    items = plan(ck, cfg, base_ck)
+    return src, cfg, ck, base_ck, items, checkpoint_format(items)
+
+
 def _mini_tree(path: str, leaf) -> dict:
     """A one-leaf pytree ``{"layers": {3: {"mixer": {"in_proj": leaf}}}}`` whose flattened path is ``path``
     (so ``weights.checkpoint_tensors`` names and splits it exactly as for the whole model)."""
@@ -184,43 +199,50 @@ def _mini_tree(path: str, leaf) -> dict:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, force: bool = False,
                        max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES, base: str | os.PathLike | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, quant: str | None = None) -> dict:
     """Convert a checkpoint folder one parameter at a time (peak memory ~ one parameter, not the model).
 
     ``to``: "nvfp4" (ModelOpt layout, weight-only W4A16_NVFP4 with the published selective recipe; there is no
     calibration, so no ``input_scale`` and no FP8 KV scales), "hlwq-q5" / "hlwq-q5-converged" (polarengine
     layout B + polar_config.json) from a BF16 (float) checkpoint, or "bf16" from an NVFP4 or HLWQ checkpoint
-    (``base``: the BF16 checkpoint supplying the ``e_score_correction_bias`` HLWQ files lack). Output goes to a
+    (``base``: the BF16 checkpoint supplying the ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the
+    parameter pytree as an orbax checkpoint, see ``nemojax.orbax_io``; ``quant``: a recipe to quantize a BF16
+    source on the way, e.g. "nvfp4" or "hlwq-q5"). Output goes to a
     temporary folder beside ``dst``, renamed at the end: any error leaves nothing. Returns a summary dict.
     """
+    if quant is not None and to != "orbax":
+        raise ConvertError(f"quant={quant!r} applies to --to orbax only (use --to {quant} for safetensors)")
+    if to == "orbax":
+        from .orbax_io import convert_to_orbax
+
+        try:
+            return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ConvertError(f"{os.path.abspath(os.fspath(dst))}: the disk is full (no space left on device "
+                                   f"while writing); nothing was written (the partial output was removed)") from None
+            raise
     import jax.numpy as jnp
 
-    from . import quant
+    from . import quant as qlib
     from .params import leaf_dtype
     from .quant.hlwq import HLWQWeight, lloyd_max_table
     from .quant.modelopt import config_quantization, hf_quant_config, linear_modules
     from .quant.nvfp4 import NVFP4Weight
     from .quant.polar import hlwq_tensors, polar_config, read_hlwq, read_polar_config
-    from .weights import Checkpoint, CheckpointError, _progress, _read, _read_nvfp4, checkpoint_tensors, plan
+    from .weights import CheckpointError, _progress, _read, _read_nvfp4, checkpoint_tensors
 
     if to not in TARGETS:
         raise ConvertError(f"--to {to!r}: unknown target; supported: {', '.join(TARGETS)} ({SUPPORTED})")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ConvertError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
-    src = os.fspath(src)
-    if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
-        raise ConvertError("the output folder must differ from the input folder")
-    cfg = Config.from_json(src)
-    ck = Checkpoint(src)
-    base_ck = Checkpoint(base) if base is not None else None
-    items = plan(ck, cfg, base_ck)
-    fmt = checkpoint_format(items)
+    src, cfg, ck, base_ck, items, fmt = open_source(src, dst, base)
     if (to == "bf16") == (fmt == "bf16") or fmt == "mixed":
         raise ConvertError(f"{src}: cannot convert a {fmt} checkpoint to {to}; supported conversions: {SUPPORTED}")
     bf16 = jnp.dtype(jnp.bfloat16)
     pc = read_polar_config(src) if fmt == "hlwq" else None
-    recipe = quant._resolve(to) if to != "bf16" else None
-    targets = quant.quantized_modules(cfg, recipe) if recipe is not None else {}
+    recipe = qlib._resolve(to) if to != "bf16" else None
+    targets = qlib.quantized_modules(cfg, recipe) if recipe is not None else {}
     table = (lloyd_max_table(recipe.bits, 100 if recipe.codebook == "compatible" else None)
              if recipe is not None and recipe.format == "hlwq" else None)
     nvfp4_mods: set[str] = set()

@@ -21,6 +21,10 @@ supported conversions:
   bf16  -> hlwq-q5-converged  the same with the converged Lloyd-Max codebook (stored per tensor)
   nvfp4 -> bf16, hlwq -> bf16 dequantized plain BF16 checkpoint (like polarquant-convert; --base for HLWQ files
                               that lack e_score_correction_bias)
+  any   -> orbax              the parameter pytree as an orbax checkpoint (params/ + nemojax_orbax.json + config and
+                              tokenizer files), quantized nodes kept as they are; --quant RECIPE (nvfp4, nvfp4-all,
+                              hlwq-q5, hlwq-q5-converged) quantizes a bf16 source on the way. nemojax.load and
+                              `nemojax generate --model OUT` read it.
 Conversion streams one parameter at a time (peak memory ~ one parameter + small buffers); output is written to
 a temporary folder beside OUT and renamed when complete, so an error (or a full disk) leaves nothing behind."""
 
@@ -51,6 +55,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--max-shard-size", type=_size, default="5GB", dest="max_shard_bytes",
                    help="maximum safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
     p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
+    p.add_argument("--quant", default=None, metavar="RECIPE",
+                   help="with --to orbax: quantize a bf16 source with this recipe (nvfp4, hlwq-q5, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_convert)
@@ -98,7 +104,7 @@ def cmd_convert(a) -> int:
         _need_folder(a.base, "--base ")
     try:
         res = convert_checkpoint(a.src, a.dst, a.to, force=a.force, max_shard_bytes=a.max_shard_bytes, base=a.base,
-                                 progress=not a.no_progress)
+                                 progress=not a.no_progress, quant=a.quant)
     except FileExistsError as e:
         raise _usage(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from e
     except (ConvertError, ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
@@ -153,6 +159,10 @@ def inspect_checkpoint(d: str) -> dict:
     from .config import Config
     from .weights import Checkpoint
 
+    from .orbax_io import is_orbax_checkpoint
+
+    if is_orbax_checkpoint(d):
+        return inspect_orbax(d)
     ck = Checkpoint(d)
     names = ck.names
     nvfp4 = [n for n in names if n.endswith(".weight_scale_2")]
@@ -217,6 +227,49 @@ def inspect_checkpoint(d: str) -> dict:
                          "vocab_size": cfg.vocab_size, "n_routed_experts": cfg.n_routed_experts,
                          "num_experts_per_tok": cfg.num_experts_per_tok, "parameters": n_params}
     return out
+
+
+def _config_summary(cfg) -> dict:
+    from .params import count_params
+
+    return {"pattern": cfg.pattern, "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "n_routed_experts": cfg.n_routed_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok, "parameters": count_params(cfg)}
+
+
+def inspect_orbax(d: str) -> dict:
+    """``inspect_checkpoint`` for a nemojax orbax folder (reads nemojax_orbax.json only)."""
+    import math
+
+    import numpy as np
+
+    from .config import Config
+    from .orbax_io import OrbaxError, read_meta
+    from .weights import CheckpointError
+
+    try:
+        meta = read_meta(d)
+    except OrbaxError as e:
+        raise CheckpointError(str(e)) from None
+    cfg = Config.from_json(d)
+    kinds = {n["type"] for n in meta["nodes"].values()}
+    fmt = "orbax " + ("+".join(sorted(kinds)) if kinds else "float")
+    comps: dict[str, dict] = {}
+    dtypes: dict[str, dict] = {}
+    total = 0
+    for path, (shape, dt) in meta["leaves"].items():
+        nb = math.prod(shape) * np.dtype(dt).itemsize
+        total += nb
+        m = re.match(r"^layers\.(\d+)\.(.*)$", path)
+        name = f"backbone.layers.{m.group(1)}.{m.group(2)}" if m else path
+        for key, d_ in ((_component(name, cfg.pattern), comps), (dt, dtypes)):
+            c = d_.setdefault(key, {"tensors": 0, "bytes": 0})
+            c["tensors"] += 1
+            c["bytes"] += nb
+    return {"path": os.path.abspath(d), "format": fmt, "hlwq_layout": None, "tensors": len(meta["leaves"]),
+            "files": 1, "bytes": total, "nvfp4_modules": sum(n["type"] == "nvfp4" for n in meta["nodes"].values()),
+            "hlwq_modules": sum(n["type"] == "hlwq" for n in meta["nodes"].values()), "components": comps,
+            "dtypes": dtypes, "config": _config_summary(cfg)}
 
 
 def _fmt_bytes(b: int) -> str:

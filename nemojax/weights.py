@@ -283,6 +283,8 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
                 dequantize: bool = False) -> dict:
     """Load a checkpoint folder into the parameter pytree (jax arrays on the default device).
 
+    Safetensors folders (below) and nemojax orbax folders (``nemojax_orbax.json``; see ``nemojax.orbax_io``).
+
     Float weights are cast to ``dtype``; ``A_log``, ``D`` and ``e_score_correction_bias`` stay float32.
     ModelOpt NVFP4 linears (those with ``weight_scale_2``) become ``NVFP4Weight`` nodes run in ``nvfp4_mode``;
     FP8 KV scales (``k_proj.k_scale``, ``v_proj.v_scale``) become mixer leaves ``k_scale`` / ``v_scale``.
@@ -294,6 +296,13 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
     dtype = resolve_dtype(dtype)
     if nvfp4_mode not in MODES:
         raise ValueError(f"nvfp4_mode={nvfp4_mode!r}: expected one of {MODES}")
+    from .orbax_io import OrbaxError, is_orbax_checkpoint, load_orbax
+
+    if is_orbax_checkpoint(path):  # nemojax's own orbax format (``nemojax convert --to orbax``)
+        try:
+            return load_orbax(path, cfg, dtype, nvfp4_mode, hlwq_path, dequantize)
+        except OrbaxError as e:
+            raise CheckpointError(str(e)) from None
     ck = Checkpoint(path)
     read_quant_config(ck.path)  # validates an hf_quant_config.json / quantization_config when present
     pc = read_polar_config(ck.path)

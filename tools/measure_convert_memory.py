@@ -32,7 +32,7 @@ GB = 1e9
 
 _CHILD = r"""
 import json, os, sys, threading, time
-REPO, SRC, DST, TO, SHARD = sys.argv[1:6]
+REPO, SRC, DST, TO, SHARD, QUANT = sys.argv[1:7]
 sys.path.insert(0, REPO)
 
 def status():
@@ -64,7 +64,7 @@ def sample():
         time.sleep(0.002)
 t = threading.Thread(target=sample, daemon=True); t.start()
 t0 = time.perf_counter()
-res = convert_checkpoint(SRC, DST, TO, max_shard_bytes=int(SHARD), progress=False)
+res = convert_checkpoint(SRC, DST, TO, max_shard_bytes=int(SHARD), progress=False, quant=QUANT or None)
 dt = time.perf_counter() - t0
 stop.set(); t.join()
 after = status()
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=2.2, help="target BF16 checkpoint size in GB (default 2.2)")
-    ap.add_argument("--to", default="nvfp4", choices=["nvfp4", "hlwq-q5", "hlwq-q5-converged"])
+    ap.add_argument("--to", default="nvfp4", choices=["nvfp4", "hlwq-q5", "hlwq-q5-converged", "orbax"])
+    ap.add_argument("--quant", default="", help="with --to orbax: quantize on the way (nvfp4, hlwq-q5, ...)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--pattern", default="MEM*EMEM-E")
@@ -106,13 +107,13 @@ def main(argv=None) -> int:
         if a.platform:
             env["JAX_PLATFORMS"] = a.platform
         mlm.log(f"converting to {a.to} in a fresh process ...")
-        proc = subprocess.run([sys.executable, "-c", _CHILD, _REPO, src, dst, a.to, str(int(a.out_shard_mb * 1e6))],
+        proc = subprocess.run([sys.executable, "-c", _CHILD, _REPO, src, dst, a.to, str(int(a.out_shard_mb * 1e6)), a.quant],
                               capture_output=True, text=True, env=env)
         if proc.returncode:
             raise SystemExit(f"conversion failed:\n{proc.stderr[-4000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["checkpoint_bytes"] = mlm.folder_bytes(src)
-        r["output_bytes"] = mlm.folder_bytes(dst)
+        r["output_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
         r["largest_param_bytes_bf16"] = largest
         r["largest_ckpt_tensor_bytes"] = gen["largest_ckpt_tensor_bytes"]
         r["peak_vmhwm_delta"] = r["vmhwm_after"] - r["rss_before"]
@@ -127,9 +128,10 @@ def main(argv=None) -> int:
         print(json.dumps(r, indent=2))
     else:
         g = lambda b: f"{b / GB:.3f} GB"  # noqa: E731
-        print(f"bf16 -> {a.to}: checkpoint {g(r['checkpoint_bytes'])} -> {g(r['output_bytes'])} "
+        to = a.to + (f" ({a.quant})" if a.quant else "")
+        print(f"bf16 -> {to}: checkpoint {g(r['checkpoint_bytes'])} -> {g(r['output_bytes'])} "
               f"in {r['seconds']:.1f} s ({r['backend']})\n"
-              f"  peak RSS above baseline (VmHWM): {g(r['peak_vmhwm_delta'])} "
+              f"  peak RSS above baseline (VmHWM, memory-mapped file pages included): {g(r['peak_vmhwm_delta'])} "
               f"({100 * r['ratio_vmhwm_to_checkpoint']:.1f}% of the checkpoint)\n"
               f"  sampled peak RssAnon: {g(r['peak_anon_delta'])}, RssFile: {g(r['peak_file_delta'])}\n"
               f"  largest parameter (bf16 expert bank): {g(r['largest_param_bytes_bf16'])}")

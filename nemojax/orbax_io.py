@@ -1,0 +1,357 @@
+"""Orbax checkpoints of the parameter pytree (nemojax's own format; quantized nodes included).
+
+A folder holds ``config.json``, the side files (tokenizer, chat template), ``params/`` (an orbax
+``StandardCheckpointer`` checkpoint of the pytree) and ``nemojax_orbax.json``: every leaf's path, shape and
+dtype plus the static fields of each quantized node, so the abstract tree is rebuilt without reading arrays
+or relying on orbax's metadata API. ``convert_to_orbax`` streams: every output leaf is filled one parameter
+(one expert) at a time into a memory-mapped scratch file, so peak memory stays about one parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 names with NumPy)
+import numpy as np
+
+from .config import Config
+from .params import _key_str, leaf_dtype, param_specs, tree_paths
+from .quant.hlwq import HLWQWeight
+from .quant.nvfp4 import MODES, NVFP4Weight
+
+__all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "convert_to_orbax", "OrbaxError"]
+
+META = "nemojax_orbax.json"
+FORMAT_VERSION = 1
+_NODE_TYPES = {"nvfp4": NVFP4Weight, "hlwq": HLWQWeight}
+
+
+class OrbaxError(ValueError):
+    """An unusable orbax checkpoint folder (message names the folder and the problem)."""
+
+
+def is_orbax_checkpoint(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), META))
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, (NVFP4Weight, HLWQWeight))
+
+
+def _node_info(node) -> dict:
+    if isinstance(node, NVFP4Weight):
+        return {"type": "nvfp4", "mode": node.mode}
+    return {"type": "hlwq", "bits": node.bits, "in_features": node.in_features, "path": node.path}
+
+
+def _describe(params: dict) -> dict:
+    """``{"leaves": {path: [shape, dtype]}, "nodes": {path: static fields}}`` of a params pytree."""
+    leaves, nodes = {}, {}
+    for kpath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]:
+        path = ".".join(_key_str(k) for k in kpath)
+        if _is_node(leaf):
+            nodes[path] = _node_info(leaf)
+            for field in ("packed", "scale", "scale_2", "input_scale", "norms", "table"):
+                a = getattr(leaf, field, None)
+                if a is not None:
+                    leaves[f"{path}.{field}"] = [list(a.shape), jnp.dtype(a.dtype).name]
+        else:
+            leaves[path] = [list(np.shape(leaf)), jnp.dtype(leaf.dtype).name]
+    return {"leaves": leaves, "nodes": nodes}
+
+
+def _nest(flat: dict) -> dict:
+    """``{"layers.3.mixer.in_proj": x}`` -> nested dicts; a dict whose keys are 0..n-1 becomes a list."""
+    root: dict = {}
+    for path, v in flat.items():
+        d = root
+        *head, last = path.split(".")
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = v
+
+    def fix(d):
+        if not isinstance(d, dict):
+            return d
+        d = {k: fix(v) for k, v in d.items()}
+        if d and all(k.isdigit() for k in d) and sorted(int(k) for k in d) == list(range(len(d))):
+            return [d[str(i)] for i in range(len(d))]
+        return d
+
+    return fix(root)
+
+
+def _build(meta: dict, make) -> dict:
+    """The params pytree with leaves ``make(leaf path, shape, dtype)``; quantized nodes rebuilt from ``meta``."""
+    nodes = meta["nodes"]
+    flat, fields = {}, {}
+    for path, (shape, dtype) in meta["leaves"].items():
+        owner, _, field = path.rpartition(".")
+        if owner in nodes:
+            fields.setdefault(owner, {})[field] = make(path, tuple(shape), dtype)
+        else:
+            flat[path] = make(path, tuple(shape), dtype)
+    for owner, info in nodes.items():
+        f = fields.get(owner, {})
+        if info["type"] == "nvfp4":
+            flat[owner] = NVFP4Weight(f["packed"], f["scale"], f["scale_2"], f.get("input_scale"), info["mode"])
+        else:
+            flat[owner] = HLWQWeight(f["packed"], f["norms"], f["table"], info["bits"], info["in_features"],
+                                     info["path"])
+    return _nest(flat)
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def _save_tree(folder: str, tree: dict) -> None:
+    """orbax save of a pytree of NumPy arrays (memory maps) in bounded memory: the default NumpyHandler deep-copies
+    every host array first, and tensorstore's compression buffers the compressed chunks (~0.7 x the checkpoint
+    measured); weights barely compress, so both are off, with at most ~1 GB in flight."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    try:
+        registry = th.create_type_handler_registry(
+            (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (int, th.ScalarHandler()),
+            (float, th.ScalarHandler()), (np.number, th.ScalarHandler()), (jax.Array, th.ArrayHandler()))
+        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, type_handler_registry=registry,
+                                              use_compression=False)
+    except TypeError:  # an orbax without these options: the standard (copying) handler
+        handler = ocp.PyTreeCheckpointHandler()
+    with ocp.Checkpointer(handler) as ck:
+        ck.save(folder, args=ocp.args.PyTreeSave(tree))
+
+
+def _write(folder: str, tree: dict, cfg: Config, meta: dict) -> None:
+    _save_tree(os.path.join(folder, "params"), tree)
+    with open(os.path.join(folder, META), "w") as f:
+        json.dump({"format": "nemojax-orbax", "version": FORMAT_VERSION, **meta}, f, indent=1)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+
+
+def save_orbax(params: dict, cfg: Config, folder: str | os.PathLike, *, force: bool = False,
+               side_files_from: str | os.PathLike | None = None) -> str:
+    """Write ``params`` (plain or quantized) as an orbax checkpoint folder, atomically (temp folder + rename).
+
+    ``side_files_from``: a Hugging Face folder whose tokenizer / chat-template files are copied along.
+    """
+    from .convert import _copy_side_files, atomic_output
+
+    tree = jax.tree.map(np.asarray, params)
+    with atomic_output(folder, force) as tmp:
+        if side_files_from is not None:
+            _copy_side_files(os.fspath(side_files_from), tmp)
+        _write(tmp, tree, cfg, _describe(params))
+    return os.path.abspath(os.fspath(folder))
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """``nemojax_orbax.json`` of a folder, validated (OrbaxError names the file)."""
+    f = os.path.join(os.fspath(path), META)
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise OrbaxError(f"{f}: cannot read ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "nemojax-orbax":
+        raise OrbaxError(f"{f}: not a nemojax orbax description (format field {meta.get('format')!r})"
+                         if isinstance(meta, dict) else f"{f}: expected a JSON object")
+    if meta.get("version") != FORMAT_VERSION:
+        raise OrbaxError(f"{f}: format version {meta.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    if not isinstance(meta.get("leaves"), dict) or not isinstance(meta.get("nodes"), dict):
+        raise OrbaxError(f"{f}: missing 'leaves' / 'nodes'")
+    for path, info in meta["nodes"].items():
+        if not isinstance(info, dict) or info.get("type") not in _NODE_TYPES:
+            raise OrbaxError(f"{f}: node {path!r} has unknown type {info.get('type') if isinstance(info, dict) else info!r}")
+    return meta
+
+
+def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_mode: str = "w4a16",
+               hlwq_path: str = "dequant", dequantize: bool = False) -> dict:
+    """Restore a folder written by :func:`save_orbax` / :func:`convert_to_orbax` into the params pytree.
+
+    Plain float weights are restored as ``dtype`` (A_log, D, e_score_correction_bias stay float32); quantized
+    nodes keep their codes and scales (``nvfp4_mode`` / ``hlwq_path`` set how they run) or become ``dtype``
+    arrays with ``dequantize``. Every leaf's shape is checked against ``cfg`` first.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if nvfp4_mode not in MODES:
+        raise ValueError(f"nvfp4_mode={nvfp4_mode!r}: expected one of {MODES}")
+    meta = read_meta(path)
+    specs = dict(tree_paths(param_specs(cfg)))
+    seen = set()
+    for leaf_path, (shape, _) in meta["leaves"].items():
+        owner = leaf_path.rpartition(".")[0] if leaf_path.rpartition(".")[0] in meta["nodes"] else leaf_path
+        seen.add(owner)
+        spec = specs.get(owner)
+        if spec is None:
+            if owner.endswith((".k_scale", ".v_scale")) and tuple(shape) == ():
+                continue
+            raise OrbaxError(f"{path}: tensor {leaf_path!r} is not a parameter of pattern {cfg.pattern!r}")
+        if owner == leaf_path and tuple(shape) != tuple(spec.shape):
+            raise OrbaxError(f"{path}: tensor {leaf_path!r} has shape {list(shape)}, expected {list(spec.shape)}")
+        if owner != leaf_path and leaf_path.endswith(".packed") and tuple(shape[:-1]) != tuple(spec.shape[:-1]):
+            raise OrbaxError(f"{path}: quantized {owner!r} codes have shape {list(shape)}, the parameter is "
+                             f"{list(spec.shape)}")
+    missing = [p for p in specs if p not in seen]
+    if missing:
+        raise OrbaxError(f"{path}: missing parameter(s) {missing[:5]} for pattern {cfg.pattern!r}")
+    dtype = jnp.dtype(dtype)
+
+    def target(leaf_path, shape, stored):
+        want = jnp.dtype(stored)
+        if leaf_path in specs and jnp.issubdtype(want, jnp.floating):
+            want = leaf_dtype(specs[leaf_path], dtype)
+        return jax.ShapeDtypeStruct(shape, want)
+
+    abstract = _build(meta, target)
+    params_dir = os.path.join(path, "params")
+    if not os.path.isdir(params_dir):
+        raise OrbaxError(f"{path}: no params/ folder (incomplete orbax checkpoint)")
+    try:
+        tree = _checkpointer().restore(params_dir, abstract)
+    except Exception as e:  # orbax / tensorstore raise many types; name the folder
+        raise OrbaxError(f"{params_dir}: cannot restore the orbax checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})") from None
+    params = jax.tree.map(lambda a: jax.device_put(np.asarray(a)), tree)
+
+    def finish(x):
+        if isinstance(x, NVFP4Weight):
+            return x.dequantize(dtype) if dequantize else x.replace(mode=nvfp4_mode)
+        if isinstance(x, HLWQWeight):
+            return x.dequantize(dtype) if dequantize else x.replace(path=hlwq_path)
+        return x
+
+    return jax.tree.map(finish, params, is_leaf=_is_node)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+class _Scratch:
+    """Memory-mapped ``.npy`` files for output leaves (removed with the folder)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.n = 0
+
+    def new(self, shape, dtype) -> np.ndarray:
+        self.n += 1
+        return np.lib.format.open_memmap(os.path.join(self.folder, f"{self.n}.npy"), mode="w+",
+                                         dtype=np.dtype(dtype), shape=tuple(shape))
+
+
+def _fill_bank(scratch: _Scratch, n: int, get):
+    """A stacked leaf or node of ``n`` experts from ``get(e)`` (one expert's array or node) into memmaps."""
+    first = get(0)
+    leaves, treedef = jax.tree_util.tree_flatten(first)
+    out = [scratch.new((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
+    for e in range(n):
+        cur = first if e == 0 else get(e)
+        for o, a in zip(out, jax.tree_util.tree_leaves(cur)):
+            o[e] = np.asarray(a)
+        del cur
+    first = None
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _to_scratch(scratch: _Scratch, x):
+    """A leaf or node with its arrays copied into memmaps (so only one parameter is ever in memory)."""
+    def put(a):
+        a = np.asarray(a)
+        m = scratch.new(a.shape, a.dtype)
+        m[...] = a
+        return m
+
+    return jax.tree.map(put, x)
+
+
+def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None = None,
+                     force: bool = False, base: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """A Hugging Face checkpoint folder (BF16, NVFP4 or HLWQ) -> an orbax checkpoint folder, streaming.
+
+    ``quant``: a recipe name ("nvfp4", "hlwq-q5", ...) to quantize a BF16 checkpoint on the way (weight-only;
+    no calibration). Without it the parameters keep their stored format (a quantized checkpoint stays
+    quantized). Output goes to a temporary folder renamed at the end. Returns a summary dict.
+    """
+    from . import quant as q
+    from .convert import ConvertError, _copy_side_files, atomic_output, open_source
+    from .quant.hlwq import lloyd_max_table
+    from .quant.polar import read_hlwq, read_polar_config
+    from .weights import CheckpointError, _progress, _read, _read_nvfp4
+
+    src, cfg, ck, base_ck, items, fmt = open_source(src, dst, base)
+    recipe = None
+    if quant is not None:
+        try:
+            recipe = q._resolve(quant)
+        except ValueError as e:
+            raise ConvertError(f"--quant: {e}") from None
+        if fmt != "bf16":
+            raise ConvertError(f"{src}: --quant needs a BF16 checkpoint, this one is {fmt} (convert it to bf16 first)")
+    targets = q.quantized_modules(cfg, recipe) if recipe is not None else {}
+    table = (lloyd_max_table(recipe.bits, 100 if recipe.codebook == "compatible" else None)
+             if recipe is not None and recipe.format == "hlwq" else None)
+    pc = read_polar_config(src) if fmt in ("hlwq", "mixed") else None
+    bf16 = jnp.dtype(jnp.bfloat16)
+
+    def quantize(w, what):
+        if recipe.format == "hlwq":
+            return HLWQWeight.from_float(jnp.asarray(w), recipe.bits, table, recipe.path, name=what)
+        return NVFP4Weight.from_float(jnp.asarray(w), None, "w4a16", name=what)
+
+    def one(path, spec, kind, names, e):
+        """Parameter ``path`` (or expert ``e`` of it) as an array or a quantized node."""
+        if kind.startswith("hlwq"):
+            shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
+            try:
+                return read_hlwq(ck, names[0 if e is None else e], shape, pc, "dequant")
+            except ValueError as ex:
+                raise CheckpointError(str(ex)) from None
+        if kind.startswith("nvfp4"):
+            return _read_nvfp4(ck, [names[0 if e is None else e]], False, "w4a16")
+        dt = np.dtype(leaf_dtype(spec, bf16))
+        if kind == "base":
+            w = _read(base_ck, spec, "whole", names, dt)
+        elif e is None:
+            w = _read(ck, spec, kind, names, dt)
+        elif kind == "experts":
+            w = np.array(ck.get(names[e]), dtype=dt, copy=True).reshape(spec.shape[1:])
+        else:  # stacked (hf5) tensor
+            w = np.array(ck.get(names[0])[e], dtype=dt, copy=True).reshape(spec.shape[1:])
+        if path in targets:
+            return quantize(w, targets[path] if e is None else f"{targets[path]} (expert {e})")
+        return w
+
+    flat: dict = {}
+    with atomic_output(dst, force) as tmp:
+        scratch = _Scratch(os.path.join(tmp, ".scratch"))
+        bar = _progress(len(items), f"{os.path.basename(os.path.abspath(src))} -> orbax", progress)
+        for path, spec, kind, names in items:
+            if kind == "scalar":  # FP8 KV scales
+                flat[path] = np.array(ck.get(names[0]), np.float32).reshape(())
+            elif spec.stacked:
+                # stored per expert: stack one expert at a time; stored stacked (hf5 / NVFP4 bank) likewise
+                flat[path] = _fill_bank(scratch, spec.shape[0], lambda e: one(path, spec, kind, names, e))
+            else:
+                flat[path] = _to_scratch(scratch, one(path, spec, kind, names, None))
+            bar.update(1)
+        bar.close()
+        tree = _nest(flat)
+        _write(tmp, tree, cfg, _describe(tree))
+        del tree, flat
+        shutil.rmtree(scratch.folder)
+        _copy_side_files(src, tmp)
+        nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize
+                     for s, d in read_meta(tmp)["leaves"].values())
+    return {"source": src, "output": os.path.abspath(os.fspath(dst)), "from": fmt,
+            "to": "orbax" + (f" ({recipe.name})" if recipe else ""), "parameters": len(items), "shards": 1,
+            "tensor_bytes": nbytes}
