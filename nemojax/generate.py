@@ -48,17 +48,17 @@ class DecodeState:
     key: jax.Array  # PRNG key
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache",))
-def prefill(params, cfg: Config, tokens, mask, cache: Cache):
+@partial(jax.jit, static_argnums=(1,), static_argnames=("mesh",), donate_argnames=("cache",))
+def prefill(params, cfg: Config, tokens, mask, cache: Cache, mesh=None):
     """tokens, mask [B, T] (left-padded) -> (last-position logits [B, V] float32, filled cache)."""
     TRACE_COUNTS["prefill"] += 1
-    logits, cache = forward(params, cfg, tokens, mask, cache, last_only=True)
+    logits, cache = forward(params, cfg, tokens, mask, cache, last_only=True, mesh=mesh)
     return logits[:, -1], cache
 
 
-@partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache",))
+@partial(jax.jit, static_argnums=(1, 2), static_argnames=("mesh",), donate_argnames=("cache",))
 def decode(params, cfg: Config, n_steps: int, cache: Cache, state: DecodeState, sp: SamplingParams, limit,
-           stop_ids, pad_id):
+           stop_ids, pad_id, mesh=None):
     """Up to ``n_steps`` tokens in one ``while_loop``: sample, record, feed back. Stops early when every
     sequence is done or ``limit`` tokens were emitted. Returns (tokens [B, n_steps], cache, state)."""
     TRACE_COUNTS["decode"] += 1
@@ -75,7 +75,7 @@ def decode(params, cfg: Config, n_steps: int, cache: Cache, state: DecodeState, 
         tok = jnp.where(st.done, pad_id, tok)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         done = st.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
-        logits, cache = forward(params, cfg, tok[:, None], None, cache, last_only=True)
+        logits, cache = forward(params, cfg, tok[:, None], None, cache, last_only=True, mesh=mesh)
         return i + 1, out, cache, DecodeState(logits[:, -1], done, st.step + 1, st.key)
 
     _, out, cache, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, cache, state))
@@ -136,8 +136,10 @@ def _validate(cfg: Config, ids, mask, max_new_tokens, seed, stop_token_ids):
 def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temperature=0.0, top_k=0, top_p=1.0,
                     seed=0, attention_mask=None, stop_token_ids: Sequence[int] | None = None,
                     pad_id: int | None = None, chunk: int = 16, timings: dict | None = None,
-                    kv_dtype=None, warmup: bool = False) -> Iterator[np.ndarray]:
+                    kv_dtype=None, warmup: bool = False, mesh=None) -> Iterator[np.ndarray]:
     """Yield new tokens in chunks of up to ``chunk`` columns ([B, n] int32 arrays), pad id after a stop.
+
+    ``mesh``: the ``nemojax.sharding`` mesh ``params`` are sharded on; the cache is created sharded on it too.
 
     ``timings`` (optional dict) receives prefill/decode seconds and token counts. ``warmup=True`` compiles and
     runs prefill and one decode step with exactly the shapes of the real call, yielding nothing.
@@ -159,19 +161,24 @@ def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temp
     if kv_dtype is None and any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*")):
         kv_dtype = FP8  # calibrated FP8 KV scales: cache K/V in float8_e4m3fn
     cache = init_cache(cfg, B, Tb + new_b, dtype, kv_dtype)
+    if mesh is not None:
+        from .sharding import shard_cache
+
+        cache = shard_cache(cache, cfg, mesh)
     t0 = time.perf_counter()
-    logits, cache = prefill(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
+    logits, cache = prefill(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache, mesh=mesh)
     logits.block_until_ready()
     t1 = time.perf_counter()
     state = DecodeState(logits, jnp.zeros((B,), bool), jnp.int32(0), jax.random.PRNGKey(seed))
     emitted = 0
     stop_arr, pad_arr, limit = jnp.asarray(stops), jnp.int32(pad_id), jnp.int32(max_new_tokens)
     if warmup:
-        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, jnp.int32(1), stop_arr, pad_arr)
+        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, jnp.int32(1), stop_arr, pad_arr,
+                                   mesh=mesh)
         jax.block_until_ready(out)
         return
     while emitted < max_new_tokens:
-        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, limit, stop_arr, pad_arr)
+        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, limit, stop_arr, pad_arr, mesh=mesh)
         n = min(n_steps, max_new_tokens - emitted)
         emitted += n
         yield np.asarray(out[:, :n])

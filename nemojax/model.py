@@ -23,7 +23,7 @@ __all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype
 
 
 def block(lp: dict, cfg: Config, kind: str, h: jax.Array, mask=None, state=None, pos=None, kv_mask=None,
-          moe_impl: str = "grouped"):
+          moe_impl: str = "grouped", mesh=None):
     """One residual block. lp = {"norm", "mixer"}; h [B, T, H] -> (h [B, T, H], new layer state).
 
     ``state`` is the layer's cache entry (see ``nemojax.cache``) or None for a cache-free forward.
@@ -36,7 +36,7 @@ def block(lp: dict, cfg: Config, kind: str, h: jax.Array, mask=None, state=None,
     elif kind == "*":
         out, new_state = attention_mixer(p, cfg, x, mask, state, pos, kv_mask)
     elif kind == "E":
-        out = moe_mixer(p, cfg, x, moe_impl)
+        out = moe_mixer(p, cfg, x, moe_impl, mesh)
     elif kind == "-":
         out = mlp(p, x)
     else:  # unreachable: Config validates the pattern
@@ -66,7 +66,7 @@ def lm_head(params: dict, cfg: Config, h: jax.Array) -> jax.Array:
 
 
 def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None, *,
-            return_hidden_states: bool = False, last_only: bool = False, moe_impl: str = "grouped"):
+            return_hidden_states: bool = False, last_only: bool = False, moe_impl: str = "grouped", mesh=None):
     """Forward over tokens [B, T] (int).
 
     attention_mask [B, T]: 1 = token, 0 = left pad (None: all tokens).
@@ -75,6 +75,9 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     blocks 0..L-2, and the final-normed output (transformers' ``output_hidden_states`` convention).
     With a cache: the tokens continue the cached sequences at ``cache.pos``; returns (logits, new cache).
     moe_impl: "grouped" (inference) or "dense" (every expert on every token; differentiable, for training).
+    mesh: the ``nemojax.sharding`` mesh the params are sharded on (static): routed experts run expert-parallel
+    under ``shard_map`` and the new cache keeps its shardings. Without it the SPMD partitioner still runs
+    sharded inputs, but gathers each expert bank.
     """
     h = embed(params, tokens)
     if cfg.residual_in_fp32:
@@ -87,16 +90,22 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     hidden, states = [h], []
     for i, kind in enumerate(cfg.pattern):
         st = cache.layers[i] if cache is not None else None
-        h, st = block(params["layers"][i], cfg, kind, h, attention_mask, st, pos, kv_mask, moe_impl)
+        h, st = block(params["layers"][i], cfg, kind, h, attention_mask, st, pos, kv_mask, moe_impl, mesh)
         hidden.append(h)
         states.append(st)
     logits = lm_head(params, cfg, h[:, -1:] if last_only else h)
     if cache is not None:
-        return logits, Cache(layers=tuple(states), mask=kv_mask, pos=pos + tokens.shape[1])
+        cache = Cache(layers=tuple(states), mask=kv_mask, pos=pos + tokens.shape[1])
+        if mesh is not None:
+            from .sharding import constrain_cache
+
+            cache = constrain_cache(cache, cfg, mesh)
+        return logits, cache
     if return_hidden_states:
         final = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
         return logits, hidden[:-1] + [final]
     return logits
 
 
-forward_jit = jax.jit(forward, static_argnums=(1,), static_argnames=("return_hidden_states", "last_only", "moe_impl"))
+forward_jit = jax.jit(forward, static_argnums=(1,),
+                      static_argnames=("return_hidden_states", "last_only", "moe_impl", "mesh"))

@@ -265,6 +265,16 @@ def _read(ck: Checkpoint, spec: Spec, kind: str, names: list[str], np_dtype) -> 
     return np.array(ck.get(names[0]), dtype=np_dtype, copy=True).reshape(spec.shape)  # owned, never the map
 
 
+def read_hlwq_param(ck: Checkpoint, spec: Spec, kind: str, names: list[str], pc, hlwq_path: str, stack):
+    """An HLWQ parameter (one module, or a bank stacked with ``stack``) as an ``HLWQWeight``."""
+    shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
+    try:
+        nodes = [read_hlwq(ck, m, shape, pc, hlwq_path) for m in names]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return nodes[0] if kind == "hlwq" else jax.tree.map(lambda *a: stack(a), *nodes)
+
+
 def _read_nvfp4(ck: Checkpoint, mods: list[str], stacked: bool, mode: str) -> NVFP4Weight:
     """An NVFP4 node from one module or a per-expert list (stacked along a new leading axis)."""
     def get(sfx):
@@ -320,12 +330,7 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
         elif kind == "base":
             leaves[order[path]] = _to_device(_read(base_ck, spec, "whole", names, np.dtype(leaf_dtype(spec, dtype))))
         elif kind.startswith("hlwq"):
-            shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
-            try:
-                nodes = [read_hlwq(ck, m, shape, pc, hlwq_path) for m in names]
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            node = nodes[0] if kind == "hlwq" else jax.tree.map(lambda *a: jnp.stack(a), *nodes)
+            node = read_hlwq_param(ck, spec, kind, names, pc, hlwq_path, jnp.stack)
             leaves[order[path]] = node.dequantize(dtype) if dequantize else node
         elif kind.startswith("nvfp4"):
             if nvfp4_mode == "w4a4" and not all(m + ".input_scale" in ck for m in names):

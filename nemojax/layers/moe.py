@@ -13,9 +13,10 @@ from ..config import Config
 from ..ops import linear, relu2
 from ..quant.calibrate import Observed, record
 from ..quant.hlwq import HLWQWeight
+from ..quant.nvfp4 import NVFP4Weight
 from .mlp import mlp
 
-__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "block_rows"]
+__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "block_rows", "expert_parallel_experts"]
 
 
 def route(gate_w, bias, cfg: Config, x: jax.Array):
@@ -122,16 +123,52 @@ def dense_experts(x: jax.Array, weights, idx, up, down) -> jax.Array:
     return jnp.einsum("teh,te->th", y, comb)
 
 
-def moe_mixer(p: dict, cfg: Config, x: jax.Array, impl: str = "grouped") -> jax.Array:
+def expert_parallel_experts(x, weights, idx, up, down, mesh, batch: int) -> jax.Array:
+    """:func:`grouped_experts` under ``shard_map``: each device holds ``E / expert`` experts (and a
+    ``1 / tensor`` slice of their intermediate channels), computes only the assignments of its experts, and a
+    ``psum`` over the split axes adds the parts. Rows are split over ``data`` when it divides the
+    batch. Same shapes as :func:`grouped_experts`; the expert bank is never gathered."""
+    from jax.sharding import PartitionSpec as P
+
+    from ..sharding import bank_specs, mesh_axis_size
+
+    E = jax.tree.leaves(up)[0].shape[0]
+    up_s, down_s = bank_specs(up, down, mesh)
+    first = up_s.packed if isinstance(up_s, (NVFP4Weight, HLWQWeight)) else up_s
+    ep = mesh_axis_size(mesh, "expert") if first[0] == "expert" else 1  # E not divisible: bank replicated
+    split = tuple(a for a in ("expert", "tensor") if a in tuple(first[:2]))  # axes whose parts must be summed
+    rows = "data" if batch % mesh_axis_size(mesh, "data") == 0 else None
+    e_local = E // ep
+
+    def local(x, weights, idx, up, down):
+        off = jax.lax.axis_index("expert") * e_local if ep > 1 else 0
+        li = idx - off
+        mine = (li >= 0) & (li < e_local)
+        # other devices' assignments get expert id e_local: sorted last and never visited
+        y = grouped_experts(x, jnp.where(mine, weights, 0.0), jnp.where(mine, li, e_local), up, down)
+        return jax.lax.psum(y, split) if split else y
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(rows, None), P(rows, None), up_s, down_s),
+                         out_specs=P(rows, None), check_vma=False)(x, weights, idx, up, down)
+
+
+def moe_mixer(p: dict, cfg: Config, x: jax.Array, impl: str = "grouped", mesh=None) -> jax.Array:
     """x [B, T, H] (block-normed) -> [B, T, H]: routed experts (weighted, fp32 sum) + shared expert.
 
     impl: "grouped" (sorted row blocks, work proportional to top-k) or "dense" (all experts; differentiable).
+    mesh: a ``nemojax.sharding`` mesh: with an expert or tensor axis > 1 the routed experts run expert-parallel.
     """
+    from ..sharding import expert_parallel
+
     shp = x.shape
     xf = x.reshape(-1, shp[-1])
     w, idx = route(p["gate"], p["e_score_correction_bias"], cfg, xf)
-    experts = {"grouped": grouped_experts, "dense": dense_experts}[impl]
-    out = experts(xf, w, idx, p["experts"]["up_proj"], p["experts"]["down_proj"]).astype(x.dtype)
+    up, down = p["experts"]["up_proj"], p["experts"]["down_proj"]
+    if impl == "grouped" and expert_parallel(mesh, cfg.n_routed_experts):
+        out = expert_parallel_experts(xf, w, idx, up, down, mesh, shp[0]).astype(x.dtype)
+    else:
+        experts = {"grouped": grouped_experts, "dense": dense_experts}[impl]
+        out = experts(xf, w, idx, up, down).astype(x.dtype)
     out = out.reshape(shp)
     if "shared_experts" in p:
         out = out + mlp(p["shared_experts"], x)
