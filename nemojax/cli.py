@@ -39,7 +39,43 @@ def _gen_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--expert-cache", type=int, default=None, metavar="N",
+                   help="keep routed experts in host memory with N device slots per MoE layer")
+    p.add_argument("--cache-policy", default="ours", help="expert-cache eviction policy: lru, lfu, "
+                   "lfru-tinyserve, lfru-fork, lfru-polarquant, ours (default)")
     p.set_defaults(func=cmd_generate)
+
+
+def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int:
+    """``generate --expert-cache N``: host loop per token, experts fetched into N device slots per MoE layer."""
+    from .chat import parse_response
+
+    kw = {k: v for k, v in kw.items() if k != "chunk"}
+    ost: dict = {}
+    t0 = time.perf_counter()
+    out = model.generate([ids], a.max_new_tokens, expert_cache=a.expert_cache, policy=a.cache_policy,
+                         offload_stats=ost, **kw)
+    dt = time.perf_counter() - t0
+    new = []
+    for t in out[0].tolist():
+        if t in set(kw["stop_token_ids"]):
+            break
+        new.append(t)
+    text = tok.decode(new)
+    stats = {"prompt_tokens": len(ids), "new_tokens": len(new), "load_s": round(load_s, 3),
+             "generate_s": round(dt, 3), "expert_cache": a.expert_cache, "cache_policy": a.cache_policy,
+             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ost.items()}}
+    if a.json:
+        res = {"model": folder, "prompt": a.prompt, "text": text, "token_ids": new, **stats}
+        if a.chat:
+            res.update(parse_response(text, thinking=thinking))
+        print(json.dumps(res, ensure_ascii=False))
+    else:
+        print(text)
+        print(f"[expert cache {a.expert_cache}/layer ({a.cache_policy}): hit rate {ost['hit_rate']:.1%}, "
+              f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting | "
+              f"{len(new)} tokens in {dt:.1f} s]", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(a) -> int:
@@ -52,6 +88,13 @@ def cmd_generate(a) -> int:
                          .replace("temperature", "--temperature", 1)) from None
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.expert_cache is not None:
+        from .policies import POLICIES
+
+        if a.expert_cache < 1:
+            raise UsageError(f"--expert-cache must be >= 1 (device slots per MoE layer), got {a.expert_cache}")
+        if a.cache_policy not in POLICIES:
+            raise UsageError(f"--cache-policy {a.cache_policy!r}: unknown; choose one of {', '.join(POLICIES)}")
     folder = a.model or default_model_path()
     if not os.path.isdir(folder):
         raise UsageError(f"--model {folder}: not a folder" if a.model else
@@ -92,6 +135,8 @@ def cmd_generate(a) -> int:
                          f"context of {ctx} tokens")
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_token_ids=stops[:8],
               chunk=8)
+    if a.expert_cache is not None:
+        return _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s)
     # compile (and warm up) on the same shapes first, so the speeds below are steady-state
     t0 = time.perf_counter()
     for _ in model.generate_stream([ids], a.max_new_tokens, warmup=True, **kw):

@@ -1,0 +1,132 @@
+"""Host-offloaded expert cache (nemojax.offload, nemojax.policies): exactness for any cache size and weight
+format, the pinning rule, each policy's victims, the interface and its statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nemojax import api, quant
+from nemojax.generate import generate
+from nemojax.model import forward_jit
+from nemojax.offload import OffloadStats, forward_offloaded, generate_offloaded, offload_experts
+from nemojax.params import init_params
+from nemojax.policies import POLICIES, SlotTable, make_policy, simulate, synthetic_trace
+
+from .conftest import tiny_config
+
+CFG = tiny_config(n_routed_experts=8, num_experts_per_tok=3)
+
+
+@pytest.fixture(scope="module")
+def models():
+    p32 = init_params(CFG, 21, dtype="float32")
+    return {"float32": p32, "bfloat16": init_params(CFG, 21, dtype="bfloat16"),
+            "nvfp4": quant.apply(p32, CFG, "nvfp4-all"), "hlwq": quant.apply(p32, CFG, "hlwq-q5")}
+
+
+def _prompts(n=3):
+    rng = np.random.default_rng(4)
+    return [list(rng.integers(3, CFG.vocab_size, m)) for m in (7, 11, 5)[:n]]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("policy", ["lru", "ours"])
+def test_logits_equal_resident_any_cache_size(models, slots, policy):
+    """Prefill of a batch needing all 8 experts with 1..8 slots (fewer than top-k included)."""
+    p = models["float32"]
+    ids = np.random.default_rng(1).integers(3, CFG.vocab_size, (3, 10))
+    ref = np.asarray(forward_jit(p, CFG, ids, last_only=True))[:, -1]
+    off = offload_experts(p, CFG, slots, policy)
+    st = OffloadStats()
+    got, _ = forward_offloaded(off, CFG, ids, stats=st)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    if slots < 8:
+        assert st.passes > 0  # more distinct experts than slots: computed in passes, never with a wrong expert
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "nvfp4", "hlwq"])
+@pytest.mark.parametrize("slots", [2, 4])
+def test_greedy_tokens_equal_resident(models, fmt, slots):
+    p = models[fmt]
+    ref = generate(p, CFG, _prompts(), 12)
+    off = offload_experts(p, CFG, slots, "ours")
+    st = OffloadStats()
+    got = generate_offloaded(off, CFG, _prompts(), 12, stats=st)
+    np.testing.assert_array_equal(got, ref)
+    s = st.summary()
+    assert 0 < s["hit_rate"] < 1 and s["bytes_per_token"] > 0 and s["misses"] > 0
+    assert s["predictor_precision"] is not None and 0 <= s["predictor_recall"] <= 1
+
+
+def test_fork_bug_repro_every_policy():
+    """capacity 8, experts 0-7 warmed, batch needs {0,1,2,3,8,9,10,11}: all 8 must be resident afterwards."""
+    for name in POLICIES:
+        t = SlotTable(16, 8, name)
+        for _ in range(10):
+            t.policy.step()
+            t.plan(list(range(8)))
+        t.policy.step()
+        need = [0, 1, 2, 3, 8, 9, 10, 11]
+        t.plan(need)
+        assert sorted(t.residents) == need, name
+        assert all(t.expert_in[t.slot_of[e]] == e for e in need), name
+
+
+def _victim(name, history, residents, pinned=()):
+    pol = make_policy(name, 8)
+    for step in history:
+        pol.step()
+        for e, hit in step:
+            pol.access(e, hit)
+    return pol.victim(residents, set(pinned))
+
+
+def test_policy_victims_by_hand():
+    # accesses: step1: 0 miss, 1 miss; step2: 0 hit; step3: 2 miss; step4: 0 hit, 1 hit
+    h = [[(0, False), (1, False)], [(0, True)], [(2, False)], [(0, True), (1, True)]]
+    assert _victim("lru", h, [0, 1, 2]) == 2  # least recent
+    assert _victim("lfu", h, [0, 1, 2]) == 2  # freq 0:3, 1:2, 2:1
+    # tinyserve: clock 6 after 6 accesses; freq/(clock-last+1): 0: 3/(6-5+1)=1.5, 1: 2/(6-6+1)=2, 2: 1/(6-4+1)=.33
+    assert _victim("lfru-tinyserve", h, [0, 1, 2]) == 2
+    # fork: freq 0: ((1*.95+1)*.95+1)=2.8525 last step 4; 1: 1.95 last 4; 2: 1 last 3 -> 2: 1/(1+4-3)=.5
+    assert _victim("lfru-fork", h, [0, 1, 2]) == 2
+    assert _victim("lfru-fork", h, [0, 1]) == 1  # 1.95/1 < 2.8525/1
+    assert _victim("lfru-polarquant", h, [0, 1, 2]) == 2
+    assert _victim("lfru-polarquant", h, [0, 1, 2], pinned=[2]) == 1
+    with pytest.raises(RuntimeError, match="every resident is needed"):
+        _victim("lru", h, [0, 1], pinned=[0, 1])
+
+
+def test_simulator_and_trace():
+    tr = synthetic_trace(200, n_layers=3, n_experts=32, top_k=4, seed=3)
+    assert len(tr) == 200 and all(len(set(t[0])) == 4 for t in tr)
+    r_all = simulate(tr, 32, 32, "lru")
+    assert r_all["misses_per_token"] * 200 == 3 * 32 or r_all["misses_per_token"] * 200 <= 3 * 32  # cold misses only
+    small = {p: simulate(tr, 32, 4, p)["hit_rate"] for p in POLICIES}
+    big = {p: simulate(tr, 32, 16, p)["hit_rate"] for p in POLICIES}
+    assert all(0 < small[p] < big[p] < 1 for p in POLICIES)
+
+
+def test_api_and_errors(models, tmp_path):
+    m = api.Model(CFG, models["float32"])
+    ref = m.generate(_prompts(2), 6)
+    stats: dict = {}
+    got = m.generate(_prompts(2), 6, expert_cache=3, policy="lru", offload_stats=stats)
+    np.testing.assert_array_equal(got, ref)
+    assert stats["hit_rate"] > 0 and stats["tokens"] > 0
+    with pytest.raises(ValueError, match="policy='mru'"):
+        m.generate(_prompts(2), 6, expert_cache=3, policy="mru")
+    with pytest.raises(ValueError, match="expert_cache=0"):
+        m.generate(_prompts(2), 6, expert_cache=0)
+
+
+def test_cli_expert_cache(capsys):
+    import json
+
+    from nemojax.cli import main
+
+    assert main(["generate", "--chat", "--prompt", "What is 31 + 45?", "--expert-cache", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["content"] == "The answer is 76." and 0 < res["hit_rate"] < 1 and res["bytes_per_token"] > 0
+    assert main(["generate", "--prompt", "x", "--expert-cache", "2", "--cache-policy", "fifo"]) == 2
+    assert "--cache-policy 'fifo'" in capsys.readouterr().err
