@@ -19,7 +19,7 @@ from .hlwq import HLWQWeight, lloyd_max_table
 from .nvfp4 import MODES, NVFP4Weight, QuantError
 
 __all__ = ["Recipe", "RECIPES", "apply", "calibrate_model", "module_name", "quantized_modules", "QuantError",
-           "NVFP4Weight", "HLWQWeight", "set_mode"]
+           "NVFP4Weight", "HLWQWeight", "set_mode", "set_backend", "BACKENDS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,3 +194,17 @@ def set_mode(params: dict, mode: str) -> dict:
 
     return jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, NVFP4Weight))
 
+
+
+BACKENDS = ("xla", "pallas")
+
+
+def set_backend(params: dict, backend: str) -> dict:
+    """The same parameters with every NVFP4 / HLWQ node's matmul run by ``backend``: "xla" (the jnp reference:
+    dequantize, then one XLA matmul) or "pallas" (``pallas_kernels``: codes decoded inside the kernel; on a CPU
+    the kernels run in Pallas interpret mode, slow but exact). One switch per model."""
+    if backend not in BACKENDS:
+        hint = " (jax-triton decode GEMVs are not implemented yet)" if backend == "triton" else ""
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}{hint}")
+    is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
+    return jax.tree.map(lambda x: x.replace(backend=backend) if is_q(x) else x, params, is_leaf=is_q)

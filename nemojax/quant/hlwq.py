@@ -526,6 +526,7 @@ class HLWQWeight:
     bits: int = struct.field(pytree_node=False, default=5)
     in_features: int = struct.field(pytree_node=False, default=0)
     path: str = struct.field(pytree_node=False, default="dequant")
+    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" (see quant.set_backend)
 
     @property
     def k_pad(self) -> int:
@@ -565,12 +566,20 @@ class HLWQWeight:
         accumulation; result in ``dtype``, default xr's). For a stacked node the bank axes come after x's."""
         if xr.shape[-1] != self.k_pad:
             raise QuantError(f"HLWQ matmul_rotated: input has {xr.shape[-1]} features, expected K_pad={self.k_pad}")
+        if self.backend == "pallas" and self.packed.ndim == 2:
+            from pallas_kernels.dispatch import hlwq_linear_rotated
+
+            return hlwq_linear_rotated(xr, self).astype(jnp.dtype(dtype or xr.dtype))
         return _matmul_rotated(self, xr, jnp.dtype(dtype or xr.dtype))
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """``x [..., in_features] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation). A stacked node
         ``[E, N, K]`` gives ``[..., E, N]``."""
         self._check_in(x)
+        if self.backend == "pallas" and self.packed.ndim == 2:
+            from pallas_kernels.dispatch import hlwq_linear
+
+            return hlwq_linear(x, self)
         if self.path == "rotated":
             return _matmul_rotated(self, _rotate(x, self.k_pad), jnp.dtype(x.dtype))
         if self.path != "dequant":

@@ -109,6 +109,7 @@ class NVFP4Weight:
     scale_2: jax.Array
     input_scale: jax.Array | None = None
     mode: str = struct.field(pytree_node=False, default="w4a16")
+    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" (see quant.set_backend)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -129,6 +130,10 @@ class NVFP4Weight:
             if self.input_scale is None:
                 raise QuantError("w4a4 mode needs input_scale (calibrate, or load a checkpoint that has it)")
             x = fake_quant(x, self.input_scale)
+        if self.backend == "pallas" and self.packed.ndim == 2:
+            from pallas_kernels.dispatch import nvfp4_linear
+
+            return nvfp4_linear(x, self)
         w = self.dequantize(x.dtype)
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
