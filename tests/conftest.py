@@ -30,6 +30,14 @@ def tiny_config(**overrides) -> Config:
     return Config.from_dict(d)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jit_caches():
+    """Drop compiled programs between test modules: the suite compiles hundreds of distinct programs, and keeping
+    them all alive grows the process for nothing."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def tiny_cfg() -> Config:
     return tiny_config()

@@ -16,7 +16,16 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL, "heldout.
 
 @pytest.fixture(scope="module")
 def result():
-    return qt.quality_table(MODEL, n=8, max_new_tokens=448, calib_batches=1, quiet=True)
+    """Run the command itself, in its own process (as a user does; it also keeps this heavy sweep's compiled
+    programs out of the test process)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "quality_table.py"), "--model", MODEL, "--n", "8",
+                          "--max-new-tokens", "448", "--calib-batches", "1", "--quiet", "--json"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 def test_every_variant_and_ranges(result):
