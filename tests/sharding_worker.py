@@ -37,11 +37,11 @@ CFG = dict(
     n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, intermediate_size=128,
     layer_norm_epsilon=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
-MESHES = {"float32": [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1), (1, 2, 4)],
-          "bfloat16": [(1, 8, 1), (2, 2, 2), (1, 2, 4)],
-          "nvfp4": [(1, 8, 1), (2, 2, 2), (1, 2, 4)],
-          "hlwq": [(1, 8, 1), (2, 2, 2), (1, 2, 4)],
-          "trained-bf16": [(1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]}
+MESHES = {"float32": [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
+          "bfloat16": [(1, 8, 1), (2, 2, 2)],
+          "nvfp4": [(2, 2, 2), (1, 2, 4)],
+          "hlwq": [(1, 8, 1), (2, 2, 2)],
+          "trained-bf16": [(1, 1, 8), (2, 2, 2)]}
 QUESTIONS = ["What is 248 + 377?", "What is 51 - 19?", "What is 7 * 8?", "Which is larger, 45 or 54?",
              "What is 903 + 88?", "What is 66 - 9?", "What is 12 * 3?", "What is 300 + 411?"]
 NEW = 8

@@ -34,8 +34,7 @@ def _nvfp4_case(m, n, k, seed):
     return _rand((m, k), seed + 1), node, NK.to_planar(node.packed)
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("k,m", [(2688, 1), (1856, 5), (4096, 1), (10304, 3)])
 def test_nvfp4_kernel_interpret(k, m):
     x, node, planar = _nvfp4_case(m, 48, k, k + m)
     ref = NK.nvfp4_matmul_reference(x, planar, node.scale, node.scale_2)
