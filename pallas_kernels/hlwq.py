@@ -1,121 +1,156 @@
-"""HLWQ (Hadamard + Lloyd-Max) kernels: the per-128-block Walsh-Hadamard transform, and the rotated matmul
-``y = fwht(x) @ (table[code] / sqrt(128) * norm)^T`` with codes unpacked and looked up inside the kernel.
+"""HLWQ (Hadamard + Lloyd-Max) kernels: the per-128-block Walsh-Hadamard transform, and the rotated matmuls,
+dense and grouped (per expert): ``y = fwht(x) @ (table[code] / sqrt(128) * norm)^T`` with the codes unpacked and
+looked up inside the kernel.
 
-Kernel layout ("planar", 5 bits per weight as the checkpoint): per row and 128-block, ``bits`` bit-planes of
-16 bytes; byte ``j`` of plane ``b`` holds bit ``b`` of codes ``j + 16 i`` in its bit ``i`` (i = 0..7). A code
-sub-block of 16 is then ``sum_b ((plane_b >> i) & 1) << b`` — shifts and masks only — and the Lloyd-Max lookup
-is a select chain (a gather does not lower to Triton). :func:`to_planar` repacks the LSB-first checkpoint bytes
-once. Every kernel has a pure-jnp ``*_reference`` with the same signature.
+The kernels read the checkpoint's LSB-first packing as it is: every 8 codes are ``bits`` bytes (the little-endian
+integer ``sum_i code_i 2^(bits i)``), viewed for free as ``[N, K_pad/8, bits]``. Per 128-block the kernel loads
+the ``bits`` byte planes ``[bn, 16]`` (one strided load each), shifts code ``i`` of every group out of them, looks
+it up with a gather load from the (tiny, cached) table ref, scales by the block norm and multiplies with inputs
+``8q + i`` (a strided load of x). Every kernel has a pure-jnp ``*_reference`` with the same signature.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .common import poisoned_call
+from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, poisoned_call, pow2_at_least,
+                     quant_matmul)
 
-__all__ = ["to_planar", "hlwq_matmul", "hlwq_matmul_reference", "fwht", "fwht_reference"]
+__all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
+           "fwht_reference"]
 
 BLOCK = 128
-SUB = 16  # codes per sub-block (one byte column of each plane)
+Q = BLOCK // 8  # groups of 8 codes per block
 
 
-def to_planar(codes: jax.Array, bits: int) -> jax.Array:
-    """codes uint8 ``[N, K_pad]`` -> planar bytes ``[N, K_pad / 128 * 16 * bits]``."""
-    n, kp = codes.shape
-    c = codes.astype(jnp.uint8).reshape(n, kp // BLOCK, 8, SUB)  # [n, blk, i, j]: code j + 16 i
-    planes = []
-    for b in range(bits):
-        bit = (c >> b) & 1  # [n, blk, i, j]
-        planes.append(jnp.sum(bit.astype(jnp.uint32) << jnp.arange(8, dtype=jnp.uint32)[None, None, :, None],
-                              axis=2).astype(jnp.uint8))  # [n, blk, j]
-    return jnp.stack(planes, 2).reshape(n, kp // BLOCK * bits * SUB)
+def _scaled(table):
+    from nemojax.quant.hlwq import _scaled_table
+
+    return _scaled_table(table)
 
 
-def _codes_from_planar(planar, bits: int):
-    n, nb = planar.shape
-    blocks = nb // (bits * SUB)
-    p = planar.reshape(n, blocks, bits, 1, SUB).astype(jnp.int32)
-    i = jnp.arange(8)[None, None, :, None]
-    code = sum(((p[:, :, b] >> i) & 1) << b for b in range(bits))  # [n, blk, 8, 16]
-    return code.reshape(n, blocks * BLOCK)
+def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, fma, bm, bn, bits):
+    p_ref, nrm_ref, t_ref = w_refs
+    q0 = kb * Q
+    planes = [p_ref[e, pl.ds(n0, bn), pl.ds(q0, Q), b].astype(jnp.int32) for b in range(bits)]  # [bn, 16]
+    norm = nrm_ref[e, pl.ds(n0, bn), pl.ds(kb, 1)].astype(jnp.float32)  # [bn, 1]
+    mask = (1 << bits) - 1
+    dims = (((1,), (1,)), ((), ()))
+    for i in range(8):  # code i of each group: bits [bits*i, bits*i + bits) of the group's bytes
+        j, o = divmod(bits * i, 8)
+        v = planes[j] >> o
+        if o + bits > 8:
+            v = v | (planes[j + 1] << (8 - o))
+        w = t_ref[e, v & mask] * norm  # [bn, 16]: inputs 128 kb + 8 q + i
+        if fma:
+            acc = tuple(a + jnp.sum(w * x_ref[pl.ds(row0 + m, 1), pl.ds(q0, Q), i].astype(jnp.float32), axis=1)
+                        for m, a in enumerate(acc))
+        else:
+            xs = x_ref[pl.ds(row0, bm), pl.ds(q0, Q), i]  # [bm, 16]
+            acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32)
+    return acc
 
 
-def hlwq_matmul_reference(xr, planar, norms, table, bits: int):
-    """xr [M, K_pad] (rotated activations); planar codes; norms [N, K_pad/128] f16; table [2^bits] f32 (N(0,1)
-    levels) -> [M, N] in xr's dtype (fp32 accumulation)."""
-    codes = _codes_from_planar(planar, bits)
-    w = jnp.take(table.astype(jnp.float32) / jnp.float32(math.sqrt(BLOCK)), codes, axis=0)
-    n, kp = codes.shape
+def _post(acc, w_refs, e):
+    return acc
+
+
+def _check(xr, packed, norms, table, bits, lead, what):
+    if not 2 <= bits <= 8:
+        raise KernelError(f"{what}: bits must be 2..8, got {bits}")
+    if xr.ndim != 2 or xr.shape[1] % BLOCK:
+        raise KernelError(f"{what}: xr must be [M, K_pad] with K_pad % 128 == 0, got {list(xr.shape)}")
+    kp = xr.shape[1]
+    if packed.dtype != jnp.uint8 or packed.ndim != 2 + len(lead) or packed.shape[:-2] != lead \
+            or packed.shape[-1] != kp * bits // 8:
+        raise KernelError(f"{what}: packed must be uint8 [{', '.join(map(str, lead + ('N',)))}, K_pad*bits/8="
+                          f"{kp * bits // 8}], got {packed.dtype} {list(packed.shape)}")
+    n = packed.shape[-2]
+    if n % 16 or n == 0:
+        raise KernelError(f"{what}: N={n} must be a positive multiple of 16")
+    if norms.shape != (*lead, n, kp // BLOCK):
+        raise KernelError(f"{what}: norms must be {[*lead, n, kp // BLOCK]}, got {list(norms.shape)}")
+    if jnp.shape(table) not in ((*lead, 1 << bits), (1 << bits,)):
+        raise KernelError(f"{what}: table must be [{', '.join(map(str, lead + (1 << bits,)))}], got "
+                          f"{list(jnp.shape(table))}")
+    return n, kp
+
+
+def _codes(packed, bits, kp):
+    from nemojax.quant.hlwq import unpack_lsb
+
+    return unpack_lsb(packed, bits, kp)
+
+
+def hlwq_matmul_reference(xr, packed, norms, table, bits: int):
+    """xr [M, K_pad] (rotated activations, :func:`fwht` of the zero-padded input); packed uint8 [N, K_pad*bits/8]
+    (LSB-first codes); norms [N, K_pad/128] f16; table [2^bits] f32 (N(0,1) levels) -> [M, N] in xr's dtype
+    (``W = table[code] / sqrt(128) * norm`` in xr's dtype, fp32 accumulation)."""
+    n, kp = packed.shape[0], xr.shape[1]
+    w = jnp.take(_scaled(table).reshape(-1), _codes(packed, bits, kp).astype(jnp.int32), axis=0)
     w = (w.reshape(n, kp // BLOCK, BLOCK) * norms.astype(jnp.float32)[..., None]).reshape(n, kp)
     y = jax.lax.dot_general(xr, w.astype(xr.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(xr.dtype)
 
 
-def _hlwq_kernel(x_ref, p_ref, n_ref, t_ref, o_ref, *, n_blocks: int, bits: int):
-    bn = p_ref.shape[0]
-    levels = [t_ref[0, t] for t in range(1 << bits)]
-
-    def step(kb, acc):
-        planes = [p_ref[:, pl.ds((kb * bits + b) * SUB, SUB)].astype(jnp.int32) for b in range(bits)]
-        norm = n_ref[:, pl.ds(kb, 1)].astype(jnp.float32)  # [bn, 1]
-        for i in range(8):
-            code = planes[0] >> i & 1
-            for b in range(1, bits):
-                code = code | ((planes[b] >> i & 1) << b)
-            val = jnp.zeros(code.shape, jnp.float32)
-            for t, lv in enumerate(levels):
-                val = jnp.where(code == t, lv, val)
-            w = (val * norm).astype(x_ref.dtype)  # [bn, 16]
-            xs = x_ref[:, pl.ds(kb * BLOCK + i * SUB, SUB)]
-            acc = acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return acc
-
-    acc = jax.lax.fori_loop(0, n_blocks, step, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+def _run(xr, packed, norms, table, bits, plan, e, n, bm, bn, splits, fma, interpret, poison, num_warps, num_stages):
+    r, kp = xr.shape
+    weights = (packed.reshape(e, n, kp // 8, bits), norms.reshape(e, n, kp // BLOCK),
+               jnp.broadcast_to(_scaled(table), (e, 1 << bits)))
+    return quant_matmul(functools.partial(_step, bits=bits), _post, xr.reshape(r, kp // 8, 8), weights, plan, n=n,
+                        bm=bm, bn=bn, steps=kp // BLOCK, splits=splits, fma=fma, out_dtype=xr.dtype,
+                        interpret=interpret, poison=poison, num_warps=num_warps, num_stages=num_stages)
 
 
-def _bm(m: int) -> int:
-    bm = 16
-    while bm < min(m, 64):
-        bm *= 2
-    return bm
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "interpret", "num_warps", "num_stages", "poison"))
-def hlwq_matmul(xr, planar, norms, table, bits: int, *, interpret: bool = False, num_warps: int = 4,
-                num_stages: int = 2, poison: bool = False):
-    """Pallas HLWQ rotated matmul; same signature and result as :func:`hlwq_matmul_reference` (N % 16 == 0)."""
-    from jax.experimental.pallas import triton as pltriton
-
-    m, kp = xr.shape
-    n = planar.shape[0]
-    if kp % BLOCK or planar.shape[1] != kp // BLOCK * bits * SUB or norms.shape != (n, kp // BLOCK) or n % 16:
-        raise ValueError(f"hlwq_matmul: xr {xr.shape}, planar {planar.shape}, norms {norms.shape} do not match "
-                         f"{bits}-bit planar codes of [N % 16 == 0, K_pad % 128 == 0]")
-    bm = _bm(m)
-    bn = 64 if n % 64 == 0 else (32 if n % 32 == 0 else 16)
+@functools.partial(jax.jit, static_argnames=("bits", "interpret", "path", "splits", "num_warps", "num_stages",
+                                             "poison"))
+def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False, path: str | None = None,
+                splits: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+    """Pallas HLWQ rotated matmul; same signature and result as :func:`hlwq_matmul_reference` (N % 16 == 0).
+    path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, split-K); default "gemv" for M <= 8."""
+    n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_matmul")
+    m = xr.shape[0]
+    fma = (path or ("gemv" if m <= 8 else "mma")) == "gemv"
+    if fma and m > 8:
+        raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows, xr has {m}")
+    bm = pow2_at_least(m, 1, 8) if fma else pow2_at_least(m, 16, 64)
+    bn = block_n(n, 64)
+    splits = splits or (max(1, min(kp // BLOCK, -(-264 // (n // bn)))) if fma else 1)
     mp = -(-m // bm) * bm
     xp = jnp.pad(xr, ((0, mp - m), (0, 0))) if mp != m else xr
-    scaled = (table.astype(jnp.float32) / jnp.float32(math.sqrt(BLOCK))).reshape(1, -1)
-    out = poisoned_call(poison,
-        functools.partial(_hlwq_kernel, n_blocks=kp // BLOCK, bits=bits),
-        grid=(mp // bm, n // bn),
-        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bn, planar.shape[1]), lambda i, j: (j, 0)),
-                  pl.BlockSpec((bn, kp // BLOCK), lambda i, j: (j, 0)),
-                  pl.BlockSpec((1, 1 << bits), lambda i, j: (0, 0))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, n), xr.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(xp, planar, norms, scaled)
+    out = _run(xp, packed, norms, table, bits, dense_plan(mp, bm), 1, n, bm, bn, splits, fma, interpret, poison,
+               num_warps, num_stages)
     return out[:m]
+
+
+def hlwq_grouped_matmul_reference(xr, packed, norms, table, group_sizes, bits: int):
+    """xr [R, K_pad] rotated rows sorted by expert; packed [E, N, K_pad*bits/8]; norms [E, N, K_pad/128]; table
+    [E, 2^bits]; group_sizes int [E] (rows past ``sum(group_sizes)``: zeros) -> [R, N] in xr's dtype."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    er = jnp.searchsorted(ends, jnp.arange(xr.shape[0]), side="right")
+    tab = jnp.broadcast_to(table, (packed.shape[0], 1 << bits))
+
+    def one(e, y):
+        return jnp.where((er == e)[:, None], hlwq_matmul_reference(xr, packed[e], norms[e], tab[e], bits), y)
+
+    return jax.lax.fori_loop(0, packed.shape[0], one, jnp.zeros((xr.shape[0], packed.shape[1]), xr.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "interpret", "block_m", "num_warps", "num_stages", "poison"))
+def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, interpret: bool = False,
+                        block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+    """Pallas grouped (ragged, per-expert) HLWQ rotated matmul; same signature and result as
+    :func:`hlwq_grouped_matmul_reference`."""
+    E = packed.shape[0] if packed.ndim == 3 else 0
+    n, kp = _check(xr, packed, norms, table, bits, (E,), "hlwq_grouped_matmul")
+    xp, plan, src, bm = grouped_rows(xr, group_sizes, E, block_m, "hlwq_grouped_matmul")
+    out = _run(xp, packed, norms, table, bits, plan, E, n, bm, block_n(n, 64), 1, False, interpret, poison,
+               num_warps, num_stages)
+    return gather_rows(out, src)
 
 
 # ------------------------------------------------------------------------------------------------ FWHT
@@ -141,8 +176,8 @@ def fwht(x, *, interpret: bool = False, poison: bool = False):
 
     m, k = x.shape
     if k % BLOCK:
-        raise ValueError(f"fwht: last dimension {k} is not a multiple of {BLOCK}")
-    bm = _bm(m)
+        raise KernelError(f"fwht: x must be [M, K] with K % {BLOCK} == 0, got {list(x.shape)}")
+    bm = pow2_at_least(m, 16, 64)
     mp = -(-m // bm) * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     h = jnp.asarray(np.asarray(hadamard(BLOCK), np.float32))

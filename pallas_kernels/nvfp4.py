@@ -1,11 +1,13 @@
-"""NVFP4 W4A16 matmul: ``y = x @ W^T`` with W decoded from packed E2M1 codes and E4M3 block scales inside the
-kernel (fp32 accumulation; on Hopper FP4 is a storage format).
+"""NVFP4 W4A16 matmuls, dense and grouped: ``y = x @ W^T`` with W decoded from the ModelOpt bytes inside the
+kernel (E2M1 codes, E4M3 block scales, fp32 per-tensor scale; fp32 accumulation — on Hopper FP4 is a storage
+format).
 
-Kernel layout ("planar"): the ModelOpt bytes (``packed[n, j]`` = codes k=2j low nibble, k=2j+1 high nibble) are
-repacked once by :func:`to_planar` so that, per block of ``BK`` = 64 inputs, byte ``j`` holds input ``j`` in the
-low nibble and input ``j + 32`` in the high nibble. The kernel then multiplies two contiguous 32-column halves
-of x by the two nibble planes — no interleave, no gather, only ops the Triton lowering has. Same bytes, same
-scales. ``nvfp4_matmul_reference`` has the same signature and is the pure-jnp definition.
+The kernels read the checkpoint layout as it is (``packed[n, j]`` = code of input ``2j`` in the low nibble,
+``2j + 1`` in the high nibble), viewed for free as ``[N, K/16, 8]`` so a scale group is an axis: per K step the
+kernel loads ``[bn, G, 8]`` bytes and ``[bn, G]`` scales, decodes both nibble planes and multiplies them with the
+even and odd inputs (strided loads of x). E2M1 decode is a bit move into float16 (``(c & 7) << 9 | sign << 15``
+is the E2M1 value times ``2^-14``); no table, no gather. Each kernel has a pure-jnp ``*_reference`` with the same
+signature.
 """
 from __future__ import annotations
 
@@ -15,100 +17,160 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import poisoned_call
+from .common import KernelError, block_n, dense_plan, gather_rows, grouped_rows, pow2_at_least, quant_matmul
 
-__all__ = ["BK", "to_planar", "nvfp4_matmul", "nvfp4_matmul_reference", "decode_e2m1"]
+__all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
+           "decode_e2m1", "supported"]
 
-BK = 64  # inputs per kernel K step (4 scale groups); 2688, 1856, 4096 and 10304 are multiples
-HALF = BK // 2
-GH = HALF // 16  # scale groups per half
+_E2M1_F16 = 16384.0  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
 
 
 def decode_e2m1(c):
-    """E2M1 code (0..15, any int dtype) -> float32 value, by bit arithmetic (lowerable: no table gather)."""
-    c = c.astype(jnp.int32)
-    e = (c >> 1) & 3
-    m = (c & 1).astype(jnp.float32)
-    mag = jnp.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * jnp.exp2((e - 1).astype(jnp.float32)))
-    return jnp.where((c & 8) != 0, -mag, mag)
+    """E2M1 codes (0..15, any int dtype) -> float32 values: the 3 magnitude bits moved to float16's exponent /
+    mantissa boundary and the sign to its sign bit, read as float16, times 2^14 (subnormal 0.5 included)."""
+    return _f16_e2m1(c.astype(jnp.int32)) * _E2M1_F16
 
 
-def to_planar(packed: jax.Array) -> jax.Array:
-    """ModelOpt packing ``[..., N, K/2]`` -> kernel packing (per 64 inputs: low nibble k, high nibble k + 32)."""
-    *lead, n, kh = packed.shape
-    k = kh * 2
-    if k % BK:
-        raise ValueError(f"NVFP4 kernel: K={k} must be a multiple of {BK}")
-    lo, hi = packed & 0xF, packed >> 4
-    codes = jnp.stack([lo, hi], -1).reshape(*lead, n, k // BK, 2, HALF)  # [.., blocks, (first|second half), 32]
-    return (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(*lead, n, kh).astype(jnp.uint8)
+def supported(n: int, k: int) -> bool:
+    """Shapes the kernels take: N % 16 == 0 and K % 32 == 0 (two scale groups per step at least)."""
+    return n % 16 == 0 and k % 32 == 0 and n > 0
 
 
-def nvfp4_matmul_reference(x, planar, scale, scale_2):
-    """x [M, K]; planar [N, K/2] (see :func:`to_planar`); scale [N, K/16] e4m3; scale_2 [] f32 -> [M, N] x.dtype."""
-    n, kh = planar.shape
-    k = kh * 2
-    p = planar.reshape(n, k // BK, HALF)
-    codes = jnp.stack([p & 0xF, p >> 4], -2).reshape(n, k)
-    w = decode_e2m1(codes) * (jnp.repeat(scale.astype(jnp.float32), 16, axis=1) * scale_2.astype(jnp.float32))
-    y = jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _groups_per_step(k: int) -> int:
+    g = 8
+    while (k // 16) % g:
+        g //= 2
+    return g
+
+
+def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, fma, bm, bn, G):
+    p_ref, s_ref, _ = w_refs
+    g0 = kk * G
+    p = p_ref[e, pl.ds(n0, bn), pl.ds(g0, G), :].astype(jnp.int32)  # [bn, G, 8] bytes
+    s = s_ref[e, pl.ds(n0, bn), pl.ds(g0, G)].astype(jnp.float32)[:, :, None] * _E2M1_F16  # [bn, G, 1]
+    lo = _f16_e2m1(p & 15) * s  # inputs 16g + 2i
+    hi = _f16_e2m1(p >> 4) * s  # inputs 16g + 2i + 1
+    if fma:
+        out = []
+        for m in range(bm):
+            xe = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(0, 8, stride=2)].astype(jnp.float32)  # [1, G, 8]
+            xo = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(1, 8, stride=2)].astype(jnp.float32)
+            out.append(acc[m] + jnp.sum(jnp.sum(lo * xe + hi * xo, axis=2), axis=1))
+        return tuple(out)
+    dt = x_ref.dtype
+    xe = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(0, 8, stride=2)].reshape(bm, G * 8)
+    xo = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(1, 8, stride=2)].reshape(bm, G * 8)
+    dims = (((1,), (1,)), ((), ()))
+    acc = acc + jax.lax.dot_general(xe, lo.reshape(bn, G * 8).astype(dt), dims, preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot_general(xo, hi.reshape(bn, G * 8).astype(dt), dims, preferred_element_type=jnp.float32)
+
+
+def _post(acc, w_refs, e):
+    return acc * w_refs[2][e, 0]
+
+
+def _f16_e2m1(c):
+    """E2M1 code -> value / 2^14 (the 2^14 is folded into the scale)."""
+    bits = (((c & 7) << 9) | ((c & 8) << 12)).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
+def _check(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
+    if x.ndim != 2:
+        raise KernelError(f"{what}: x must be [M, K], got shape {list(x.shape)}")
+    k = x.shape[1]
+    if packed.dtype != jnp.uint8 or packed.shape[:-2] != lead or packed.ndim != 2 + len(lead):
+        raise KernelError(f"{what}: packed must be uint8 [{', '.join(map(str, lead + ('N', 'K/2')))}], got "
+                          f"{packed.dtype} {list(packed.shape)}")
+    n = packed.shape[-2]
+    if packed.shape[-1] * 2 != k:
+        raise KernelError(f"{what}: packed holds K={packed.shape[-1] * 2} inputs per row, x has K={k}")
+    if not supported(n, k):
+        raise KernelError(f"{what}: needs N % 16 == 0 and K % 32 == 0, got N={n}, K={k}")
+    if scale.shape != (*lead, n, k // 16):
+        raise KernelError(f"{what}: scale must be [{', '.join(map(str, lead))}{', ' if lead else ''}N, K/16] = "
+                          f"{[*lead, n, k // 16]}, got {list(scale.shape)}")
+    if jnp.shape(scale_2) not in (lead, ()):
+        raise KernelError(f"{what}: scale_2 must have shape {list(lead)}, got {list(jnp.shape(scale_2))}")
+    return n, k
+
+
+def nvfp4_matmul_reference(x, packed, scale, scale_2):
+    """x [M, K]; packed uint8 [N, K/2] (ModelOpt: low nibble = even input); scale e4m3 [N, K/16]; scale_2 []
+    -> ``x @ W^T`` [M, N] in x's dtype (W in x's dtype, fp32 accumulation)."""
+    from nemojax.quant.nvfp4 import dequantize
+
+    w = dequantize(packed, scale, scale_2, x.dtype)
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "path", "splits", "block_m", "block_n_", "num_warps",
+                                             "num_stages", "poison"))
+def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: str | None = None,
+                 splits: int | None = None, block_m: int | None = None, block_n_: int | None = None,
+                 num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+    """Pallas NVFP4 W4A16 matmul; same signature and result as :func:`nvfp4_matmul_reference`.
+
+    path "mma" (tensor-core dots over 16..64-row tiles) or "gemv" (decode: up to 8 rows, multiply-add and
+    reduce, split-K so N/bn x splits programs fill the GPU); default "gemv" for M <= 8. N % 16, K % 32.
+    """
+    n, k = _check(x, packed, scale, scale_2, (), "nvfp4_matmul")
+    m = x.shape[0]
+    path = path or ("gemv" if m <= 8 else "mma")
+    G = _groups_per_step(k)
+    steps = k // (16 * G)
+    fma = path == "gemv"
+    if fma:
+        if m > 8:
+            raise KernelError(f"nvfp4_matmul: path='gemv' takes at most 8 rows, x has {m}")
+        bm = block_m or pow2_at_least(m, 1, 8)
+        bn = block_n_ or block_n(n, 64)
+        splits = splits or max(1, min(steps, -(-264 // (n // bn))))  # ~2 programs per H100 SM
+    else:
+        bm = block_m or pow2_at_least(m, 16, 64)
+        bn = block_n_ or block_n(n, 64)
+        splits = splits or 1
+    mp = -(-m // bm) * bm
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    weights = (packed.reshape(1, n, k // 16, 8), scale.reshape(1, n, k // 16),
+               jnp.asarray(scale_2, jnp.float32).reshape(1, 1))
+    out = quant_matmul(functools.partial(_step, G=G), _post, xp.reshape(mp, k // 16, 16), weights,
+                       dense_plan(mp, bm), n=n, bm=bm, bn=bn, steps=steps, splits=splits, fma=fma,
+                       out_dtype=x.dtype, interpret=interpret, poison=poison, num_warps=num_warps,
+                       num_stages=num_stages)
+    return out[:m]
+
+
+def nvfp4_grouped_matmul_reference(x, packed, scale, scale_2, group_sizes):
+    """x [R, K] rows sorted by expert; packed [E, N, K/2]; scale [E, N, K/16]; scale_2 [E]; group_sizes int [E]
+    (rows ``sum(group_sizes)`` and beyond: zeros) -> ``y[r] = x[r] @ W_{e(r)}^T`` [R, N] in x's dtype."""
+    from nemojax.quant.nvfp4 import dequantize
+
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    er = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+
+    def one(e, y):
+        w = dequantize(packed[e], scale[e], scale_2[e], x.dtype)
+        ye = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return jnp.where((er == e)[:, None], ye, y)
+
+    y = jax.lax.fori_loop(0, packed.shape[0], one, jnp.zeros((x.shape[0], packed.shape[1]), jnp.float32))
     return y.astype(x.dtype)
 
 
-def _kernel(x_ref, p_ref, s_ref, s2_ref, o_ref, *, n_k: int):
-    bn = p_ref.shape[0]
-    first = jax.lax.broadcasted_iota(jnp.int32, (1, HALF), 1) < 16  # columns of the half's first scale group
-
-    def step(kb, acc):
-        p = p_ref[:, pl.ds(kb * HALF, HALF)].astype(jnp.int32)  # [bn, 32]
-        for half, codes in ((0, p & 0xF), (1, p >> 4)):
-            g = kb * 2 * GH + half * GH
-            s0 = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
-            s1 = s_ref[:, pl.ds(g + 1, 1)].astype(jnp.float32)
-            w = (decode_e2m1(codes) * jnp.where(first, s0, s1)).astype(x_ref.dtype)  # [bn, 32]
-            xs = x_ref[:, pl.ds(kb * BK + half * HALF, HALF)]  # [bm, 32]
-            acc = acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return acc
-
-    acc = jax.lax.fori_loop(0, n_k, step, jnp.zeros((x_ref.shape[0], bn), jnp.float32))
-    o_ref[...] = (acc * s2_ref[0, 0]).astype(o_ref.dtype)
-
-
-def _blocks(m: int, n: int) -> tuple[int, int]:
-    bm = 16
-    while bm < min(m, 64):
-        bm *= 2
-    bn = 128 if n % 128 == 0 else (64 if n % 64 == 0 else (32 if n % 32 == 0 else 16))
-    return bm, bn
-
-
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "block_n", "poison"))
-def nvfp4_matmul(x, planar, scale, scale_2, *, interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                 block_n: int | None = None, poison: bool = False):
-    """Pallas NVFP4 W4A16 matmul; same signature and result as :func:`nvfp4_matmul_reference`.
-
-    Rows of x are padded to the M block (16..64); N must be a multiple of 16 and K of 256. GPU: Triton backend
-    chosen explicitly (its default changed between JAX versions).
-    """
-    from jax.experimental.pallas import triton as pltriton
-
-    m, k = x.shape
-    n = planar.shape[0]
-    if k % BK or planar.shape[1] * 2 != k or scale.shape != (n, k // 16) or n % 16:
-        raise ValueError(f"nvfp4_matmul: x {x.shape}, planar {planar.shape}, scale {scale.shape}: need K % {BK} == 0, "
-                         f"planar [N, K/2], scale [N, K/16], N % 16 == 0")
-    bm, bn = _blocks(m, n)
-    bn = block_n or bn
-    mp = -(-m // bm) * bm
-    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    out = poisoned_call(poison,
-        functools.partial(_kernel, n_k=k // BK),
-        grid=(mp // bm, n // bn),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((bn, k // 2), lambda i, j: (j, 0)),
-                  pl.BlockSpec((bn, k // 16), lambda i, j: (j, 0)), pl.BlockSpec((1, 1), lambda i, j: (0, 0))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, n), x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(xp, planar, scale, jnp.asarray(scale_2, jnp.float32).reshape(1, 1))
-    return out[:m]
+@functools.partial(jax.jit, static_argnames=("interpret", "block_m", "num_warps", "num_stages", "poison"))
+def nvfp4_grouped_matmul(x, packed, scale, scale_2, group_sizes, *, interpret: bool = False,
+                         block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+    """Pallas grouped (ragged, per-expert) NVFP4 matmul; same signature and result as
+    :func:`nvfp4_grouped_matmul_reference`. Visits only the row tiles of non-empty experts (see
+    :func:`pallas_kernels.common.group_plan`), each reading that expert's bytes."""
+    E = packed.shape[0] if packed.ndim == 3 else 0
+    n, k = _check(x, packed, scale, scale_2, (E,), "nvfp4_grouped_matmul")
+    xp, plan, src, bm = grouped_rows(x, group_sizes, E, block_m, "nvfp4_grouped_matmul")
+    G = _groups_per_step(k)
+    weights = (packed.reshape(E, n, k // 16, 8), scale.reshape(E, n, k // 16),
+               jnp.asarray(scale_2, jnp.float32).reshape(E, 1))
+    out = quant_matmul(functools.partial(_step, G=G), _post, xp.reshape(-1, k // 16, 16), weights, plan, n=n,
+                       bm=bm, bn=block_n(n, 64), steps=k // (16 * G), out_dtype=x.dtype, interpret=interpret,
+                       poison=poison, num_warps=num_warps, num_stages=num_stages)
+    return gather_rows(out, src)

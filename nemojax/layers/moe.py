@@ -63,6 +63,12 @@ def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = No
     Assignments are sorted by expert; each expert's rows are cut into blocks of ``block`` rows and a
     ``while_loop`` visits only the non-empty blocks, so the cost is O(T*k + E*block) rows, never O(T*E).
     """
+    if getattr(up, "backend", "xla") != "xla":  # quant.set_backend: the grouped Pallas kernels
+        from pallas_kernels.dispatch import grouped_experts as kernel_grouped
+
+        out = kernel_grouped(x, weights, idx, up, down)
+        if out is not None:
+            return out
     T, H = x.shape
     k = idx.shape[1]
     E = jax.tree.leaves(up)[0].shape[0]

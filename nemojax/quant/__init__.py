@@ -196,15 +196,21 @@ def set_mode(params: dict, mode: str) -> dict:
 
 
 
-BACKENDS = ("xla", "pallas")
+BACKENDS = ("xla", "pallas", "triton")
 
 
 def set_backend(params: dict, backend: str) -> dict:
     """The same parameters with every NVFP4 / HLWQ node's matmul run by ``backend``: "xla" (the jnp reference:
-    dequantize, then one XLA matmul) or "pallas" (``pallas_kernels``: codes decoded inside the kernel; on a CPU
-    the kernels run in Pallas interpret mode, slow but exact). One switch per model."""
+    dequantize, then one XLA matmul), "pallas" (``pallas_kernels``: codes decoded inside the kernels, dense and
+    grouped for the MoE; on a CPU the kernels run in Pallas interpret mode, slow but exact) or "triton" (as
+    "pallas", with jax-triton decode GEMVs for up to 8 rows; needs a GPU and jax-triton). One switch per model."""
     if backend not in BACKENDS:
-        hint = " (jax-triton decode GEMVs are not implemented yet)" if backend == "triton" else ""
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}{hint}")
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "triton":
+        from pallas_kernels.triton_gemv import unavailable
+
+        why = unavailable()
+        if why:
+            raise ValueError(f"backend='triton': {why}")
     is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
     return jax.tree.map(lambda x: x.replace(backend=backend) if is_q(x) else x, params, is_leaf=is_q)

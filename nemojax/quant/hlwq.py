@@ -526,7 +526,7 @@ class HLWQWeight:
     bits: int = struct.field(pytree_node=False, default=5)
     in_features: int = struct.field(pytree_node=False, default=0)
     path: str = struct.field(pytree_node=False, default="dequant")
-    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" (see quant.set_backend)
+    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" | "triton" (quant.set_backend)
 
     @property
     def k_pad(self) -> int:
@@ -566,7 +566,7 @@ class HLWQWeight:
         accumulation; result in ``dtype``, default xr's). For a stacked node the bank axes come after x's."""
         if xr.shape[-1] != self.k_pad:
             raise QuantError(f"HLWQ matmul_rotated: input has {xr.shape[-1]} features, expected K_pad={self.k_pad}")
-        if self.backend == "pallas" and self.packed.ndim == 2:
+        if self.backend != "xla" and self.packed.ndim == 2:
             from pallas_kernels.dispatch import hlwq_linear_rotated
 
             return hlwq_linear_rotated(xr, self).astype(jnp.dtype(dtype or xr.dtype))
@@ -576,7 +576,7 @@ class HLWQWeight:
         """``x [..., in_features] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation). A stacked node
         ``[E, N, K]`` gives ``[..., E, N]``."""
         self._check_in(x)
-        if self.backend == "pallas" and self.packed.ndim == 2:
+        if self.backend != "xla" and self.packed.ndim == 2:
             from pallas_kernels.dispatch import hlwq_linear
 
             return hlwq_linear(x, self)

@@ -109,7 +109,7 @@ class NVFP4Weight:
     scale_2: jax.Array
     input_scale: jax.Array | None = None
     mode: str = struct.field(pytree_node=False, default="w4a16")
-    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" (see quant.set_backend)
+    backend: str = struct.field(pytree_node=False, default="xla")  # "xla" | "pallas" | "triton" (quant.set_backend)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -130,7 +130,7 @@ class NVFP4Weight:
             if self.input_scale is None:
                 raise QuantError("w4a4 mode needs input_scale (calibrate, or load a checkpoint that has it)")
             x = fake_quant(x, self.input_scale)
-        if self.backend == "pallas" and self.packed.ndim == 2:
+        if self.backend != "xla" and self.packed.ndim == 2:
             from pallas_kernels.dispatch import nvfp4_linear
 
             return nvfp4_linear(x, self)

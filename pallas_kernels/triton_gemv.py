@@ -1,0 +1,184 @@
+"""Decode GEMVs written in Triton and called through jax-triton (``triton_call``): NVFP4 (``nvfp4_gemv``) and HLWQ
+rotated (``hlwq_gemv``), up to 8 rows, same signatures and results as
+:func:`pallas_kernels.nvfp4.nvfp4_matmul_reference` / :func:`pallas_kernels.hlwq.hlwq_matmul_reference`.
+
+Each program owns ``BN`` output columns of one row and one of ``splits`` K ranges (split-K: fp32 partials added
+by XLA afterwards), reads the checkpoint bytes as stored (ModelOpt nibbles; LSB-first ``bits``-bit codes),
+decodes in registers (E2M1 codes and E4M3 scales by bit moves into float16; the Lloyd-Max level by a load from
+the 2^bits-entry table, which stays in L1) and accumulates multiply-adds in fp32, reducing once at the end.
+
+``triton`` and ``jax_triton`` are imported lazily: this module imports without them. jax-triton runs only on a
+GPU (it has no CPU lowering and no interpret mode); the Triton kernels themselves also run under Triton's own
+interpreter (``TRITON_INTERPRET=1``, torch tensors), which is how the tests check them on a CPU host.
+jax-triton versions: 0.4.x needs jax >= 0.11 (and breaks on jax 0.12.0 without the DCE-rule shim applied
+below); 0.3.x needs a GPU jaxlib to import.
+"""
+from __future__ import annotations
+
+import functools
+
+__all__ = ["nvfp4_gemv", "hlwq_gemv", "unavailable", "kernels", "MAX_ROWS"]
+
+MAX_ROWS = 8
+
+
+def unavailable() -> str | None:
+    """Why the jax-triton GEMVs cannot run here (None when they can)."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return f"the jax-triton GEMVs need an NVIDIA GPU (JAX backend here: {jax.default_backend()!r})"
+    try:
+        _jax_triton()
+    except ImportError as e:
+        return f"jax-triton is not importable ({e}); pip install 'nemojax[gpu]'"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    """The ``triton.jit`` kernels (built on first use): ``{"nvfp4": ..., "hlwq": ...}``."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nvfp4_gemv_kernel(x_ptr, p_ptr, s_ptr, s2_ptr, o_ptr, N: tl.constexpr, K: tl.constexpr,
+                          PER: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+        """x [M, K]; p uint8 [N, K/2]; s e4m3 [N, K/16] (passed as uint8 bits); s2 f32 [1]; o f32 [S, M, N].
+        Grid (N / BN, S, M); a step covers 2 * BC inputs (BC bytes per row)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        m = tl.program_id(2)
+        n = pid_n * BN + tl.arange(0, BN)
+        c = tl.arange(0, BC)
+        acc = tl.zeros((BN, BC), dtype=tl.float32)
+        for i in range(PER):
+            col = (pid_s * PER + i) * BC + c  # byte column: inputs 2 col, 2 col + 1
+            p = tl.load(p_ptr + n[:, None] * (K // 2) + col[None, :]).to(tl.int32)
+            sb = tl.load(s_ptr + n[:, None] * (K // 16) + (col // 8)[None, :]).to(tl.int32)
+            # E4M3 (positive) read as float16 after a 7-bit shift is its value / 2^8; E2M1 below is / 2^14
+            s = ((sb & 127) << 7).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 4194304.0
+            lo = (((p & 7) << 9) | ((p & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((((p >> 4) & 7) << 9) | ((p & 128) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
+            xe = tl.load(x_ptr + m * K + 2 * col).to(tl.float32)
+            xo = tl.load(x_ptr + m * K + 2 * col + 1).to(tl.float32)
+            acc += s * (lo * xe[None, :] + hi.to(tl.float32) * xo[None, :])
+        y = tl.sum(acc, axis=1) * tl.load(s2_ptr)
+        tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, y)
+
+    @triton.jit
+    def hlwq_gemv_kernel(x_ptr, p_ptr, nrm_ptr, t_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr,
+                         BITS: tl.constexpr, PER: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr):
+        """x [M, KP] rotated; p uint8 [N, KP*BITS/8] LSB-first; nrm f16 [N, KP/128]; t f32 [2^BITS] (already
+        / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers BQ groups of 8 codes."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        m = tl.program_id(2)
+        n = pid_n * BN + tl.arange(0, BN)
+        q = tl.arange(0, BQ)
+        acc = tl.zeros((BN, BQ), dtype=tl.float32)
+        row = p_ptr + n[:, None] * (KP * BITS // 8)
+        for st in range(PER):
+            g = (pid_s * PER + st) * BQ + q  # groups of 8 codes (BITS bytes)
+            nrm = tl.load(nrm_ptr + n[:, None] * (KP // 128) + (g // 16)[None, :]).to(tl.float32)
+            part = tl.zeros((BN, BQ), dtype=tl.float32)
+            for i in tl.static_range(8):
+                j: tl.constexpr = (BITS * i) // 8
+                o: tl.constexpr = (BITS * i) % 8
+                v = tl.load(row + (g * BITS + j)[None, :]).to(tl.int32) >> o
+                if o + BITS > 8:
+                    v = v | (tl.load(row + (g * BITS + j + 1)[None, :]).to(tl.int32) << (8 - o))
+                w = tl.load(t_ptr + (v & ((1 << BITS) - 1)))
+                part += w * tl.load(x_ptr + m * KP + 8 * g + i).to(tl.float32)[None, :]
+            acc += part * nrm
+        tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, tl.sum(acc, axis=1))
+
+    return {"nvfp4": nvfp4_gemv_kernel, "hlwq": hlwq_gemv_kernel}
+
+
+def nvfp4_launch(n: int, k: int, bn: int = 64, bc: int = 64, splits: int | None = None):
+    """Launch geometry of the NVFP4 GEMV: (grid without the row axis, metaparameters)."""
+    while (k // 2) % bc:
+        bc //= 2
+    steps = k // (2 * bc)
+    per = steps // _splits(steps, n // bn, splits)
+    return (n // bn, steps // per), {"N": n, "K": k, "PER": per, "BN": bn, "BC": bc}
+
+
+def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, bq: int = 16, splits: int | None = None):
+    """Launch geometry of the HLWQ GEMV."""
+    steps = kp // (8 * bq)
+    per = steps // _splits(steps, n // bn, splits)
+    return (n // bn, steps // per), {"N": n, "KP": kp, "BITS": bits, "PER": per, "BN": bn, "BQ": bq}
+
+
+def _splits(steps: int, col_blocks: int, want: int | None) -> int:
+    """A divisor of ``steps`` (every split gets the same K range) near ``want`` (default: ~2 programs per H100
+    SM)."""
+    want = want or -(-264 // col_blocks)
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, want))
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_triton():
+    import jax
+    import jax_triton as jt
+
+    # jax-triton 0.4.1 registers a 2-argument DCE rule; JAX 0.12 calls it with 3 (used_outputs, live_ins, eqn)
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        prim = jt.triton_lib.triton_kernel_call_p
+        rule = pe.dce_rules.get(prim)
+        if rule is not None and rule.__code__.co_argcount == 2 and jax.__version_info__ >= (0, 12):
+            pe.dce_rules[prim] = lambda used_outputs, eqn, *rest: ([True] * len(eqn.invars), eqn)
+    except (ImportError, AttributeError):
+        pass
+    return jt
+
+
+def _check_rows(x, what):
+    from .common import KernelError
+
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise KernelError(f"{what}: x must be [M <= {MAX_ROWS}, K], got {list(x.shape)}")
+
+
+def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = None):
+    """jax-triton NVFP4 decode GEMV (GPU only); same signature and result as
+    :func:`pallas_kernels.nvfp4.nvfp4_matmul_reference`."""
+    import jax
+    import jax.numpy as jnp
+
+    from .nvfp4 import _check
+
+    _check_rows(x, "nvfp4_gemv")
+    n, k = _check(x, packed, scale, scale_2, (), "nvfp4_gemv")
+    bn = bn if n % bn == 0 else 16
+    grid, meta = nvfp4_launch(n, k, bn, splits=splits)
+    m = x.shape[0]
+    out = _jax_triton().triton_call(
+        x, packed, jax.lax.bitcast_convert_type(scale, jnp.uint8), jnp.asarray(scale_2, jnp.float32).reshape(1),
+        kernel=kernels()["nvfp4"], out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32),
+        grid=(*grid, m), num_warps=4, num_stages=2, **meta)
+    return out.sum(0).astype(x.dtype)
+
+
+def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int | None = None):
+    """jax-triton HLWQ rotated decode GEMV (GPU only); same signature and result as
+    :func:`pallas_kernels.hlwq.hlwq_matmul_reference`."""
+    import jax
+    import jax.numpy as jnp
+
+    from .hlwq import _check, _scaled
+
+    _check_rows(xr, "hlwq_gemv")
+    n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_gemv")
+    bn = bn if n % bn == 0 else 16
+    grid, meta = hlwq_launch(n, kp, bits, bn, splits=splits)
+    m = xr.shape[0]
+    out = _jax_triton().triton_call(
+        xr, packed, norms, _scaled(table).reshape(-1), kernel=kernels()["hlwq"],
+        out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32), grid=(*grid, m), num_warps=4, num_stages=2,
+        **meta)
+    return out.sum(0).astype(xr.dtype)
