@@ -46,7 +46,7 @@ def _close(got, ref, tol=1e-5):
 # (M, N, K; GEMV path for M <= 3, tensor-core path above): the model's widths 2688 (hidden), 1856 (expert), 4096
 # (q_proj), 10304 (Mamba in_proj) as K with few outputs, and as N with a short K (interpret mode runs every
 # program on the CPU)
-DENSE = [(1, 32, 2688), (5, 48, 1856), (3, 16, 4096), (1, 16, 10304), (2, 2688, 64), (20, 1856, 128)]
+DENSE = [(1, 32, 2688), (5, 48, 1856), (1, 16, 10304), (2, 4096, 64), (20, 1856, 128)]
 
 
 @pytest.mark.parametrize("m,n,k", DENSE)
@@ -75,7 +75,7 @@ def test_gemv_split_k_and_other_bits():
     ref = NK.nvfp4_matmul_reference(x, node.packed, node.scale, node.scale_2)
     for s in (3,):  # 3 does not divide the 8 K steps: the last split is short
         _close(NK.nvfp4_matmul(x, node.packed, node.scale, node.scale_2, interpret=True, splits=s, poison=True), ref)
-    for bits in (3, 8):
+    for bits in (3,):  # codes straddle bytes differently than at 5 bits
         h = HLWQWeight.from_float(_rand((16, 256), bits), bits, path="rotated")
         xr = h.rotate(_rand((2, 256), 5))
         _close(HK.hlwq_matmul(xr, h.packed, h.norms, h.table, bits, interpret=True, poison=True),
@@ -211,27 +211,31 @@ def test_lowers_for_h100(name):
 
 def _model_cfg():
     return tiny_config(hidden_size=128, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
-                       intermediate_size=128, hybrid_override_pattern="M*E")
+                       intermediate_size=128, hybrid_override_pattern="*E")
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4-all", "hlwq-q5"])
 def test_backend_switch_model(recipe):
     """One switch per model: logits and greedy tokens of the pallas backend (dense and grouped MoE kernels, in
-    interpret mode here) match the xla reference."""
+    interpret mode here) match the xla reference. NVFP4 also runs generate's decode loop (the GEMV path); for
+    HLWQ (slower to compile in interpret mode) the greedy token is taken from the logits."""
     cfg = _model_cfg()
     q = quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe)
     qp = quant.set_backend(q, "pallas")
     is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
     assert {x.backend for x in jax.tree.leaves(qp, is_leaf=is_q) if is_q(x)} == {"pallas"}
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 7))
-    np.testing.assert_allclose(np.asarray(forward_jit(qp, cfg, ids)), np.asarray(forward_jit(q, cfg, ids)),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(generate(qp, cfg, ids.tolist(), 3), generate(q, cfg, ids.tolist(), 3))
+    got, ref = np.asarray(forward_jit(qp, cfg, ids)), np.asarray(forward_jit(q, cfg, ids))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+    if recipe.startswith("nvfp4"):
+        np.testing.assert_array_equal(generate(qp, cfg, ids.tolist(), 2), generate(q, cfg, ids.tolist(), 2))
 
 
 def test_grouped_experts_kernel_path_matches_loop():
-    """The MoE's routed experts through the grouped kernels == the XLA while_loop, for NVFP4 (w4a16 and w4a4 with
-    per-expert input scales) and HLWQ, including ids >= E (another device's assignments: dropped)."""
+    """The MoE's routed experts through the grouped kernels == the XLA while_loop for NVFP4 W4A4 (per-expert input
+    scales, row by row) with ids >= E (another device's assignments: dropped); W4A16 and HLWQ banks are covered
+    by the model test above."""
     from nemojax.layers.moe import grouped_experts
 
     T, H, F, E, k = 5, 128, 64, 6, 2
@@ -239,14 +243,11 @@ def test_grouped_experts_kernel_path_matches_loop():
     idx = jnp.asarray([[0, 3], [3, 5], [0, 6], [5, 3], [6, 0]], jnp.int32)  # experts 1, 2, 4 empty; 6 = dropped
     w = jax.nn.softmax(_rand((T, k), 1))
     up_f, down_f = _rand((E, F, H), 2) * 0.1, _rand((E, H, F), 3) * 0.1
-    banks = [(NVFP4Weight.from_float(up_f), NVFP4Weight.from_float(down_f)),
-             (NVFP4Weight.from_float(up_f, jnp.full((E,), 0.01), "w4a4"),
-              NVFP4Weight.from_float(down_f, jnp.full((E,), 0.02), "w4a4")),
-             (HLWQWeight.from_float(up_f, 5, path="rotated"), HLWQWeight.from_float(down_f, 5, path="rotated"))]
-    for up, down in banks:
-        ref = grouped_experts(x, w, idx, up, down)
-        got = grouped_experts(x, w, idx, up.replace(backend="pallas"), down.replace(backend="pallas"))
-        _close(got, ref, 1e-4)
+    up = NVFP4Weight.from_float(up_f, jnp.linspace(0.005, 0.02, E), "w4a4")
+    down = NVFP4Weight.from_float(down_f, jnp.linspace(0.02, 0.005, E), "w4a4")
+    ref = grouped_experts(x, w, idx, up, down)
+    got = grouped_experts(x, w, idx, up.replace(backend="pallas"), down.replace(backend="pallas"))
+    _close(got, ref, 1e-4)
 
 
 # ------------------------------------------------------------------------------------ Triton (interpreter / GPU)
