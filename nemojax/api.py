@@ -85,7 +85,8 @@ def _as_ids(input_ids, cfg: Config) -> jax.Array:
 
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant",
-         base: str | os.PathLike | None = None, dequantize: bool = False, progress: bool | None = None) -> Model:
+         base: str | os.PathLike | None = None, dequantize: bool = False, progress: bool | None = None,
+         backend: str = "xla") -> Model:
     """Load a Hugging Face Nemotron-H checkpoint folder (config.json + safetensors).
 
     dtype: weight dtype ('bfloat16', 'float32', 'float16'); A_log, D and e_score_correction_bias stay fp32.
@@ -94,7 +95,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
     hlwq_path: for polarengine (HLWQ) checkpoints, "dequant" (rebuild W, one matmul) or "rotated" (rotate the
     activations once per 128-block, codebook lookup x norm); base: the BF16 checkpoint an HLWQ checkpoint was
     made from (it supplies the e_score_correction_bias those checkpoints drop); dequantize: load every
-    quantized weight as a plain ``dtype`` array.
+    quantized weight as a plain ``dtype`` array. backend: the quantized matmuls' kernels, "xla" (reference),
+    "pallas" or "triton" (``nemojax.quant.set_backend``).
     """
     dt = resolve_dtype(dtype)
     if not os.path.isdir(path):  # else Config.from_json would parse a *.safetensors file as JSON
@@ -105,5 +107,12 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
         progress = os.isatty(2)
     if hlwq_path not in ("dequant", "rotated"):
         raise ValueError(f"hlwq_path={hlwq_path!r}: expected 'dequant' or 'rotated'")
-    return Model(cfg, load_params(path, cfg, dt, progress=progress, nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path,
-                                  base=base, dequantize=dequantize))
+    if backend != "xla":
+        from .quant import set_backend
+
+        set_backend({}, backend)  # a bad or unavailable backend fails before the weights are read
+    params = load_params(path, cfg, dt, progress=progress, nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path, base=base,
+                         dequantize=dequantize)
+    if backend != "xla":
+        params = set_backend(params, backend)
+    return Model(cfg, params)

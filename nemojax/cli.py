@@ -39,6 +39,8 @@ def _gen_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--backend", default="xla", choices=["xla", "pallas", "triton"],
+                   help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton (GPU + jax-triton)")
     p.add_argument("--expert-cache", type=int, default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
     p.add_argument("--cache-policy", default="ours", help="expert-cache eviction policy: lru, lfu, "
@@ -111,9 +113,13 @@ def cmd_generate(a) -> int:
     t0 = time.perf_counter()
     try:
         tok = Tokenizer(folder)
-        model = api.load(folder, dtype=a.dtype)
+        model = api.load(folder, dtype=a.dtype, backend=a.backend)
     except (ConfigError, CheckpointError, TokenizerError) as e:
         raise UsageError(str(e)) from None
+    except ValueError as e:  # an unavailable --backend
+        if "backend=" not in str(e):
+            raise
+        raise UsageError(str(e).replace("backend=", "--backend ")) from None
     load_s = time.perf_counter() - t0
     thinking = not a.no_thinking
     if a.chat:

@@ -179,6 +179,14 @@ def test_errors():
             quant.set_backend({}, "triton")
 
 
+@pytest.mark.skipif(ON_GPU, reason="checks the message given where no GPU is present")
+def test_cli_backend_unavailable(capsys):
+    from nemojax.cli import main
+
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "1", "--backend", "triton"]) == 2
+    assert "--backend 'triton': the jax-triton GEMVs need an NVIDIA GPU" in capsys.readouterr().err
+
+
 S = jax.ShapeDtypeStruct
 BF, U8 = jnp.bfloat16, jnp.uint8
 LOWER = {
