@@ -272,9 +272,8 @@ def _triton_interpreted():
 @pytest.mark.parametrize("m,n,k", [(1, 128, 2688), (3, 64, 1856)])
 def test_triton_gemv_kernels_interpreted(m, n, k):
     """The Triton kernels behind the jax-triton GEMVs, run by Triton's interpreter on torch CPU tensors."""
-    import torch
-
     TG, kern = _triton_interpreted()
+    import torch
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
     x = _rand((m, k), m)
     node = NVFP4Weight.from_float(_rand((n, k), k))
