@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["poisoned_call", "dense_plan", "group_plan", "grouped_rows", "gather_rows", "quant_matmul", "pow2_at_least",
-           "block_n", "KernelError"]
+           "block_n", "split_k", "KernelError"]
 
 
 class KernelError(ValueError):
@@ -46,6 +46,11 @@ def pow2_at_least(m: int, lo: int = 1, hi: int = 64) -> int:
     return b
 
 
+def split_k(steps: int, programs: int, target: int = 264) -> int:
+    """K splits so that ``programs`` x splits reaches ~``target`` (2 programs per H100 SM), at most ``steps``."""
+    return max(1, min(steps, -(-target // max(programs, 1))))
+
+
 def block_n(n: int, prefer: int = 64) -> int:
     """Largest power-of-two column block <= ``prefer`` dividing ``n`` (n % 16 == 0)."""
     b = prefer
@@ -63,8 +68,9 @@ def dense_plan(rows: int, bm: int) -> jax.Array:
 def group_plan(group_sizes: jax.Array, rows: int, bm: int):
     """Plan of a grouped matmul over ``rows`` sorted rows, ``group_sizes [E]`` (rows ``sum(group_sizes)`` and
     beyond belong to no group and give zeros). Returns ``(plan int32 [V, 4], src int32 [rows])``: ``V = tiles +
-    E - 1`` visits (a static bound; unused ones have ``lo == hi``) and, per row, its output row in the kernel's
-    visit-major output (``-1``: no group)."""
+    min(E, rows) - 1`` visits (a static bound: at most ``min(E, rows)`` groups are non-empty; unused visits have
+    ``lo == hi`` and write nothing) and, per row, its output row in the kernel's visit-major output (``-1``: no
+    group)."""
     gs = group_sizes.astype(jnp.int32)
     E = gs.shape[0]
     ends = jnp.cumsum(gs)
@@ -73,7 +79,7 @@ def group_plan(group_sizes: jax.Array, rows: int, bm: int):
     ntiles = jnp.where(gs > 0, (ends - 1) // bm - first + 1, 0)
     cum = jnp.cumsum(ntiles)
     before = cum - ntiles
-    V = -(-rows // bm) + E - 1
+    V = max(1, -(-rows // bm) + min(E, rows) - 1)
     v = jnp.arange(V, dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(cum, v, side="right").astype(jnp.int32), E - 1)
     t = first[g] + v - before[g]
@@ -119,6 +125,7 @@ def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: 
     """
     V = plan.shape[0]
     per = -(-steps // splits)
+    splits = -(-steps // per)  # no empty K range
     odt = jnp.float32 if splits > 1 else out_dtype
     nw = len(weights)
 
@@ -130,7 +137,7 @@ def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: 
         k_hi = jnp.minimum(k_lo + per, steps)
         body = functools.partial(step, x_ref, w_refs, e, t * bm, n0, fma=fma, bm=bm, bn=bn)
 
-        @pl.when(hi > lo)
+        @pl.when(hi > lo)  # an unused visit of a grouped plan writes nothing: its rows are never gathered
         def _():
             if fma:
                 acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a),
@@ -142,10 +149,6 @@ def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: 
                 row = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
                 acc = jnp.where((row >= lo) & (row < hi), post(acc, w_refs, e), 0.0)
                 o_ref[...] = acc.astype(o_ref.dtype)
-
-        @pl.when(hi <= lo)
-        def _():
-            o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
 
     from jax.experimental.pallas import triton as pltriton  # GPU backend chosen explicitly: Triton
 

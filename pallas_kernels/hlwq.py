@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, poisoned_call, pow2_at_least,
-                     quant_matmul)
+                     quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
            "fwht_reference"]
@@ -119,7 +119,7 @@ def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False,
         raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows, xr has {m}")
     bm = pow2_at_least(m, 1, 8) if fma else pow2_at_least(m, 16, 64)
     bn = block_n(n, 64)
-    splits = splits or (max(1, min(kp // BLOCK, -(-264 // (n // bn)))) if fma else 1)
+    splits = splits or (split_k(kp // BLOCK, n // bn) if fma else 1)
     mp = -(-m // bm) * bm
     xp = jnp.pad(xr, ((0, mp - m), (0, 0))) if mp != m else xr
     out = _run(xp, packed, norms, table, bits, dense_plan(mp, bm), 1, n, bm, bn, splits, fma, interpret, poison,
@@ -148,8 +148,9 @@ def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, int
     E = packed.shape[0] if packed.ndim == 3 else 0
     n, kp = _check(xr, packed, norms, table, bits, (E,), "hlwq_grouped_matmul")
     xp, plan, src, bm = grouped_rows(xr, group_sizes, E, block_m, "hlwq_grouped_matmul")
-    out = _run(xp, packed, norms, table, bits, plan, E, n, bm, block_n(n, 64), 1, False, interpret, poison,
-               num_warps, num_stages)
+    bn = block_n(n, 64)
+    out = _run(xp, packed, norms, table, bits, plan, E, n, bm, bn, split_k(kp // BLOCK, plan.shape[0] * (n // bn)),
+               False, interpret, poison, num_warps, num_stages)
     return gather_rows(out, src)
 
 

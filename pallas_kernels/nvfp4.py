@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import KernelError, block_n, dense_plan, gather_rows, grouped_rows, pow2_at_least, quant_matmul
+from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, pow2_at_least, quant_matmul,
+                     split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
@@ -125,7 +126,7 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
             raise KernelError(f"nvfp4_matmul: path='gemv' takes at most 8 rows, x has {m}")
         bm = block_m or pow2_at_least(m, 1, 8)
         bn = block_n_ or block_n(n, 64)
-        splits = splits or max(1, min(steps, -(-264 // (n // bn))))  # ~2 programs per H100 SM
+        splits = splits or split_k(steps, n // bn)
     else:
         bm = block_m or pow2_at_least(m, 16, 64)
         bn = block_n_ or block_n(n, 64)
@@ -170,7 +171,9 @@ def nvfp4_grouped_matmul(x, packed, scale, scale_2, group_sizes, *, interpret: b
     G = _groups_per_step(k)
     weights = (packed.reshape(E, n, k // 16, 8), scale.reshape(E, n, k // 16),
                jnp.asarray(scale_2, jnp.float32).reshape(E, 1))
+    bn, steps = block_n(n, 64), k // (16 * G)
     out = quant_matmul(functools.partial(_step, G=G), _post, xp.reshape(-1, k // 16, 16), weights, plan, n=n,
-                       bm=bm, bn=block_n(n, 64), steps=k // (16 * G), out_dtype=x.dtype, interpret=interpret,
-                       poison=poison, num_warps=num_warps, num_stages=num_stages)
+                       bm=bm, bn=bn, steps=steps, splits=split_k(steps, plan.shape[0] * (n // bn)),
+                       out_dtype=x.dtype, interpret=interpret, poison=poison, num_warps=num_warps,
+                       num_stages=num_stages)
     return gather_rows(out, src)
