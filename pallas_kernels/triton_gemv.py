@@ -82,12 +82,11 @@ def kernels():
             g = (pid_s * PER + st) * BQ + q  # groups of 8 codes (BITS bytes)
             nrm = tl.load(nrm_ptr + n[:, None] * (KP // 128) + (g // 16)[None, :]).to(tl.float32)
             part = tl.zeros((BN, BQ), dtype=tl.float32)
-            for i in tl.static_range(8):
-                j: tl.constexpr = (BITS * i) // 8
-                o: tl.constexpr = (BITS * i) % 8
-                v = tl.load(row + (g * BITS + j)[None, :]).to(tl.int32) >> o
-                if o + BITS > 8:
-                    v = v | (tl.load(row + (g * BITS + j + 1)[None, :]).to(tl.int32) << (8 - o))
+            for i in tl.static_range(8):  # code i: bits [BITS i, BITS i + BITS) of the group's bytes
+                v = tl.load(row + (g * BITS + (BITS * i) // 8)[None, :]).to(tl.int32) >> ((BITS * i) % 8)
+                if (BITS * i) % 8 + BITS > 8:
+                    nxt = tl.load(row + (g * BITS + (BITS * i) // 8 + 1)[None, :]).to(tl.int32)
+                    v = v | (nxt << (8 - (BITS * i) % 8))
                 w = tl.load(t_ptr + (v & ((1 << BITS) - 1)))
                 part += w * tl.load(x_ptr + m * KP + 8 * g + i).to(tl.float32)[None, :]
             acc += part * nrm

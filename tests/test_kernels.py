@@ -290,6 +290,25 @@ def test_triton_gemv_kernels_interpreted(m, n, k):
     _close(out.sum(0).numpy(), HK.hlwq_matmul_reference(xr, h.packed, h.norms, h.table, 5))
 
 
+def test_triton_kernels_compile_for_h100(monkeypatch):
+    """The Triton GEMV kernels compiled to an sm_90 cubin (Triton's compiler and ptxas, no GPU needed): catches
+    what Triton's interpreter accepts and its compiler rejects (e.g. a constexpr reassigned in an unrolled loop)."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from pallas_kernels import triton_gemv as TG
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kern = TG.kernels.__wrapped__()  # fresh kernels, compiled (not interpreted)
+    ptrs = {"nvfp4": ("*bf16", "*u8", "*u8", "*fp32", "*fp32"), "hlwq": ("*bf16", "*u8", "*fp16", "*fp32", "*fp32")}
+    for name, (_, meta) in {"nvfp4": TG.nvfp4_launch(1856, 2688), "hlwq": TG.hlwq_launch(2688, 1920, 5)}.items():
+        fn = kern[name]
+        sig = dict(zip(fn.arg_names, ptrs[name])) | {m: "constexpr" for m in meta}
+        c = triton_compile(ASTSource(fn, sig, constexprs=dict(meta)), target=GPUTarget("cuda", 90, 32))
+        assert c.asm["cubin"] and ".target sm_90" in c.asm["ptx"]
+
+
 @gpu_only
 @pytest.mark.parametrize("k", [2688, 1856, 4096, 10304])
 def test_compiled_on_gpu(k):
