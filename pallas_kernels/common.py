@@ -112,14 +112,14 @@ def gather_rows(out: jax.Array, src: jax.Array) -> jax.Array:
 
 
 def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: int, bn: int, steps: int,
-                 splits: int = 1, fma: bool = False, out_dtype, interpret: bool, poison: bool, num_warps: int = 4,
+                 splits: int = 1, fma: int = 0, out_dtype, interpret: bool, poison: bool, num_warps: int = 4,
                  num_stages: int = 2) -> jax.Array:
     """The driver of every quantized matmul kernel.
 
     step(x_ref, w_refs, e, row0, n0, kk, acc, fma, bm, bn) -> acc: one K step of the format (decode the codes of
     expert ``e``, rows ``n0:n0+bn``, step ``kk``; multiply with activation rows ``row0:row0+bm``); ``acc`` is an
-    fp32 ``[bm, bn]`` (tensor-core dot) or, with ``fma`` (decode GEMV), a tuple of ``bm`` fp32 ``[bn]`` rows
-    (multiply-add and reduce, no dot: no 16-row minimum). post(acc, w_refs, e) -> acc: per-expert epilogue.
+    fp32 ``[bm, bn]`` (tensor-core dot) or, with ``fma = W > 0`` (decode GEMV), a tuple of ``bm`` fp32 ``[bn, W]``
+    partial sums per row (multiply-add, no dot: no 16-row minimum), reduced over W once after the K loop. post(acc, w_refs, e) -> acc: per-expert epilogue.
     x and weights are passed whole (the kernel indexes them); plan int32 [V, 4] (see :func:`group_plan`).
     Returns the visit-major output ``[V * bm, n]`` (split-K partials summed, in fp32 when ``splits > 1``).
     """
@@ -141,9 +141,9 @@ def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: 
         def _():
             if fma:
                 acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a),
-                                        tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)))
+                                        tuple(jnp.zeros((bn, fma), jnp.float32) for _ in range(bm)))
                 for m in range(bm):
-                    o_ref[pl.ds(m, 1), :] = post(acc[m][None, :], w_refs, e).astype(o_ref.dtype)
+                    o_ref[pl.ds(m, 1), :] = post(jnp.sum(acc[m], axis=1)[None, :], w_refs, e).astype(o_ref.dtype)
             else:
                 acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a), jnp.zeros((bm, bn), jnp.float32))
                 row = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)

@@ -47,8 +47,8 @@ def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, fma, bm, bn, bits):
             v = v | (planes[j + 1] << (8 - o))
         w = t_ref[e, v & mask] * norm  # [bn, 16]: inputs 128 kb + 8 q + i
         if fma:
-            acc = tuple(a + jnp.sum(w * x_ref[pl.ds(row0 + m, 1), pl.ds(q0, Q), i].astype(jnp.float32), axis=1)
-                        for m, a in enumerate(acc))
+            acc = tuple(a + w * x_ref[pl.ds(row0 + m, 1), pl.ds(q0, Q), i].astype(jnp.float32)
+                        for m, a in enumerate(acc))  # [bn, 16] each
         else:
             xs = x_ref[pl.ds(row0, bm), pl.ds(q0, Q), i]  # [bm, 16]
             acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32)
@@ -114,7 +114,7 @@ def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False,
     path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, split-K); default "gemv" for M <= 8."""
     n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_matmul")
     m = xr.shape[0]
-    fma = (path or ("gemv" if m <= 8 else "mma")) == "gemv"
+    fma = Q if (path or ("gemv" if m <= 8 else "mma")) == "gemv" else 0
     if fma and m > 8:
         raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows, xr has {m}")
     bm = pow2_at_least(m, 1, 8) if fma else pow2_at_least(m, 16, 64)
@@ -150,7 +150,7 @@ def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, int
     xp, plan, src, bm = grouped_rows(xr, group_sizes, E, block_m, "hlwq_grouped_matmul")
     bn = block_n(n, 64)
     out = _run(xp, packed, norms, table, bits, plan, E, n, bm, bn, split_k(kp // BLOCK, plan.shape[0] * (n // bn)),
-               False, interpret, poison, num_warps, num_stages)
+               0, interpret, poison, num_warps, num_stages)
     return gather_rows(out, src)
 
 

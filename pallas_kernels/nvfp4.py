@@ -56,7 +56,7 @@ def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, fma, bm, bn, G):
         for m in range(bm):
             xe = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(0, 8, stride=2)].astype(jnp.float32)  # [1, G, 8]
             xo = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(1, 8, stride=2)].astype(jnp.float32)
-            out.append(acc[m] + jnp.sum(jnp.sum(lo * xe + hi * xo, axis=2), axis=1))
+            out.append(acc[m] + jnp.sum(lo * xe + hi * xo, axis=2))  # [bn, G]
         return tuple(out)
     dt = x_ref.dtype
     xe = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(0, 8, stride=2)].reshape(bm, G * 8)
@@ -120,7 +120,7 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
     path = path or ("gemv" if m <= 8 else "mma")
     G = _groups_per_step(k)
     steps = k // (16 * G)
-    fma = path == "gemv"
+    fma = G if path == "gemv" else 0
     if fma:
         if m > 8:
             raise KernelError(f"nvfp4_matmul: path='gemv' takes at most 8 rows, x has {m}")
