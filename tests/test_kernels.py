@@ -357,15 +357,21 @@ def _have_jax_triton() -> bool:
 @gpu_only
 @pytest.mark.parametrize("recipe", ["nvfp4-all", "hlwq-q5"])
 def test_backend_switch_model_gpu(recipe):
-    """Compiled kernels in bf16: logits within tolerance of the xla backend, same greedy tokens; "triton" too
-    when jax-triton is installed."""
+    """Compiled kernels: in fp32 the logits match the xla backend within 1e-3 and the greedy tokens are the same;
+    in bf16 (rounding differs: the kernels apply the per-tensor scale after accumulating) logits within 5% of
+    their range. "triton" too when jax-triton is installed."""
     cfg = _model_cfg()
-    q = quant.apply(init_params(cfg, 2, dtype="bfloat16"), cfg, recipe)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 7))
-    ref = np.asarray(forward_jit(q, cfg, ids), np.float32)
-    toks = generate(q, cfg, ids.tolist(), 4)
-    for backend in ("pallas", "triton") if _have_jax_triton() else ("pallas",):
-        qp = quant.set_backend(q, backend)
-        got = np.asarray(forward_jit(qp, cfg, ids), np.float32)
-        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max(), backend
-        np.testing.assert_array_equal(generate(qp, cfg, ids.tolist(), 4), toks)
+    backends = ("pallas", "triton") if _have_jax_triton() else ("pallas",)
+    for dtype in ("float32", "bfloat16"):
+        q = quant.apply(init_params(cfg, 2, dtype=dtype), cfg, recipe)
+        ref = np.asarray(forward_jit(q, cfg, ids), np.float32)
+        toks = generate(q, cfg, ids.tolist(), 4) if dtype == "float32" else None
+        for backend in backends:
+            qp = quant.set_backend(q, backend)
+            got = np.asarray(forward_jit(qp, cfg, ids), np.float32)
+            if dtype == "float32":
+                np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3, err_msg=backend)
+                np.testing.assert_array_equal(generate(qp, cfg, ids.tolist(), 4), toks, err_msg=backend)
+            else:
+                assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max(), backend
