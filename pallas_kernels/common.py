@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["poisoned_call", "dense_plan", "group_plan", "grouped_rows", "gather_rows", "quant_matmul", "pow2_at_least",
-           "block_n", "split_k", "KernelError"]
+           "block_n", "split_k", "mma_precision", "KernelError"]
 
 
 class KernelError(ValueError):
@@ -37,6 +37,13 @@ def poisoned_call(poison: bool, kernel, *, in_specs, out_specs, out_shape, **kw)
     call = pl.pallas_call(body, in_specs=[*in_specs, out_specs], out_specs=out_specs, out_shape=out_shape,
                           input_output_aliases={n_in: 0}, **kw)
     return lambda *args: call(*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+
+
+def mma_precision(dtype):
+    """Tensor-core dot precision for ``dtype`` inputs: float32 activations get full fp32 products (Triton's
+    default for float32 is TF32, 10-bit mantissas, which would make the kernels disagree with an fp32 reference
+    and flip W4A4 activation codes); bf16 / fp16 inputs are exact in the MMA anyway."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def pow2_at_least(m: int, lo: int = 1, hi: int = 64) -> int:

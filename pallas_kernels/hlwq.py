@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, poisoned_call, pow2_at_least,
+from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, poisoned_call,
+                     pow2_at_least,
                      quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
@@ -51,7 +52,8 @@ def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, fma, bm, bn, bits):
                         for m, a in enumerate(acc))  # [bn, 16] each
         else:
             xs = x_ref[pl.ds(row0, bm), pl.ds(q0, Q), i]  # [bm, 16]
-            acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32)
+            acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32,
+                                            precision=mma_precision(x_ref.dtype))
     return acc
 
 
@@ -106,10 +108,11 @@ def _run(xr, packed, norms, table, bits, plan, e, n, bm, bn, splits, fma, interp
                         interpret=interpret, poison=poison, num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "interpret", "path", "splits", "num_warps", "num_stages",
-                                             "poison"))
+@functools.partial(jax.jit, static_argnames=("bits", "interpret", "path", "splits", "block_n_", "num_warps",
+                                             "num_stages", "poison"))
 def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False, path: str | None = None,
-                splits: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+                splits: int | None = None, block_n_: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                poison: bool = False):
     """Pallas HLWQ rotated matmul; same signature and result as :func:`hlwq_matmul_reference` (N % 16 == 0).
     path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, split-K); default "gemv" for M <= 8."""
     n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_matmul")
@@ -118,7 +121,7 @@ def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False,
     if fma and m > 8:
         raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows, xr has {m}")
     bm = pow2_at_least(m, 1, 8) if fma else pow2_at_least(m, 16, 64)
-    bn = block_n(n, 64)
+    bn = block_n_ or block_n(n, 64)
     splits = splits or (split_k(kp // BLOCK, n // bn) if fma else 1)
     mp = -(-m // bm) * bm
     xp = jnp.pad(xr, ((0, mp - m), (0, 0))) if mp != m else xr

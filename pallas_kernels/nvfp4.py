@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, pow2_at_least, quant_matmul,
-                     split_k)
+from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, pow2_at_least,
+                     quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
@@ -62,8 +62,9 @@ def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, fma, bm, bn, G):
     xe = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(0, 8, stride=2)].reshape(bm, G * 8)
     xo = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(1, 8, stride=2)].reshape(bm, G * 8)
     dims = (((1,), (1,)), ((), ()))
-    acc = acc + jax.lax.dot_general(xe, lo.reshape(bn, G * 8).astype(dt), dims, preferred_element_type=jnp.float32)
-    return acc + jax.lax.dot_general(xo, hi.reshape(bn, G * 8).astype(dt), dims, preferred_element_type=jnp.float32)
+    kw = dict(preferred_element_type=jnp.float32, precision=mma_precision(dt))
+    acc = acc + jax.lax.dot_general(xe, lo.reshape(bn, G * 8).astype(dt), dims, **kw)
+    return acc + jax.lax.dot_general(xo, hi.reshape(bn, G * 8).astype(dt), dims, **kw)
 
 
 def _post(acc, w_refs, e):

@@ -11,7 +11,7 @@ the 2^bits-entry table, which stays in L1) and accumulates multiply-adds in fp32
 GPU (it has no CPU lowering and no interpret mode); the Triton kernels themselves also run under Triton's own
 interpreter (``TRITON_INTERPRET=1``, torch tensors), which is how the tests check them on a CPU host.
 jax-triton versions: 0.4.x needs jax >= 0.11 (and breaks on jax 0.12.0 without the DCE-rule shim applied
-below); 0.3.x needs a GPU jaxlib to import.
+below; with Triton 3.6 it needs the TMA-constant shim below); 0.3.x needs a GPU jaxlib to import.
 """
 from __future__ import annotations
 
@@ -122,6 +122,18 @@ def _splits(steps: int, col_blocks: int, want: int | None) -> int:
 @functools.lru_cache(maxsize=None)
 def _jax_triton():
     import jax
+
+    # jax-triton 0.4.1 imports two TMA-descriptor constants Triton 3.6 does not define; without them it replaces the
+    # whole NVIDIA backend by a stub (and every launch fails). Our kernels pass no TMA descriptors: define them.
+    try:
+        import triton.backends.nvidia.driver as nv_driver
+
+        if not hasattr(nv_driver, "TMA_TF32"):
+            nv_driver.TMA_TF32 = 0
+        if not hasattr(nv_driver, "TMA_DTYPE_DEVICE_TO_HOST"):
+            nv_driver.TMA_DTYPE_DEVICE_TO_HOST = {}
+    except ImportError:
+        pass
     import jax_triton as jt
 
     # jax-triton 0.4.1 registers a 2-argument DCE rule; JAX 0.12 calls it with 3 (used_outputs, live_ins, eqn)
@@ -144,7 +156,7 @@ def _check_rows(x, what):
         raise KernelError(f"{what}: x must be [M <= {MAX_ROWS}, K], got {list(x.shape)}")
 
 
-def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = None):
+def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = None, num_warps: int = 4):
     """jax-triton NVFP4 decode GEMV (GPU only); same signature and result as
     :func:`pallas_kernels.nvfp4.nvfp4_matmul_reference`."""
     import jax
@@ -160,11 +172,12 @@ def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = 
     out = _jax_triton().triton_call(
         x, packed, jax.lax.bitcast_convert_type(scale, jnp.uint8), jnp.asarray(scale_2, jnp.float32).reshape(1),
         kernel=kernels()["nvfp4"], out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32),
-        grid=(*grid, m), num_warps=4, num_stages=2, **meta)
+        grid=(*grid, m), num_warps=num_warps, num_stages=2, **meta)
     return out.sum(0).astype(x.dtype)
 
 
-def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int | None = None):
+def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int | None = None,
+              num_warps: int = 4):
     """jax-triton HLWQ rotated decode GEMV (GPU only); same signature and result as
     :func:`pallas_kernels.hlwq.hlwq_matmul_reference`."""
     import jax
@@ -179,6 +192,6 @@ def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int 
     m = xr.shape[0]
     out = _jax_triton().triton_call(
         xr, packed, norms, _scaled(table).reshape(-1), kernel=kernels()["hlwq"],
-        out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32), grid=(*grid, m), num_warps=4, num_stages=2,
-        **meta)
+        out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32), grid=(*grid, m), num_warps=num_warps,
+        num_stages=2, **meta)
     return out.sum(0).astype(xr.dtype)
