@@ -29,7 +29,7 @@ from .layers.mlp import mlp
 from .layers.moe import grouped_experts, route
 from .model import block, compute_dtype, embed, lm_head
 from .ops import rms_norm
-from .policies import SlotTable, groups, make_policy
+from .policies import SlotTable, make_policy
 from .sampling import SamplingParams, sample
 
 __all__ = ["OffloadStats", "ExpertOffload", "offload_experts", "forward_offloaded", "generate_offloaded"]
@@ -231,7 +231,7 @@ def _moe_layer(off: ExpertOffload, i: int, cfg: Config, h, stats: OffloadStats):
         stats.needed_total += len(needed)
     layer.table.policy.step()
     routed = None
-    parts = groups(needed, layer.N)
+    parts = layer.table.passes(needed)
     stats.passes += len(parts) - 1
     for part in parts:
         layer.load(part, stats)

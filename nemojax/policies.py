@@ -9,9 +9,13 @@ LFRU definitions in circulation are kept apart:
 * ``lfru-fork``: freq <- 0.95 freq + 1 per access, age in forwards; evict argmin freq / (1 + step - last).
 * ``lfru-polarquant``: integer freq +1 per access, all halved every 1000 misses; evict min freq, ties LRU.
 
-``ours``: evict the expert least likely to be needed by the next forward, from online estimates of temporal
-locality (how often the last forward's experts come back) and popularity (each expert's share of the fresh
-picks, history kept across evictions); see :class:`Ours`.
+``ours`` (:class:`Ours`): an adaptive LRFU. It keeps expert scores for a family of policies from LRU to a
+long-memory LFU (access counts with per-forward decay 0 / 0.9 / 1, where an access by an expert the previous
+forward also used counts 1/4: that repeat is explained by locality, not popularity) plus the fork's LFRU score,
+simulates a shadow cache of the same size for each on the same accesses (with the same pinning), and evicts by the
+one whose shadow has the most hits over the last ~200 forwards. It also orders a forward's passes when the batch
+needs more experts than there are slots: resident experts first, and the experts it most wants to keep last, so
+they are the ones left resident.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Policy:
 
     def __init__(self, n_experts: int):
         self.n = n_experts
+        self.n_slots = n_experts  # set by SlotTable
         self.clock = 0
         self.steps = 0
         self.last = np.full(n_experts, -1, np.int64)  # clock of the last access
@@ -41,6 +46,13 @@ class Policy:
 
     def evicted(self, e: int) -> None:
         pass
+
+    def pin(self, needed: list[int]) -> None:
+        """Every expert the current forward needs (before its first access); most policies ignore it."""
+
+    def pass_order(self, needed: list[int], resident) -> list[int]:
+        """Order of ``needed`` when it is split into passes of ``n_slots`` (``resident(e)``: e is on the device)."""
+        return needed
 
     def score(self, e: int) -> tuple:
         raise NotImplementedError
@@ -139,43 +151,70 @@ class LFRUPolarquant(Policy):
 
 
 class Ours(Policy):
-    """Evict the expert least likely to be needed by the next forward, from online estimates:
-    ``q`` = P(an expert of the last forward is needed again), ``m`` = experts per forward that were not in the last
-    one, and ``f_e`` = e's share of those fresh picks (history kept across evictions, slow decay 0.999 per forward
-    to follow drift): ``P(e) = q [e in last] + (1 - q [e in last]) * min(1, m f_e)``. Ties: least recently used."""
+    """Adaptive LRFU: the candidate scorers of ``DECAYS`` (decayed access counts, repeats of the previous forward
+    weighted ``REPEAT_WEIGHT``) and the fork's LFRU, each run as a shadow cache of ``n_slots``; eviction by the
+    candidate with the most shadow hits (exponential window ``WINDOW`` per forward). See the module docstring."""
 
     name = "ours"
-    decay = 0.999
+    DECAYS = (0.0, 0.9, 1.0)
+    REPEAT_WEIGHT = 0.25
+    WINDOW = 0.995
 
     def __init__(self, n):
         super().__init__(n)
-        self.fresh = np.zeros(n, np.float64)
+        k = len(self.DECAYS) + 1
+        self.decay = np.asarray(self.DECAYS)
+        self.count = np.zeros((len(self.DECAYS), n))
+        self.fork = np.zeros(n)
+        self.fork_step = np.zeros(n, np.int64)
+        self.shadow: list[dict] = [{} for _ in range(k)]  # candidate -> its resident experts (insertion-ordered)
+        self.gain = np.zeros(k)
         self.cur: set = set()
         self.prev: set = set()
-        self.kept, self.offered = 1.0, 2.0  # prev experts needed again / prev experts
-        self.fresh_n = 0.0
+        self.pinned: set = set()
 
     def step(self):
         super().step()
-        if self.steps > 1:
-            self.kept += len(self.prev & self.cur)
-            self.offered += len(self.prev)
+        self.count *= self.decay[:, None]
+        self.gain *= self.WINDOW
         self.prev, self.cur = self.cur, set()
-        self.fresh *= self.decay
+
+    def pin(self, needed):
+        self.pinned = set(needed)
+
+    def key(self, i: int, e: int) -> tuple:
+        """Candidate ``i``'s keep-value of expert ``e`` (lower is evicted first)."""
+        if i == len(self.DECAYS):
+            return (self.fork[e] / (1 + self.steps - self.fork_step[e]), self.last[e])
+        return (self.count[i, e], self.last[e])
+
+    def leader(self) -> int:
+        return int(np.argmax(self.gain))
 
     def access(self, e, hit):
         super().access(e, hit)
-        if e not in self.cur:
-            self.cur.add(e)
-            self.fresh[e] += 1.0
-            self.fresh_n += 1.0
+        self.cur.add(e)
+        for i, res in enumerate(self.shadow):
+            if e in res:
+                self.gain[i] += 1
+                continue
+            if len(res) >= self.n_slots:
+                cands = [r for r in res if r not in self.pinned]
+                if not cands:
+                    continue  # the shadow streams it (more distinct experts than slots)
+                del res[min(cands, key=lambda r, i=i: self.key(i, r))]
+            res[e] = None
+        self.count[:, e] += self.REPEAT_WEIGHT if e in self.prev else 1.0
+        self.fork[e] = 0.95 * self.fork[e] + 1.0
+        self.fork_step[e] = self.steps
 
     def score(self, e):
-        q = self.kept / self.offered
-        k = self.fresh_n / max(self.steps, 1)
-        f = self.fresh[e] / max(self.fresh.sum(), 1e-9)
-        rep = q if (e in self.prev or e in self.cur) else 0.0
-        return (rep + (1 - rep) * min(1.0, k * (1 - q) * f), self.last[e])
+        return self.key(self.leader(), e)
+
+    def pass_order(self, needed: list[int], resident) -> list[int]:
+        i = self.leader()
+        return ([e for e in needed if resident(e)] +
+                sorted((e for e in needed if not resident(e)), key=lambda e: self.key(i, e)))
 
 
 POLICIES = {c.name: c for c in (LRU, LFU, LFRUTinyserve, LFRUFork, LFRUPolarquant, Ours)}
@@ -195,6 +234,7 @@ class SlotTable:
             raise ValueError(f"expert_cache={n_slots!r}: the number of device slots per MoE layer must be >= 1")
         self.n_slots = min(int(n_slots), n_experts)
         self.policy = make_policy(policy, n_experts)
+        self.policy.n_slots = self.n_slots
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
 
@@ -227,6 +267,15 @@ class SlotTable:
         return hits, loads
 
 
+    def passes(self, needed: list[int]) -> list[list[int]]:
+        """One forward's distinct ``needed`` experts -> passes of at most ``n_slots`` (the policy sees the whole set
+        first and orders the passes; call :meth:`plan` on each in turn)."""
+        self.policy.pin(needed)
+        if len(needed) > self.n_slots:
+            needed = self.policy.pass_order(list(needed), lambda e: self.slot_of[e] >= 0)
+        return groups(needed, self.n_slots)
+
+
 def groups(needed_in_order: list[int], n_slots: int) -> list[list[int]]:
     """Split the distinct experts a batch needs into passes of at most ``n_slots``."""
     return [needed_in_order[i:i + n_slots] for i in range(0, len(needed_in_order), n_slots)]
@@ -241,7 +290,7 @@ def simulate(trace: list[list[list[int]]], n_experts: int, n_slots: int, policy:
         for t, ids in zip(tables, tok):
             t.policy.step()
             needed = list(dict.fromkeys(int(e) for e in ids))
-            for part in groups(needed, t.n_slots):
+            for part in t.passes(needed):
                 h, loads = t.plan(part)
                 hits += len(h)
                 misses += len(loads)
