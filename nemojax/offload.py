@@ -79,9 +79,9 @@ def _install(slots, at, new):
 class _Layer:
     """One MoE layer: host store, device slots, slot table."""
 
-    def __init__(self, up, down, n_slots: int, policy: str, device):
+    def __init__(self, up, down, n_slots: int, policy: str, device, shared: dict | None = None):
         self.E = jax.tree.leaves(up)[0].shape[0]
-        self.table = SlotTable(self.E, n_slots, policy)
+        self.table = SlotTable(self.E, n_slots, policy, shared)
         self.N = self.table.n_slots
         bank = {"up": up, "down": down}
         leaves, self.treedef = jax.tree_util.tree_flatten(bank)
@@ -166,11 +166,11 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "ours
     if isinstance(n_slots, bool) or not isinstance(n_slots, (int, np.integer)) or n_slots < 1:
         raise ValueError(f"expert_cache={n_slots!r}: the number of device slots per MoE layer must be >= 1")
     device = device or jax.devices()[0]
-    layers, new_layers = {}, []
+    layers, new_layers, shared = {}, [], {}  # shared: the layers' policies pool their evidence
     for i, (lp, kind) in enumerate(zip(params["layers"], cfg.pattern)):
         if kind == "E":
             ex = lp["mixer"]["experts"]
-            layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device)
+            layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
         new_layers.append(lp)
     return ExpertOffload({**params, "layers": new_layers}, layers, int(n_slots), policy, prefetch)

@@ -9,13 +9,12 @@ LFRU definitions in circulation are kept apart:
 * ``lfru-fork``: freq <- 0.95 freq + 1 per access, age in forwards; evict argmin freq / (1 + step - last).
 * ``lfru-polarquant``: integer freq +1 per access, all halved every 1000 misses; evict min freq, ties LRU.
 
-``ours`` (:class:`Ours`): an adaptive LRFU. It keeps expert scores for a family of policies from LRU to a
-long-memory LFU (access counts with per-forward decay 0 / 0.9 / 1, where an access by an expert the previous
-forward also used counts 1/4: that repeat is explained by locality, not popularity) plus the fork's LFRU score,
-simulates a shadow cache of the same size for each on the same accesses (with the same pinning), and evicts by the
-one whose shadow has the most hits over the last ~200 forwards. It also orders a forward's passes when the batch
-needs more experts than there are slots: resident experts first, and the experts it most wants to keep last, so
-they are the ones left resident.
+``ours`` (:class:`Ours`): an adaptive ensemble. Candidate scorers from LRU to a long-memory LFU (decayed counts,
+repeats of the previous forward's experts down-weighted), the fork's LFRU and a Markov predictor of the next
+forward's experts from the current forward's each run a shadow cache of the same size; the victim has the lowest
+rank averaged over the candidates, weighted by their recent shadow hits (pooled over the model's MoE layers).
+With more needed experts than slots it orders the passes: residents first, the most valued misses last, so those
+stay resident.
 """
 from __future__ import annotations
 
@@ -151,42 +150,78 @@ class LFRUPolarquant(Policy):
 
 
 class Ours(Policy):
-    """Adaptive LRFU: the candidate scorers of ``DECAYS`` (decayed access counts, repeats of the previous forward
-    weighted ``REPEAT_WEIGHT``) and the fork's LFRU, each run as a shadow cache of ``n_slots``; eviction by the
-    candidate with the most shadow hits (exponential window ``WINDOW`` per forward). See the module docstring."""
+    """Adaptive ensemble of eviction scorers, each also run as a shadow cache of ``n_slots`` on the same accesses
+    (same pinning):
+
+    * decayed access counts, per-forward decay ``DECAYS`` (0: recency only ... 1: long-memory LFU); an access by
+      an expert the previous forward also used counts ``REPEAT_WEIGHT`` (explained by locality, not popularity);
+    * the fork's LFRU score, 0.95-decayed frequency / (1 + age in forwards);
+    * a Markov predictor: learned transitions from one forward's experts to the next forward's, applied to the
+      experts of the current forward (smoothed toward popularity): expected use in the next forward.
+
+    ``gain[i]`` counts candidate i's shadow hits (exponential window ``WINDOW`` per forward; shared by the MoE
+    layers of one model when ``shared`` is given, so the evidence grows with depth). A victim is the non-pinned
+    resident with the lowest gain-weighted mean rank over all candidates (weights ``exp((gain - max) /
+    TEMPERATURE)``). With fewer slots than needed experts the leading candidate also orders the passes (see
+    :meth:`pass_order`)."""
 
     name = "ours"
     DECAYS = (0.0, 0.9, 1.0)
     REPEAT_WEIGHT = 0.25
     WINDOW = 0.995
+    TEMPERATURE = 3.0
 
-    def __init__(self, n):
+    def __init__(self, n, shared: dict | None = None):
         super().__init__(n)
-        k = len(self.DECAYS) + 1
+        k = len(self.DECAYS) + 2
         self.decay = np.asarray(self.DECAYS)
         self.count = np.zeros((len(self.DECAYS), n))
         self.fork = np.zeros(n)
         self.fork_step = np.zeros(n, np.int64)
-        self.shadow: list[dict] = [{} for _ in range(k)]  # candidate -> its resident experts (insertion-ordered)
-        self.gain = np.zeros(k)
+        self.trans = np.zeros((n, n))  # trans[a, b]: forwards that used b right after one that used a
+        self.trans_n = np.zeros(n)
+        self.total = np.zeros(n)
+        self.shadow: list[dict] = [{} for _ in range(k)]  # candidate -> its shadow's resident experts
+        self.gain = np.zeros(k) if shared is None else shared.setdefault("ours_gain", np.zeros(k))
+        self.shared = shared is not None
         self.cur: set = set()
         self.prev: set = set()
         self.pinned: set = set()
+        self._markov_cache: tuple = (None, None)
 
     def step(self):
+        if self.prev and self.cur:
+            a, b = np.fromiter(self.prev, np.int64), np.fromiter(self.cur, np.int64)
+            self.trans[np.ix_(a, b)] += 1.0
+            self.trans_n[a] += 1.0
+        if self.cur:
+            self.total[np.fromiter(self.cur, np.int64)] += 1.0
         super().step()
         self.count *= self.decay[:, None]
-        self.gain *= self.WINDOW
+        self.gain *= self.WINDOW  # shared: every layer's step decays it, i.e. a window of ~1/(1-W) layer-forwards
         self.prev, self.cur = self.cur, set()
 
     def pin(self, needed):
         self.pinned = set(needed)
 
+    def _markov(self) -> np.ndarray:
+        """Expected use of each expert in the next forward given this forward's experts. Cached per forward."""
+        src = tuple(sorted(self.pinned or self.cur))
+        if self._markov_cache[0] == (self.steps, src):
+            return self._markov_cache[1]
+        pop = (self.total + 1.0) / (self.total.sum() + self.n)
+        p = ((self.trans[list(src)] + pop) / (self.trans_n[list(src), None] + 1.0)).mean(0) if src else pop
+        self._markov_cache = ((self.steps, src), p)
+        return p
+
     def key(self, i: int, e: int) -> tuple:
-        """Candidate ``i``'s keep-value of expert ``e`` (lower is evicted first)."""
-        if i == len(self.DECAYS):
+        """Candidate ``i``'s keep-value of expert ``e`` (lowest is evicted first; ties: least recently used)."""
+        nd = len(self.DECAYS)
+        if i < nd:
+            return (self.count[i, e], self.last[e])
+        if i == nd:
             return (self.fork[e] / (1 + self.steps - self.fork_step[e]), self.last[e])
-        return (self.count[i, e], self.last[e])
+        return (self._markov()[e], self.last[e])
 
     def leader(self) -> int:
         return int(np.argmax(self.gain))
@@ -208,10 +243,20 @@ class Ours(Policy):
         self.fork[e] = 0.95 * self.fork[e] + 1.0
         self.fork_step[e] = self.steps
 
-    def score(self, e):
-        return self.key(self.leader(), e)
+    def victim(self, residents, pinned):
+        cands = [e for e in residents if e not in pinned]
+        if not cands:
+            raise RuntimeError("no evictable expert: every resident is needed by the current batch")
+        w = np.exp((self.gain - self.gain.max()) / self.TEMPERATURE)
+        total = np.zeros(len(cands))
+        for i in range(len(self.gain)):
+            order = sorted(range(len(cands)), key=lambda j, i=i: self.key(i, cands[j]))
+            total[order] += w[i] * np.arange(len(cands))
+        return cands[min(range(len(cands)), key=lambda j: (total[j], self.last[cands[j]]))]
 
     def pass_order(self, needed: list[int], resident) -> list[int]:
+        """Resident experts first (hits before anything is evicted), then the misses from least to most valued by
+        the leading candidate, so the most valued end the forward resident."""
         i = self.leader()
         return ([e for e in needed if resident(e)] +
                 sorted((e for e in needed if not resident(e)), key=lambda e: self.key(i, e)))
@@ -220,20 +265,23 @@ class Ours(Policy):
 POLICIES = {c.name: c for c in (LRU, LFU, LFRUTinyserve, LFRUFork, LFRUPolarquant, Ours)}
 
 
-def make_policy(name: str, n_experts: int) -> Policy:
+def make_policy(name: str, n_experts: int, shared: dict | None = None) -> Policy:
+    """Policy ``name`` for one layer of ``n_experts``; ``shared``: a dict the policies of one model's MoE layers
+    share (``ours`` pools its candidates' evidence there)."""
     if name not in POLICIES:
         raise ValueError(f"policy={name!r}: unknown; choose one of {sorted(POLICIES)}")
-    return POLICIES[name](n_experts)
+    cls = POLICIES[name]
+    return cls(n_experts, shared=shared) if cls is Ours else cls(n_experts)
 
 
 class SlotTable:
     """Host bookkeeping of one layer's cache: which expert sits in which slot, and the policy."""
 
-    def __init__(self, n_experts: int, n_slots: int, policy: str):
+    def __init__(self, n_experts: int, n_slots: int, policy: str, shared: dict | None = None):
         if isinstance(n_slots, bool) or not isinstance(n_slots, (int, np.integer)) or n_slots < 1:
             raise ValueError(f"expert_cache={n_slots!r}: the number of device slots per MoE layer must be >= 1")
         self.n_slots = min(int(n_slots), n_experts)
-        self.policy = make_policy(policy, n_experts)
+        self.policy = make_policy(policy, n_experts, shared)
         self.policy.n_slots = self.n_slots
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
@@ -284,7 +332,8 @@ def groups(needed_in_order: list[int], n_slots: int) -> list[list[int]]:
 def simulate(trace: list[list[list[int]]], n_experts: int, n_slots: int, policy: str) -> dict:
     """Replay ``trace[token][layer] = expert ids`` through one cache per layer; hit rate and misses per token."""
     n_layers = len(trace[0]) if trace else 0
-    tables = [SlotTable(n_experts, n_slots, policy) for _ in range(n_layers)]
+    shared: dict = {}  # one model: its layers' policies share evidence (``ours``)
+    tables = [SlotTable(n_experts, n_slots, policy, shared) for _ in range(n_layers)]
     hits = misses = 0
     for tok in trace:
         for t, ids in zip(tables, tok):

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     syn = policy_table(synthetic_trace(a.tokens, a.layers, 128, 6, repeat=a.repeat, seed=0), 128, SIZES, pols)
     log("recording routing from the bundled model ...")
     tr, e = recorded_trace(60)
-    rec = policy_table(tr, e, [2, 3, 4, 6, 8, 12], pols)
+    rec = policy_table(tr, e, [1, 2, 3, 4, 6, 8, 12], pols)
     speed = [] if a.skip_speed else decode_speed(a.config, [4, 8], a.new)
     model = pcie_model(syn)
     res = {"synthetic": syn, "recorded": rec, "recorded_tokens": len(tr), "decode": speed, "pcie_model": model}
