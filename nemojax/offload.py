@@ -212,6 +212,12 @@ def _embed(params, cfg, tokens):
     return h.astype(jnp.float32) if cfg.residual_in_fp32 else h
 
 
+@jax.jit
+def _sample(logits, key, sp):
+    """``sample`` compiled once (called eagerly, its ``lax.cond`` over fresh closures compiled on every token)."""
+    return sample(logits, key, sp)
+
+
 @partial(jax.jit, static_argnums=(1,))
 def _head(params, cfg, h):
     return lm_head(params, cfg, h[:, -1:])[:, -1]
@@ -296,7 +302,7 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
 
     ``trace`` (optional list) receives, per forward, ``{layer: [expert ids]}`` (routing traces for benchmarks).
     """
-    from .generate import _validate, pad_prompts
+    from .generate import _validate, bucket, pad_prompts
 
     sp = SamplingParams.make(temperature, top_k, top_p)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
@@ -305,8 +311,11 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
     stops = _validate(cfg, ids, mask, max_new_tokens, seed, stop_token_ids)
     stops = set(int(s) for s in stops if s >= 0)
     B, T = ids.shape
+    Tb = bucket(T)  # bucketed shapes as in ``generate``: a bounded number of compilations over many prompts
+    ids = np.concatenate([np.full((B, Tb - T), pad_id, ids.dtype), ids], 1)
+    mask = np.concatenate([np.zeros((B, Tb - T), mask.dtype), mask], 1)
     stats = stats if stats is not None else OffloadStats()
-    cache = init_cache(cfg, B, T + max_new_tokens, compute_dtype(off.params))
+    cache = init_cache(cfg, B, Tb + bucket(max_new_tokens), compute_dtype(off.params))
     if trace is not None:
         _trace_hook(off, trace)
     logits, cache = forward_offloaded(off, cfg, ids, mask, cache, stats)
@@ -314,7 +323,7 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
     out = np.full((B, max_new_tokens), pad_id, np.int32)
     done = np.zeros(B, bool)
     for step in range(max_new_tokens):
-        tok = np.asarray(sample(logits, jax.random.fold_in(key, step), sp))
+        tok = np.asarray(_sample(logits, jax.random.fold_in(key, step), sp))
         tok = np.where(done, pad_id, tok)
         out[:, step] = tok
         done |= np.isin(tok, list(stops)) if stops else False

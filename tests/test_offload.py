@@ -56,6 +56,36 @@ def test_greedy_tokens_equal_resident(models, fmt, slots):
     assert s["predictor_precision"] is not None and 0 <= s["predictor_recall"] <= 1
 
 
+def test_compilations_bounded_over_prompt_lengths(models):
+    """Prompt and generation lengths are bucketed like ``generate``'s and nothing is compiled per token: after the
+    first prompt of a bucket, more prompts of other lengths in it compile nothing (a chat session used to compile
+    per prompt length and per sampled token until LLVM ran out of memory maps)."""
+    import jax
+
+    p = models["float32"]
+    off = offload_experts(p, CFG, 4, "ours")
+    rng = np.random.default_rng(7)
+    generate_offloaded(off, CFG, [list(rng.integers(3, CFG.vocab_size, 9))], 5)
+    compiles = []
+    on = [True]
+
+    def listen(event, _secs, **_kw):
+        if on[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for m, new in ((5, 3), (12, 7), (16, 4), (10, 6)):  # all in bucket 16 (prompt) and 16 (new tokens)
+            prompt = [list(rng.integers(3, CFG.vocab_size, m))]
+            got = generate_offloaded(off, CFG, prompt, new)
+            on[0] = False
+            np.testing.assert_array_equal(got, generate(p, CFG, prompt, new))
+            on[0] = True
+    finally:
+        on[0] = False
+    assert compiles == []
+
+
 def test_fork_bug_repro_every_policy():
     """capacity 8, experts 0-7 warmed, batch needs {0,1,2,3,8,9,10,11}: all 8 must be resident afterwards."""
     for name in POLICIES:
