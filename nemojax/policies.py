@@ -10,8 +10,9 @@ LFRU definitions in circulation are kept apart:
 * ``lfru-polarquant``: integer freq +1 per access, all halved every 1000 misses; evict min freq, ties LRU.
 
 ``ours`` (:class:`Ours`): an adaptive ensemble. Candidate scorers from LRU to a long-memory LFU (decayed counts,
-repeats of the previous forward's experts down-weighted), the fork's LFRU and a Markov predictor of the next
-forward's experts from the current forward's each run a shadow cache of the same size; the victim has the lowest
+repeats of the previous forward's experts down-weighted), the fork's LFRU and Markov predictors of each expert's
+use over the next 1 and 4 forwards (learned transitions from one forward's experts to the next's) each run a
+shadow cache of the same size; the victim has the lowest
 rank averaged over the candidates, weighted by their recent shadow hits (pooled over the model's MoE layers).
 With more needed experts than slots it orders the passes: residents first, the most valued misses last, so those
 stay resident.
@@ -153,37 +154,42 @@ class Ours(Policy):
     """Adaptive ensemble of eviction scorers, each also run as a shadow cache of ``n_slots`` on the same accesses
     (same pinning):
 
-    * decayed access counts, per-forward decay ``DECAYS`` (0: recency only ... 1: long-memory LFU); an access by
-      an expert the previous forward also used counts ``REPEAT_WEIGHT`` (explained by locality, not popularity);
+    * decayed access counts, ``COUNTS`` = (per-forward decay, weight of a repeat) pairs: decay 0 is recency only,
+      1 a long-memory LFU; an access by an expert the previous forward also used counts the repeat weight (it
+      is explained by locality more than by popularity);
     * the fork's LFRU score, 0.95-decayed frequency / (1 + age in forwards);
-    * a Markov predictor: learned transitions from one forward's experts to the next forward's, applied to the
-      experts of the current forward (smoothed toward popularity): expected use in the next forward.
+    * Markov predictors: learned transitions from one forward's experts to the next forward's (smoothed toward
+      popularity), applied to the experts of the current forward and iterated: expected uses over the next h
+      forwards, h in ``HORIZONS``.
 
-    ``gain[i]`` counts candidate i's shadow hits (exponential window ``WINDOW`` per forward; shared by the MoE
-    layers of one model when ``shared`` is given, so the evidence grows with depth). A victim is the non-pinned
+    ``gain[i]`` counts candidate i's shadow hits (exponential window ``WINDOW`` per forward of the model; shared
+    by the MoE layers of one model when ``shared`` is given, so the evidence grows with depth). A victim is the non-pinned
     resident with the lowest gain-weighted mean rank over all candidates (weights ``exp((gain - max) /
     TEMPERATURE)``). With fewer slots than needed experts the leading candidate also orders the passes (see
     :meth:`pass_order`)."""
 
     name = "ours"
-    DECAYS = (0.0, 0.9, 1.0)
-    REPEAT_WEIGHT = 0.25
+    COUNTS = ((0.0, 1.0), (0.9, 0.25), (1.0, 0.25))
+    HORIZONS = (1, 4)
     WINDOW = 0.995
     TEMPERATURE = 3.0
 
     def __init__(self, n, shared: dict | None = None):
         super().__init__(n)
-        k = len(self.DECAYS) + 2
-        self.decay = np.asarray(self.DECAYS)
-        self.count = np.zeros((len(self.DECAYS), n))
+        k = len(self.COUNTS) + 1 + len(self.HORIZONS)
+        self.decay = np.asarray([d for d, _ in self.COUNTS])
+        self.repeat_weight = np.asarray([r for _, r in self.COUNTS])
+        self.count = np.zeros((len(self.COUNTS), n))
         self.fork = np.zeros(n)
         self.fork_step = np.zeros(n, np.int64)
         self.trans = np.zeros((n, n))  # trans[a, b]: forwards that used b right after one that used a
         self.trans_n = np.zeros(n)
         self.total = np.zeros(n)
         self.shadow: list[dict] = [{} for _ in range(k)]  # candidate -> its shadow's resident experts
-        self.gain = np.zeros(k) if shared is None else shared.setdefault("ours_gain", np.zeros(k))
-        self.shared = shared is not None
+        shared = {} if shared is None else shared
+        self.gain = shared.setdefault("ours_gain", np.zeros(k))
+        self.members = shared.setdefault("ours_members", [0])
+        self.members[0] += 1  # layers pooling this evidence
         self.cur: set = set()
         self.prev: set = set()
         self.pinned: set = set()
@@ -198,30 +204,39 @@ class Ours(Policy):
             self.total[np.fromiter(self.cur, np.int64)] += 1.0
         super().step()
         self.count *= self.decay[:, None]
-        self.gain *= self.WINDOW  # shared: every layer's step decays it, i.e. a window of ~1/(1-W) layer-forwards
+        self.gain *= self.WINDOW ** (1.0 / self.members[0])  # a window of ~1/(1-W) forwards of the whole model
         self.prev, self.cur = self.cur, set()
 
     def pin(self, needed):
         self.pinned = set(needed)
 
     def _markov(self) -> np.ndarray:
-        """Expected use of each expert in the next forward given this forward's experts. Cached per forward."""
+        """[len(HORIZONS), n]: expected uses of each expert over the next h forwards (h in ``HORIZONS``), from
+        this forward's experts through the learned transitions. Cached per forward."""
         src = tuple(sorted(self.pinned or self.cur))
         if self._markov_cache[0] == (self.steps, src):
             return self._markov_cache[1]
         pop = (self.total + 1.0) / (self.total.sum() + self.n)
-        p = ((self.trans[list(src)] + pop) / (self.trans_n[list(src), None] + 1.0)).mean(0) if src else pop
-        self._markov_cache = ((self.steps, src), p)
-        return p
+        m = (self.trans + pop) / (self.trans_n[:, None] + 1.0)  # m[a, b]: P(b used next | a used now)
+        p = m[list(src)].mean(0) if src else pop * max(1.0, self.total.sum() / max(1, self.steps))
+        acc, out = np.zeros(self.n), []
+        for h in range(1, max(self.HORIZONS) + 1):
+            acc = acc + p
+            if h in self.HORIZONS:
+                out.append(acc.copy())
+            p = (p / max(p.sum(), 1e-12)) @ m  # the experts used h forwards ahead -> h + 1
+        out = np.stack(out)
+        self._markov_cache = ((self.steps, src), out)
+        return out
 
     def key(self, i: int, e: int) -> tuple:
         """Candidate ``i``'s keep-value of expert ``e`` (lowest is evicted first; ties: least recently used)."""
-        nd = len(self.DECAYS)
+        nd = len(self.COUNTS)
         if i < nd:
             return (self.count[i, e], self.last[e])
         if i == nd:
             return (self.fork[e] / (1 + self.steps - self.fork_step[e]), self.last[e])
-        return (self._markov()[e], self.last[e])
+        return (self._markov()[i - nd - 1, e], self.last[e])
 
     def leader(self) -> int:
         return int(np.argmax(self.gain))
@@ -239,7 +254,7 @@ class Ours(Policy):
                     continue  # the shadow streams it (more distinct experts than slots)
                 del res[min(cands, key=lambda r, i=i: self.key(i, r))]
             res[e] = None
-        self.count[:, e] += self.REPEAT_WEIGHT if e in self.prev else 1.0
+        self.count[:, e] += self.repeat_weight if e in self.prev else 1.0
         self.fork[e] = 0.95 * self.fork[e] + 1.0
         self.fork_step[e] = self.steps
 
