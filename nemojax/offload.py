@@ -235,7 +235,6 @@ def _moe_layer(off: ExpertOffload, i: int, cfg: Config, h, stats: OffloadStats):
         hit = sum(1 for e in needed if e in layer.pending)
         stats.pred_correct += hit
         stats.needed_total += len(needed)
-    layer.table.policy.step()
     routed = None
     parts = layer.table.passes(needed)
     stats.passes += len(parts) - 1
@@ -248,7 +247,9 @@ def _moe_layer(off: ExpertOffload, i: int, cfg: Config, h, stats: OffloadStats):
         y = _experts_pass(x, w, jnp.asarray(slot_idx), layer.slots)
         routed = y if routed is None else routed + y
     layer.drop_stale_prefetch(stats)
-    return _moe_finish(lp, x, h, routed)
+    out = _moe_finish(lp, x, h, routed)  # dispatched: the policy's bookkeeping below overlaps the device's work
+    layer.table.policy.step()
+    return out
 
 
 def _predict_next(off: ExpertOffload, cfg: Config, i: int, h, stats: OffloadStats) -> None:

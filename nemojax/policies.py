@@ -1,7 +1,7 @@
 """Eviction policies for the per-layer expert cache (``nemojax.offload``), plus a trace simulator.
 
-Every policy sees ``access(e)`` once per needed expert per forward of its layer (hits and misses), ``step()``
-once per forward, and chooses ``victim(residents, pinned)`` among residents that the current batch does not
+Every policy sees ``pin(needed)`` and ``access(e)`` once per needed expert per forward of its layer (hits and
+misses), ``step()`` after each forward, and chooses ``victim(residents, pinned)`` among residents that the current batch does not
 need (``pinned`` — the rule the vLLM fork and polarquant break, see the expert-offload reference). The three
 LFRU definitions in circulation are kept apart:
 
@@ -12,14 +12,14 @@ LFRU definitions in circulation are kept apart:
 ``ours`` (:class:`Ours`): an adaptive ensemble. Candidate scorers from LRU to a long-memory LFU (decayed counts,
 repeats of the previous forward's experts down-weighted), the fork's LFRU and Markov predictors of each expert's
 use over the next 1 and 4 forwards (learned transitions from one forward's experts to the next's) each run a
-shadow cache of the same size; the victim has the lowest
-rank averaged over the candidates, weighted by their recent shadow hits (pooled over the model's MoE layers).
-With more needed experts than slots it orders the passes: residents first, the most valued misses last, so those
-stay resident.
+shadow cache of the same size; the candidate with the most recent shadow hits (pooled over the model's MoE layers)
+chooses the victims. With more needed experts than slots it orders the passes: residents first, the most valued
+misses last, so those stay resident.
 """
 from __future__ import annotations
 
 
+import time
 from typing import Iterable
 
 import numpy as np
@@ -163,118 +163,217 @@ class Ours(Policy):
       forwards, h in ``HORIZONS``.
 
     ``gain[i]`` counts candidate i's shadow hits (exponential window ``WINDOW`` per forward of the model; shared
-    by the MoE layers of one model when ``shared`` is given, so the evidence grows with depth). A victim is the non-pinned
-    resident with the lowest gain-weighted mean rank over all candidates (weights ``exp((gain - max) /
-    TEMPERATURE)``). With fewer slots than needed experts the leading candidate also orders the passes (see
-    :meth:`pass_order`)."""
+    by the MoE layers of one model when ``shared`` is given, so the evidence grows with depth). The leader (most
+    gain) chooses the victims: the non-pinned residents it values least. With fewer slots than needed experts it
+    also orders the passes (see :meth:`pass_order`). (Mixing the candidates' ranks by gain instead measured within
+    +-0.003 of following the leader, at several times the host time.)"""
 
     name = "ours"
     COUNTS = ((0.0, 1.0), (0.9, 0.25), (1.0, 0.25))
     HORIZONS = (1, 4)
     WINDOW = 0.995
-    TEMPERATURE = 3.0
 
     def __init__(self, n, shared: dict | None = None):
         super().__init__(n)
-        k = len(self.COUNTS) + 1 + len(self.HORIZONS)
-        self.decay = np.asarray([d for d, _ in self.COUNTS])
-        self.repeat_weight = np.asarray([r for _, r in self.COUNTS])
-        self.count = np.zeros((len(self.COUNTS), n))
+        nc = len(self.COUNTS)
+        k = nc + 1 + len(self.HORIZONS)
+        self.decay = np.asarray([d for d, _ in self.COUNTS])[:, None]
+        self.repeat_weight = np.asarray([r for _, r in self.COUNTS])[:, None]
+        self.count = np.zeros((nc, n))
         self.fork = np.zeros(n)
         self.fork_step = np.zeros(n, np.int64)
         self.trans = np.zeros((n, n))  # trans[a, b]: forwards that used b right after one that used a
         self.trans_n = np.zeros(n)
         self.total = np.zeros(n)
-        self.shadow: list[dict] = [{} for _ in range(k)]  # candidate -> its shadow's resident experts
+        self.shadow = np.zeros((k, n), bool)  # shadow[i]: candidate i's cache
         shared = {} if shared is None else shared
         self.gain = shared.setdefault("ours_gain", np.zeros(k))
         self.members = shared.setdefault("ours_members", [0])
         self.members[0] += 1  # layers pooling this evidence
-        self.cur: set = set()
-        self.prev: set = set()
+        self.used: list[int] = []  # this forward's accesses, in order
+        self.prev = np.zeros(0, np.int64)  # the previous forward's experts
+        self.prev_set: set = set()
         self.pinned: set = set()
-        self._markov_cache: tuple = (None, None)
+        self._pinned_now = False  # pin() was called for this forward
+        self._mk: np.ndarray | None = None  # this forward's Markov expectations
+        self._queue: tuple | None = None  # (pinned set, leader, eviction order, position) of one SlotTable.plan
+        self._lead = 0
+        self._ahead: tuple | None = None  # (leader, residents in eviction order) sorted by step for the next forward
+        self.resident: set = set()  # the real cache's experts (accesses insert, ``evicted`` removes)
+
+    # Host time matters: choosing victims sits between a layer's router and its experts. So accesses are only
+    # recorded, and the shadows, counts and transitions are settled in one vectorized ``step`` at the forward's end
+    # (the offload calls it after dispatching the experts, overlapping their compute). Only non-pinned experts are
+    # ever evicted and their keep-values do not move during a forward, so this equals replaying the accesses one by
+    # one (except that ``gain`` counts a forward's shadow hits at its end).
+    def _rows(self, rows, idx) -> np.ndarray:
+        """[len(rows), len(idx)]: candidates ``rows``' keep-values of experts ``idx`` at the start of this forward."""
+        nc, out = len(self.COUNTS), []
+        if len(rows) == len(self.gain):  # all candidates, in order
+            return np.concatenate([self.count[:, idx], (self.fork[idx] / (1 + self.steps - self.fork_step[idx]))[None],
+                                   self._markov()[:, idx]])
+        for i in rows:
+            if i < nc:
+                out.append(self.count[i, idx])
+            elif i == nc:
+                out.append(self.fork[idx] / (1 + self.steps - self.fork_step[idx]))
+            else:
+                out.append(self._markov()[i - nc - 1, idx])
+        return np.stack(out)
+
+    def _live_rows(self, rows, cands: list[int]) -> np.ndarray:
+        """:meth:`_rows` with this forward's accesses so far applied (what :meth:`key` returns)."""
+        sub = self._rows(rows, np.asarray(cands))
+        used = set(self.used)
+        if used and not used.isdisjoint(cands):  # a later pass of this forward may evict one an earlier pass used
+            nc, applied = len(self.COUNTS), self._applied()
+            for j, e in enumerate(cands):
+                if e in applied:
+                    for r, i in enumerate(rows):
+                        if i < nc:
+                            sub[r, j] += applied[e][0][i] if np.ndim(applied[e][0]) else applied[e][0]
+                        elif i == nc:
+                            sub[r, j] = applied[e][1]  # age 0 forwards
+        return sub
+
+    def _applied(self) -> dict:
+        """expert -> (count increments [len(COUNTS)], fork frequency) after this forward's accesses so far."""
+        out: dict = {}
+        for e in self.used:  # few: the experts accessed in this forward (each once, via SlotTable.passes)
+            inc, fork = out.get(e, (0.0, self.fork[e]))
+            out[e] = (inc + (self.repeat_weight[:, 0] if e in self.prev_set else 1.0), 0.95 * fork + 1.0)
+        return out
 
     def step(self):
-        if self.prev and self.cur:
-            a, b = np.fromiter(self.prev, np.int64), np.fromiter(self.cur, np.int64)
-            self.trans[np.ix_(a, b)] += 1.0
-            self.trans_n[a] += 1.0
-        if self.cur:
-            self.total[np.fromiter(self.cur, np.int64)] += 1.0
+        self._settle()
         super().step()
-        self.count *= self.decay[:, None]
+        self.count *= self.decay
         self.gain *= self.WINDOW ** (1.0 / self.members[0])  # a window of ~1/(1-W) forwards of the whole model
-        self.prev, self.cur = self.cur, set()
+        if not self._pinned_now:
+            self.pinned = set()
+        self._pinned_now = False
+        self._mk = None
+        self._queue = None
+        self._ahead = None
+        lead = self.leader()
+        if lead <= len(self.COUNTS) and len(self.resident) >= self.n_slots:  # not Markov: ready before the router
+            cands = list(self.resident)
+            order = np.lexsort((self.last[cands], self._rows([lead], cands)[0]))
+            self._ahead = (lead, [cands[j] for j in order])
 
     def pin(self, needed):
         self.pinned = set(needed)
+        self._pinned_now = True
+        self._mk = None
+        self._lead = self.leader()  # gains move only when a forward settles
+
+    def access(self, e, hit):
+        super().access(e, hit)
+        self.used.append(e)
+        self.resident.add(e)
+        if not self._pinned_now:  # direct ``SlotTable.plan`` calls, without :meth:`pin`: the accessed are pinned
+            self.pinned.add(e)
+            self._mk = None
+
+    def _settle(self) -> None:
+        """Apply the ended forward's accesses: shadow caches (and their hits), counts, transitions."""
+        if not self.used:
+            self.prev, self.prev_set = np.zeros(0, np.int64), set()
+            return
+        used = np.asarray(list(dict.fromkeys(self.used)), np.int64)
+        pin = np.zeros(self.n, bool)
+        pin[list(self.pinned)] = True
+        hit = self.shadow[:, used]  # [k, u]
+        self.gain += hit.sum(1)
+        miss = ~hit
+        n_miss = miss.sum(1)
+        free = self.n_slots - self.shadow.sum(1)
+        evictable = self.shadow & ~pin
+        n_ev = evictable.sum(1)
+        n_in = np.minimum(n_miss, free + n_ev)  # the rest is streamed (more distinct experts than slots)
+        n_out = np.maximum(n_in - free, 0)
+        rows = np.flatnonzero(n_out)
+        if rows.size:  # evict each of these shadows' lowest (score, last access) non-pinned residents
+            S = self._rows(rows, slice(None))
+            order = np.lexsort((np.broadcast_to(self.last, S.shape), S), axis=-1)
+            ev = evictable[rows[:, None], order]
+            out = ev & (np.cumsum(ev, 1) <= n_out[rows, None])
+            r, c = np.nonzero(out)
+            self.shadow[rows[r], order[r, c]] = False
+        ins = miss & (np.cumsum(miss, 1) <= n_in[:, None])
+        r, c = np.nonzero(ins)
+        self.shadow[r, used[c]] = True
+        for e, (inc, fork) in self._applied().items():  # counts and the fork's LFRU
+            self.count[:, e] += inc
+            self.fork[e] = fork
+            self.fork_step[e] = self.steps
+        if self.prev.size:
+            self.trans[np.ix_(self.prev, used)] += 1.0
+            self.trans_n[self.prev] += 1.0
+        self.total[used] += 1.0
+        self.prev, self.prev_set = used, set(used.tolist())
+        self.used = []
 
     def _markov(self) -> np.ndarray:
         """[len(HORIZONS), n]: expected uses of each expert over the next h forwards (h in ``HORIZONS``), from
         this forward's experts through the learned transitions. Cached per forward."""
-        src = tuple(sorted(self.pinned or self.cur))
-        if self._markov_cache[0] == (self.steps, src):
-            return self._markov_cache[1]
+        if self._mk is not None:
+            return self._mk
+        src = sorted(self.pinned if self._pinned_now else set(self.used))
         pop = (self.total + 1.0) / (self.total.sum() + self.n)
-        m = (self.trans + pop) / (self.trans_n[:, None] + 1.0)  # m[a, b]: P(b used next | a used now)
-        p = m[list(src)].mean(0) if src else pop * max(1.0, self.total.sum() / max(1, self.steps))
-        acc, out = np.zeros(self.n), []
-        for h in range(1, max(self.HORIZONS) + 1):
-            acc = acc + p
-            if h in self.HORIZONS:
-                out.append(acc.copy())
-            p = (p / max(p.sum(), 1e-12)) @ m  # the experts used h forwards ahead -> h + 1
-        out = np.stack(out)
-        self._markov_cache = ((self.steps, src), out)
-        return out
+        inv = 1.0 / (self.trans_n + 1.0)  # P(b used next | a used now) = (trans[a, b] + pop[b]) * inv[a]
+        p = ((self.trans[src] + pop) * inv[src, None]).mean(0) if src else \
+            pop * max(1.0, self.total.sum() / max(1, self.steps))
+        ps = [p]
+        for _ in range(max(self.HORIZONS) - 1):  # the experts used h forwards ahead -> h + 1
+            q = p * (inv / max(p.sum(), 1e-12))
+            p = q @ self.trans + pop * q.sum()
+            ps.append(p)
+        out = np.cumsum(ps, axis=0)[[h - 1 for h in self.HORIZONS]]
+        self._mk = out
+        return self._mk
 
     def key(self, i: int, e: int) -> tuple:
-        """Candidate ``i``'s keep-value of expert ``e`` (lowest is evicted first; ties: least recently used)."""
-        nd = len(self.COUNTS)
-        if i < nd:
-            return (self.count[i, e], self.last[e])
-        if i == nd:
-            return (self.fork[e] / (1 + self.steps - self.fork_step[e]), self.last[e])
-        return (self._markov()[i - nd - 1, e], self.last[e])
+        """Candidate ``i``'s keep-value of expert ``e`` (lowest is evicted first; ties: least recently used):
+        decayed count, the fork's 0.95-decayed frequency / (1 + age in forwards), or Markov expectation."""
+        return (self._live_rows([i], [e])[0, 0], self.last[e])
 
     def leader(self) -> int:
         return int(np.argmax(self.gain))
 
-    def access(self, e, hit):
-        super().access(e, hit)
-        self.cur.add(e)
-        for i, res in enumerate(self.shadow):
-            if e in res:
-                self.gain[i] += 1
-                continue
-            if len(res) >= self.n_slots:
-                cands = [r for r in res if r not in self.pinned]
-                if not cands:
-                    continue  # the shadow streams it (more distinct experts than slots)
-                del res[min(cands, key=lambda r, i=i: self.key(i, r))]
-            res[e] = None
-        self.count[:, e] += self.repeat_weight if e in self.prev else 1.0
-        self.fork[e] = 0.95 * self.fork[e] + 1.0
-        self.fork_step[e] = self.steps
+    def evicted(self, e):
+        self.resident.discard(e)
 
     def victim(self, residents, pinned):
-        cands = [e for e in residents if e not in pinned]
-        if not cands:
+        """The leading candidate's lowest (keep-value, last access) non-pinned resident. One call of
+        ``SlotTable.plan`` evicts from one queue, sorted at its first miss (the values cannot move meanwhile), or
+        sorted ahead by :meth:`step` when the leader's values do not depend on this forward's experts."""
+        lead = self._lead if self._pinned_now else self.leader()
+        if self._queue is None or self._queue[0] is not pinned or self._queue[1] != lead:
+            ahead = self._ahead
+            if ahead is not None and ahead[0] == lead and set(self.used) <= pinned and \
+                    len(ahead[1]) == len(residents):  # first pass, nothing evicted since: the order holds
+                self._queue = (pinned, lead, [e for e in ahead[1] if e not in pinned], [0])
+                self._ahead = None
+                return self.victim(residents, pinned)
+            cands = [e for e in residents if e not in pinned]
+            row = self._live_rows([lead], cands)[0]
+            order = np.lexsort((self.last[np.asarray(cands, np.int64)], row)) if cands else []
+            self._queue = (pinned, lead, [cands[j] for j in order], [0])
+        queue, at = self._queue[2], self._queue[3]
+        if at[0] >= len(queue):
             raise RuntimeError("no evictable expert: every resident is needed by the current batch")
-        w = np.exp((self.gain - self.gain.max()) / self.TEMPERATURE)
-        total = np.zeros(len(cands))
-        for i in range(len(self.gain)):
-            order = sorted(range(len(cands)), key=lambda j, i=i: self.key(i, cands[j]))
-            total[order] += w[i] * np.arange(len(cands))
-        return cands[min(range(len(cands)), key=lambda j: (total[j], self.last[cands[j]]))]
+        at[0] += 1
+        return queue[at[0] - 1]
 
     def pass_order(self, needed: list[int], resident) -> list[int]:
         """Resident experts first (hits before anything is evicted), then the misses from least to most valued by
         the leading candidate, so the most valued end the forward resident."""
-        i = self.leader()
-        return ([e for e in needed if resident(e)] +
-                sorted((e for e in needed if not resident(e)), key=lambda e: self.key(i, e)))
+        misses = [e for e in needed if not resident(e)]
+        if not misses:
+            return needed
+        order = np.lexsort((self.last[misses], self._live_rows([self.leader()], misses)[0]))
+        return [e for e in needed if resident(e)] + [misses[j] for j in order]
 
 
 POLICIES = {c.name: c for c in (LRU, LFU, LFRUTinyserve, LFRUFork, LFRUPolarquant, Ours)}
@@ -300,35 +399,39 @@ class SlotTable:
         self.policy.n_slots = self.n_slots
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
+        self.n_free = self.n_slots
 
     @property
     def residents(self) -> list[int]:
-        return [int(e) for e in self.expert_in if e >= 0]
+        """Resident experts in slot order."""
+        return self.expert_in[self.expert_in >= 0].tolist()
 
     def plan(self, needed: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """``needed`` (distinct, at most n_slots) -> (hits, [(expert, slot)] to load). Pins ``needed`` first."""
         assert len(needed) <= self.n_slots
         pinned = set(needed)
-        hits, loads = [], []
+        slot_of, expert_in = self.slot_of, self.expert_in
+        hits, loads, residents = [], [], None
         for e in needed:
-            hit = self.slot_of[e] >= 0
-            self.policy.access(e, bool(hit))
+            hit = bool(slot_of[e] >= 0)
+            self.policy.access(e, hit)
             if hit:
                 hits.append(e)
                 continue
-            free = np.flatnonzero(self.expert_in < 0)
-            if free.size:
-                slot = int(free[0])
+            if self.n_free:
+                slot = int(np.flatnonzero(expert_in < 0)[0])
+                self.n_free -= 1
             else:
-                v = self.policy.victim(self.residents, pinned)
-                slot = int(self.slot_of[v])
-                self.slot_of[v] = -1
+                residents = self.residents if residents is None else residents
+                v = self.policy.victim(residents, pinned)
+                slot = int(slot_of[v])
+                slot_of[v] = -1
                 self.policy.evicted(v)
-            self.slot_of[e] = slot
-            self.expert_in[slot] = e
+                residents[residents.index(v)] = e  # same slot: the list stays in slot order
+            slot_of[e] = slot
+            expert_in[slot] = e
             loads.append((e, slot))
         return hits, loads
-
 
     def passes(self, needed: list[int]) -> list[list[int]]:
         """One forward's distinct ``needed`` experts -> passes of at most ``n_slots`` (the policy sees the whole set
@@ -345,22 +448,31 @@ def groups(needed_in_order: list[int], n_slots: int) -> list[list[int]]:
 
 
 def simulate(trace: list[list[list[int]]], n_experts: int, n_slots: int, policy: str) -> dict:
-    """Replay ``trace[token][layer] = expert ids`` through one cache per layer; hit rate and misses per token."""
+    """Replay ``trace[token][layer] = expert ids`` through one cache per layer; hit rate, misses per token and the
+    policy's host time per token: ``decide_us`` (choosing the passes and victims, between a layer's router and its
+    experts) and ``settle_us`` (its bookkeeping at the end of a forward, which can overlap the experts' compute)."""
     n_layers = len(trace[0]) if trace else 0
     shared: dict = {}  # one model: its layers' policies share evidence (``ours``)
     tables = [SlotTable(n_experts, n_slots, policy, shared) for _ in range(n_layers)]
     hits = misses = 0
+    decide = settle = 0.0
+    clock = time.perf_counter
     for tok in trace:
         for t, ids in zip(tables, tok):
-            t.policy.step()
+            t0 = clock()
             needed = list(dict.fromkeys(int(e) for e in ids))
             for part in t.passes(needed):
                 h, loads = t.plan(part)
                 hits += len(h)
                 misses += len(loads)
+            t1 = clock()
+            t.policy.step()
+            decide += t1 - t0
+            settle += clock() - t1
     total = hits + misses
+    n = max(1, len(trace))
     return {"policy": policy, "slots": n_slots, "hit_rate": hits / total if total else 0.0,
-            "misses_per_token": misses / max(1, len(trace))}
+            "misses_per_token": misses / n, "decide_us": 1e6 * decide / n, "settle_us": 1e6 * settle / n}
 
 
 def synthetic_trace(n_tokens: int, n_layers: int = 23, n_experts: int = 128, top_k: int = 6, zipf: float = 0.8,

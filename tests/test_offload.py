@@ -163,12 +163,48 @@ def test_ours_orders_passes_and_adapts():
     assert iid.policy.leader() == 2 and iid.policy.gain[2] > iid.policy.gain[0] + 20
     # two alternating modes (experts 0-3, then 4-7, ...), 6 slots for 8 experts: only the learned transitions
     # know that the other mode's experts come next
-    alt = [[[int(e) for e in rng.choice(4, 2, replace=False) + (4 if t % 2 else 0)]] for t in range(400)]
-    rates = {pol: simulate(alt, 8, 6, pol)["hit_rate"] for pol in POLICIES}
-    assert rates["ours"] > max(v for k, v in rates.items() if k != "ours") + 0.03, rates
+    margins = []
+    for seed in range(3):
+        r = np.random.default_rng(seed)
+        alt = [[[int(e) for e in r.choice(4, 2, replace=False) + (4 if t % 2 else 0)]] for t in range(400)]
+        rates = {pol: simulate(alt, 8, 6, pol)["hit_rate"] for pol in POLICIES}
+        margins.append(rates["ours"] - max(v for k, v in rates.items() if k != "ours"))
+    assert min(margins) > 0.02 and np.mean(margins) > 0.03, margins  # measured 0.045, 0.062, 0.028
     tr = synthetic_trace(150, n_layers=3, n_experts=32, top_k=4, seed=5)
     rates = {pol: simulate(tr, 32, 2, pol)["hit_rate"] for pol in POLICIES}
     assert rates["ours"] > max(v for k, v in rates.items() if k.startswith("lfru")) + 0.02, rates
+
+
+def test_ours_batched_shadows_equal_replay():
+    """``ours`` settles a forward's shadow caches in one vectorized step; it must equal replaying the accesses one
+    by one (each miss evicts the shadow's lowest (score, last access) non-pinned resident, else is streamed)."""
+    rng = np.random.default_rng(11)
+    t = SlotTable(24, 5, "ours")
+    pol = t.policy
+    for _ in range(150):
+        needed = [int(e) for e in rng.choice(24, int(rng.integers(1, 8)), replace=False)]  # 1-7 for 5 slots
+        for part in t.passes(needed):
+            t.plan(part)
+        k = len(pol.gain)
+        S, last = pol._rows(range(k), slice(None)), pol.last.copy()
+        want = [set(np.flatnonzero(row).tolist()) for row in pol.shadow]
+        hits = np.zeros(k)
+        for e in pol.used:
+            for i, res in enumerate(want):
+                if e in res:
+                    hits[i] += 1
+                    continue
+                if len(res) >= t.n_slots:
+                    cands = [r for r in res if r not in pol.pinned]
+                    if not cands:
+                        continue
+                    res.remove(min(cands, key=lambda r, i=i: (S[i, r], last[r])))
+                res.add(e)
+        g0 = pol.gain.copy()
+        pol.step()
+        assert [set(np.flatnonzero(row).tolist()) for row in pol.shadow] == want
+        np.testing.assert_allclose(pol.gain, (g0 + hits) * pol.WINDOW)
+    assert pol.gain.min() > 0 and len({round(g, 6) for g in pol.gain}) > 1
 
 
 def test_simulator_and_trace():
