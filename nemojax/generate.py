@@ -23,7 +23,7 @@ from .model import compute_dtype, forward
 from .quant.kv import FP8
 from .sampling import SamplingParams, sample
 
-__all__ = ["generate", "generate_stream", "prefill", "decode", "bucket", "pad_prompts", "TRACE_COUNTS"]
+__all__ = ["generate", "generate_stream", "prefill", "decode", "bucket", "pad_prompts", "pad_to_bucket", "TRACE_COUNTS"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # how many times each jitted function was traced
 _MAX_STOP = 8
@@ -80,6 +80,13 @@ def decode(params, cfg: Config, n_steps: int, cache: Cache, state: DecodeState, 
 
     _, out, cache, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, cache, state))
     return out, cache, state
+
+
+def pad_to_bucket(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad (ids, mask) [B, T] to [B, bucket(T)]: a bounded number of prompt shapes, hence compilations."""
+    extra = bucket(ids.shape[1]) - ids.shape[1]
+    return (np.concatenate([np.full((ids.shape[0], extra), pad_id, ids.dtype), ids], 1),
+            np.concatenate([np.zeros((mask.shape[0], extra), np.int32), mask], 1))
 
 
 def pad_prompts(input_ids, attention_mask=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -151,12 +158,11 @@ def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temp
     pad_id = 0 if pad_id is None else pad_id
     ids, mask = pad_prompts(input_ids, attention_mask, pad_id)
     stops = _validate(cfg, ids, mask, max_new_tokens, seed, stop_token_ids)
-    B, T = ids.shape
-    Tb = bucket(T)
+    B = ids.shape[0]
+    ids, mask = pad_to_bucket(ids, mask, pad_id)
+    Tb = ids.shape[1]
     new_b = bucket(max_new_tokens, minimum=chunk) if chunk else bucket(max_new_tokens)
     n_steps = min(chunk, new_b) if chunk else new_b
-    ids = np.concatenate([np.full((B, Tb - T), pad_id, ids.dtype), ids], 1)
-    mask = np.concatenate([np.zeros((B, Tb - T), np.int32), mask], 1)
     dtype = compute_dtype(params)
     if kv_dtype is None and any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*")):
         kv_dtype = FP8  # calibrated FP8 KV scales: cache K/V in float8_e4m3fn

@@ -303,7 +303,7 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
 
     ``trace`` (optional list) receives, per forward, ``{layer: [expert ids]}`` (routing traces for benchmarks).
     """
-    from .generate import _validate, bucket, pad_prompts
+    from .generate import _validate, bucket, pad_prompts, pad_to_bucket
 
     sp = SamplingParams.make(temperature, top_k, top_p)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
@@ -311,10 +311,8 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
     ids, mask = pad_prompts(input_ids, attention_mask, pad_id)
     stops = _validate(cfg, ids, mask, max_new_tokens, seed, stop_token_ids)
     stops = set(int(s) for s in stops if s >= 0)
-    B, T = ids.shape
-    Tb = bucket(T)  # bucketed shapes as in ``generate``: a bounded number of compilations over many prompts
-    ids = np.concatenate([np.full((B, Tb - T), pad_id, ids.dtype), ids], 1)
-    mask = np.concatenate([np.zeros((B, Tb - T), mask.dtype), mask], 1)
+    ids, mask = pad_to_bucket(ids, mask, pad_id)  # as in ``generate``: a bounded number of compilations
+    B, Tb = ids.shape
     stats = stats if stats is not None else OffloadStats()
     cache = init_cache(cfg, B, Tb + bucket(max_new_tokens), compute_dtype(off.params))
     if trace is not None:

@@ -191,8 +191,7 @@ class Ours(Policy):
         self.members = shared.setdefault("ours_members", [0])
         self.members[0] += 1  # layers pooling this evidence
         self.used: list[int] = []  # this forward's accesses, in order
-        self.prev = np.zeros(0, np.int64)  # the previous forward's experts
-        self.prev_set: set = set()
+        self.prev: set = set()  # the previous forward's experts
         self.pinned: set = set()
         self._pinned_now = False  # pin() was called for this forward
         self._mk: np.ndarray | None = None  # this forward's Markov expectations
@@ -208,18 +207,12 @@ class Ours(Policy):
     # one (except that ``gain`` counts a forward's shadow hits at its end).
     def _rows(self, rows, idx) -> np.ndarray:
         """[len(rows), len(idx)]: candidates ``rows``' keep-values of experts ``idx`` at the start of this forward."""
-        nc, out = len(self.COUNTS), []
+        nc = len(self.COUNTS)
+        fork = lambda: self.fork[idx] / (1 + self.steps - self.fork_step[idx])  # noqa: E731
         if len(rows) == len(self.gain):  # all candidates, in order
-            return np.concatenate([self.count[:, idx], (self.fork[idx] / (1 + self.steps - self.fork_step[idx]))[None],
-                                   self._markov()[:, idx]])
-        for i in rows:
-            if i < nc:
-                out.append(self.count[i, idx])
-            elif i == nc:
-                out.append(self.fork[idx] / (1 + self.steps - self.fork_step[idx]))
-            else:
-                out.append(self._markov()[i - nc - 1, idx])
-        return np.stack(out)
+            return np.concatenate([self.count[:, idx], fork()[None], self._markov()[:, idx]])
+        return np.stack([self.count[i, idx] if i < nc else fork() if i == nc else self._markov()[i - nc - 1, idx]
+                         for i in rows])
 
     def _live_rows(self, rows, cands: list[int]) -> np.ndarray:
         """:meth:`_rows` with this forward's accesses so far applied (what :meth:`key` returns)."""
@@ -231,7 +224,7 @@ class Ours(Policy):
                 if e in applied:
                     for r, i in enumerate(rows):
                         if i < nc:
-                            sub[r, j] += applied[e][0][i] if np.ndim(applied[e][0]) else applied[e][0]
+                            sub[r, j] += applied[e][0][i]
                         elif i == nc:
                             sub[r, j] = applied[e][1]  # age 0 forwards
         return sub
@@ -240,8 +233,8 @@ class Ours(Policy):
         """expert -> (count increments [len(COUNTS)], fork frequency) after this forward's accesses so far."""
         out: dict = {}
         for e in self.used:  # few: the experts accessed in this forward (each once, via SlotTable.passes)
-            inc, fork = out.get(e, (0.0, self.fork[e]))
-            out[e] = (inc + (self.repeat_weight[:, 0] if e in self.prev_set else 1.0), 0.95 * fork + 1.0)
+            inc, fork = out.get(e, (np.zeros(len(self.COUNTS)), self.fork[e]))
+            out[e] = (inc + (self.repeat_weight[:, 0] if e in self.prev else 1.0), 0.95 * fork + 1.0)
         return out
 
     def step(self):
@@ -249,8 +242,7 @@ class Ours(Policy):
         super().step()
         self.count *= self.decay
         self.gain *= self.WINDOW ** (1.0 / self.members[0])  # a window of ~1/(1-W) forwards of the whole model
-        if not self._pinned_now:
-            self.pinned = set()
+        self.pinned = set()
         self._pinned_now = False
         self._mk = None
         self._queue = None
@@ -278,7 +270,7 @@ class Ours(Policy):
     def _settle(self) -> None:
         """Apply the ended forward's accesses: shadow caches (and their hits), counts, transitions."""
         if not self.used:
-            self.prev, self.prev_set = np.zeros(0, np.int64), set()
+            self.prev = set()
             return
         used = np.asarray(list(dict.fromkeys(self.used)), np.int64)
         pin = np.zeros(self.n, bool)
@@ -307,11 +299,12 @@ class Ours(Policy):
             self.count[:, e] += inc
             self.fork[e] = fork
             self.fork_step[e] = self.steps
-        if self.prev.size:
-            self.trans[np.ix_(self.prev, used)] += 1.0
-            self.trans_n[self.prev] += 1.0
+        if self.prev:
+            prev = np.fromiter(self.prev, np.int64)
+            self.trans[np.ix_(prev, used)] += 1.0
+            self.trans_n[prev] += 1.0
         self.total[used] += 1.0
-        self.prev, self.prev_set = used, set(used.tolist())
+        self.prev = set(used.tolist())
         self.used = []
 
     def _markov(self) -> np.ndarray:
@@ -319,7 +312,7 @@ class Ours(Policy):
         this forward's experts through the learned transitions. Cached per forward."""
         if self._mk is not None:
             return self._mk
-        src = sorted(self.pinned if self._pinned_now else set(self.used))
+        src = sorted(self.pinned)  # pin()'s set, or without it the experts accessed so far
         pop = (self.total + 1.0) / (self.total.sum() + self.n)
         inv = 1.0 / (self.trans_n + 1.0)  # P(b used next | a used now) = (trans[a, b] + pop[b]) * inv[a]
         p = ((self.trans[src] + pop) * inv[src, None]).mean(0) if src else \
@@ -350,16 +343,15 @@ class Ours(Policy):
         sorted ahead by :meth:`step` when the leader's values do not depend on this forward's experts."""
         lead = self._lead if self._pinned_now else self.leader()
         if self._queue is None or self._queue[0] is not pinned or self._queue[1] != lead:
-            ahead = self._ahead
+            ahead, self._ahead = self._ahead, None
             if ahead is not None and ahead[0] == lead and set(self.used) <= pinned and \
                     len(ahead[1]) == len(residents):  # first pass, nothing evicted since: the order holds
-                self._queue = (pinned, lead, [e for e in ahead[1] if e not in pinned], [0])
-                self._ahead = None
-                return self.victim(residents, pinned)
-            cands = [e for e in residents if e not in pinned]
-            row = self._live_rows([lead], cands)[0]
-            order = np.lexsort((self.last[np.asarray(cands, np.int64)], row)) if cands else []
-            self._queue = (pinned, lead, [cands[j] for j in order], [0])
+                order = [e for e in ahead[1] if e not in pinned]
+            else:
+                cands = [e for e in residents if e not in pinned]
+                row = self._live_rows([lead], cands)[0]
+                order = [cands[j] for j in np.lexsort((self.last[np.asarray(cands, np.int64)], row))] if cands else []
+            self._queue = (pinned, lead, order, [0])
         queue, at = self._queue[2], self._queue[3]
         if at[0] >= len(queue):
             raise RuntimeError("no evictable expert: every resident is needed by the current batch")

@@ -213,7 +213,8 @@ def main(argv=None) -> int:
                      f"predictor P/R {r['predictor_precision']:.2f}/{r['predictor_recall']:.2f}, same tokens "
                      f"{r['same_tokens']}" if r["slots"] != "resident" else "")
             print(f"  {r['slots']}: {r['tok_s']:.1f} tok/s{extra}")
-    print("\n30B-A3B on a 24 GB card (modeled: resident compute 1/54.5 s per token + misses x bytes / PCIe); "
+    print("\n30B-A3B on a 24 GB card (modeled: resident compute 1/54.5 s per token + misses x bytes / PCIe + the "
+          "policy's host time choosing victims); "
           "equal VRAM as the fork's cache 8: 'slots' = same 3.67 GB of slots, 'vram' = same 8.08 GB of weights")
     for r in model:
         print(f"  {r['link']}: fork BF16 cache 8 LFRU {r['fork_lfru8_bf16_modeled']:.1f} tok/s "
