@@ -75,7 +75,8 @@ def dense_plan(rows: int, bm: int) -> jax.Array:
 def group_plan(group_sizes: jax.Array, rows: int, bm: int):
     """Plan of a grouped matmul over ``rows`` sorted rows, ``group_sizes [E]`` (rows ``sum(group_sizes)`` and
     beyond belong to no group and give zeros). Returns ``(plan int32 [V, 4], src int32 [rows])``: ``V = tiles +
-    min(E, rows) - 1`` visits (a static bound: at most ``min(E, rows)`` groups are non-empty; unused visits have
+    min(E, rows) - 1`` visits, ``rows`` when ``bm == 1`` (a static bound: at most ``min(E, rows)`` groups are
+    non-empty, and only a tile of several rows can straddle two; unused visits have
     ``lo == hi`` and write nothing) and, per row, its output row in the kernel's visit-major output (``-1``: no
     group)."""
     gs = group_sizes.astype(jnp.int32)
@@ -86,7 +87,7 @@ def group_plan(group_sizes: jax.Array, rows: int, bm: int):
     ntiles = jnp.where(gs > 0, (ends - 1) // bm - first + 1, 0)
     cum = jnp.cumsum(ntiles)
     before = cum - ntiles
-    V = max(1, -(-rows // bm) + min(E, rows) - 1)
+    V = max(1, -(-rows // bm) + (min(E, rows) - 1 if bm > 1 else 0))  # one-row tiles never straddle experts
     v = jnp.arange(V, dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(cum, v, side="right").astype(jnp.int32), E - 1)
     t = first[g] + v - before[g]

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, pow2_at_least,
-                     quant_matmul, split_k)
+from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, poisoned_call,
+                     pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
 
-_E2M1_F16 = 16384.0  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
+_E2M1_F16 = 16384.0
+GROUPED_GEMV_ROWS = 64  # grouped calls with up to this many rows (MoE decode: tokens x top-k) take the GEMV path  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
 
 
 def decode_e2m1(c):
@@ -51,13 +52,6 @@ def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, fma, bm, bn, G):
     s = s_ref[e, pl.ds(n0, bn), pl.ds(g0, G)].astype(jnp.float32)[:, :, None] * _E2M1_F16  # [bn, G, 1]
     lo = _f16_e2m1(p & 15) * s  # inputs 16g + 2i
     hi = _f16_e2m1(p >> 4) * s  # inputs 16g + 2i + 1
-    if fma:
-        out = []
-        for m in range(bm):
-            xe = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(0, 8, stride=2)].astype(jnp.float32)  # [1, G, 8]
-            xo = x_ref[pl.ds(row0 + m, 1), pl.ds(g0, G), pl.ds(1, 8, stride=2)].astype(jnp.float32)
-            out.append(acc[m] + jnp.sum(lo * xe + hi * xo, axis=2))  # [bn, G]
-        return tuple(out)
     dt = x_ref.dtype
     xe = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(0, 8, stride=2)].reshape(bm, G * 8)
     xo = x_ref[pl.ds(row0, bm), pl.ds(g0, G), pl.ds(1, 8, stride=2)].reshape(bm, G * 8)
@@ -75,6 +69,93 @@ def _f16_e2m1(c):
     """E2M1 code -> value / 2^14 (the 2^14 is folded into the scale)."""
     bits = (((c & 7) << 9) | ((c & 8) << 12)).astype(jnp.uint16)
     return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
+def _e2m1_pair(w, j: int):
+    """Nibbles ``j`` and ``j + 4`` of int32 words ``w`` (inputs ``8 w + j`` and ``8 w + j + 4``) -> two fp32
+    arrays, each the E2M1 value / 2^14: both nibbles moved at once into the two float16 halves of a word (three
+    magnitude bits to the exponent / mantissa boundary, the sign to the sign bit), then each half read as
+    float16. About 3 integer instructions per code instead of ~5 byte by byte."""
+    mag = (w << (9 - 4 * j)) if j < 3 else (w >> 3)
+    sgn = (w << (12 - 4 * j)) if j < 3 else w
+    h = (mag & 0x0E000E00) | (sgn & jnp.int32(-2147450880))  # 0x80008000
+    half = lambda b: jax.lax.bitcast_convert_type(b.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa
+    return half(h & 0xFFFF), half((h >> 16) & 0xFFFF)
+
+
+def gemv_launch(n: int, k: int, m: int = 1, block_n_: int | None = None, words: int | None = None,
+                splits: int | None = None, visits: int = 1) -> dict:
+    """Geometry of the decode GEMV: ``bm`` rows per visit, a step reads ``bn`` weight rows x ``bw`` int32 words
+    (8 codes each; bw divides K/8, no tail), loads run two steps ahead, and K splits bring the ``visits x N/bn``
+    column blocks to ~4 programs per H100 SM with at least 2 steps each (``tools/kernel_sass.py`` reads the
+    loop)."""
+    kw = k // 8
+    bw = words or next(b for b in (16, 8, 4) if kw % b == 0)  # K % 32 == 0: 4 always divides
+    bn = block_n_ or (128 if bw < 16 and n % 128 == 0 else block_n(n, 64))
+    steps = kw // bw
+    want = splits or -(-528 // (visits * (n // bn)))
+    per = min(steps, max(2 if splits is None else 1, steps // max(1, want)))
+    return {"bm": pow2_at_least(m, 1, 8), "bn": bn, "bw": bw, "per": per, "splits": -(-steps // per),
+            "steps": steps}
+
+
+def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_warps):
+    """The decode GEMV over a visit plan (:func:`pallas_kernels.common.group_plan`; dense: one visit): x [R, K]
+    (R a multiple of bm), packed [E, N, K/2], scale [E, N, K/16], scale_2 [E] -> fp32 partials
+    ``[splits, V * bm, N]``, visit ``v`` computing rows ``t * bm ...`` of x with expert ``e``'s weights (a visit
+    with ``lo == hi`` computes nothing; its rows are never read)."""
+    r, k = x.shape
+    E, n, kw = packed.shape[0], packed.shape[1], k // 8
+    bm, bn, bw, per, steps = geo["bm"], geo["bn"], geo["bw"], geo["per"], geo["steps"]
+    x8 = x.reshape(r, kw, 8).transpose(0, 2, 1)  # input 8 w + j at [j, w]: a few KB, fused into x's producer
+    words = jax.lax.bitcast_convert_type(packed.reshape(E, n, kw, 4), jnp.int32)  # [E, N, K/8]: a bitcast
+    V = plan.shape[0]
+
+    def kernel(plan_ref, x_ref, w_ref, s_ref, s2_ref, o_ref):
+        e, t, lo, hi = plan_ref[0, 0], plan_ref[0, 1], plan_ref[0, 2], plan_ref[0, 3]
+        n0 = pl.program_id(1) * bn
+        lo_step = pl.program_id(2) * per
+        hi_step = jnp.minimum(lo_step + per, steps)
+
+        def load(kk):
+            kk = jnp.minimum(kk, hi_step - 1)  # a load past the split's last step reloads it (in bounds)
+            return (w_ref[e, pl.ds(n0, bn), pl.ds(kk * bw, bw)],
+                    s_ref[e, pl.ds(n0, bn), pl.ds(kk * (bw // 2), bw // 2)].astype(jnp.float32))
+
+        def body(kk, carry):
+            acc, (w, s), ahead = carry
+            nxt = load(kk + 2)  # two steps ahead: ptxas issues it late in this step; it is used in two
+            out = []
+            for i in range(bm):
+                part = jnp.zeros((bn, bw), jnp.float32)
+                for j in range(4):
+                    wl, wh = _e2m1_pair(w, j)
+                    xl = x_ref[t * bm + i, j, pl.ds(kk * bw, bw)].astype(jnp.float32)
+                    xh = x_ref[t * bm + i, j + 4, pl.ds(kk * bw, bw)].astype(jnp.float32)
+                    part = part + wl * xl[None, :] + wh * xh[None, :]
+                out.append(acc[i] + jnp.sum(part.reshape(bn, bw // 2, 2), axis=2) * s)  # a scale per 2 words
+            return tuple(out), ahead, nxt
+
+        @pl.when(hi > lo)
+        def _():
+            acc0 = tuple(jnp.zeros((bn, bw // 2), jnp.float32) for _ in range(bm))
+            acc, _, _ = jax.lax.fori_loop(lo_step, hi_step, body, (acc0, load(lo_step), load(lo_step + 1)))
+            s2 = s2_ref[e] * _E2M1_F16  # the pairs are E2M1 values / 2^14
+            for i in range(bm):
+                o_ref[0, pl.ds(i, 1), :] = (jnp.sum(acc[i], axis=1) * s2)[None, :]
+
+    from jax.experimental.pallas import triton as pltriton
+
+    whole = lambda a: pl.BlockSpec(a.shape, lambda v, j, sp, nd=a.ndim: (0,) * nd)  # noqa: E731
+    s2 = jnp.asarray(scale_2, jnp.float32).reshape(E)
+    return poisoned_call(
+        poison, kernel, grid=(V, n // bn, geo["splits"]),
+        in_specs=[pl.BlockSpec((1, 4), lambda v, j, sp: (v, 0)), whole(x8), whole(words), whole(scale), whole(s2)],
+        out_specs=pl.BlockSpec((1, bm, bn), lambda v, j, sp: (sp, v, j)),
+        out_shape=jax.ShapeDtypeStruct((geo["splits"], V * bm, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+    )(plan, x8, words, scale, s2)
 
 
 def _check(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
@@ -113,31 +194,31 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
                  num_warps: int = 4, num_stages: int = 2, poison: bool = False):
     """Pallas NVFP4 W4A16 matmul; same signature and result as :func:`nvfp4_matmul_reference`.
 
-    path "mma" (tensor-core dots over 16..64-row tiles) or "gemv" (decode: up to 8 rows, multiply-add and
-    reduce, split-K so N/bn x splits programs fill the GPU); default "gemv" for M <= 8. N % 16, K % 32.
+    path "mma" (tensor-core dots over 16..64-row tiles) or "gemv" (decode: up to 8 rows, the codes read as int32
+    words and decoded two at a time, multiply-add, the next step's loads in flight, split-K; see
+    :func:`gemv_launch`); default "gemv" for M <= 8. N % 16, K % 32.
     """
     n, k = _check(x, packed, scale, scale_2, (), "nvfp4_matmul")
     m = x.shape[0]
     path = path or ("gemv" if m <= 8 else "mma")
-    G = _groups_per_step(k)
-    steps = k // (16 * G)
-    fma = G if path == "gemv" else 0
-    if fma:
+    if path == "gemv":
         if m > 8:
             raise KernelError(f"nvfp4_matmul: path='gemv' takes at most 8 rows, x has {m}")
-        bm = block_m or pow2_at_least(m, 1, 8)
-        bn = block_n_ or block_n(n, 64)
-        splits = splits or split_k(steps, n // bn)
-    else:
-        bm = block_m or pow2_at_least(m, 16, 64)
-        bn = block_n_ or block_n(n, 64)
-        splits = splits or 1
+        geo = gemv_launch(n, k, m, block_n_, None, splits)
+        xp = jnp.pad(x, ((0, geo["bm"] - m), (0, 0)))
+        out = _gemv(xp, packed[None], scale[None], jnp.reshape(scale_2, (1,)), dense_plan(geo["bm"], geo["bm"]),
+                    geo, interpret=interpret, poison=poison, num_warps=num_warps)
+        return out.sum(0)[:m].astype(x.dtype)
+    G = _groups_per_step(k)
+    steps = k // (16 * G)
+    bm = block_m or pow2_at_least(m, 16, 64)
+    bn = block_n_ or block_n(n, 64)
     mp = -(-m // bm) * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     weights = (packed.reshape(1, n, k // 16, 8), scale.reshape(1, n, k // 16),
                jnp.asarray(scale_2, jnp.float32).reshape(1, 1))
     out = quant_matmul(functools.partial(_step, G=G), _post, xp.reshape(mp, k // 16, 16), weights,
-                       dense_plan(mp, bm), n=n, bm=bm, bn=bn, steps=steps, splits=splits, fma=fma,
+                       dense_plan(mp, bm), n=n, bm=bm, bn=bn, steps=steps, splits=splits or 1,
                        out_dtype=x.dtype, interpret=interpret, poison=poison, num_warps=num_warps,
                        num_stages=num_stages)
     return out[:m]
@@ -160,14 +241,24 @@ def nvfp4_grouped_matmul_reference(x, packed, scale, scale_2, group_sizes):
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_m", "num_warps", "num_stages", "poison"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_m", "num_warps", "num_stages", "poison", "path"))
 def nvfp4_grouped_matmul(x, packed, scale, scale_2, group_sizes, *, interpret: bool = False,
-                         block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+                         block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False,
+                         path: str | None = None):
     """Pallas grouped (ragged, per-expert) NVFP4 matmul; same signature and result as
     :func:`nvfp4_grouped_matmul_reference`. Visits only the row tiles of non-empty experts (see
-    :func:`pallas_kernels.common.group_plan`), each reading that expert's bytes."""
+    :func:`pallas_kernels.common.group_plan`), each reading that expert's bytes. path "gemv" (default for at most
+    ``GROUPED_GEMV_ROWS`` rows, the MoE's decode: one visit per row through the decode GEMV, so a token's
+    experts cost their bytes and no padded rows) or "mma" (row tiles of 16..64 on the tensor cores)."""
     E = packed.shape[0] if packed.ndim == 3 else 0
     n, k = _check(x, packed, scale, scale_2, (E,), "nvfp4_grouped_matmul")
+    path = path or ("gemv" if x.shape[0] <= GROUPED_GEMV_ROWS else "mma")
+    if path == "gemv":
+        xp, plan, src, _ = grouped_rows(x, group_sizes, E, 1, "nvfp4_grouped_matmul")
+        geo = gemv_launch(n, k, 1, visits=x.shape[0])
+        out = _gemv(xp, packed, scale, jnp.reshape(jnp.asarray(scale_2, jnp.float32), (E,)), plan, geo,
+                    interpret=interpret, poison=poison, num_warps=num_warps)
+        return gather_rows(out.sum(0).astype(x.dtype), src)
     xp, plan, src, bm = grouped_rows(x, group_sizes, E, block_m, "nvfp4_grouped_matmul")
     G = _groups_per_step(k)
     weights = (packed.reshape(E, n, k // 16, 8), scale.reshape(E, n, k // 16),

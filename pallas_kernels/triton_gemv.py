@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["nvfp4_gemv", "hlwq_gemv", "unavailable", "kernels", "MAX_ROWS"]
+__all__ = ["nvfp4_gemv", "hlwq_gemv", "nvfp4_launch", "nvfp4_operands", "hlwq_launch", "unavailable", "kernels",
+           "MAX_ROWS"]
 
 MAX_ROWS = 8
 
@@ -42,28 +43,54 @@ def kernels():
     import triton.language as tl
 
     @triton.jit
-    def nvfp4_gemv_kernel(x_ptr, p_ptr, s_ptr, s2_ptr, o_ptr, N: tl.constexpr, K: tl.constexpr,
-                          PER: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-        """x [M, K]; p uint8 [N, K/2]; s e4m3 [N, K/16] (passed as uint8 bits); s2 f32 [1]; o f32 [S, M, N].
-        Grid (N / BN, S, M); a step covers 2 * BC inputs (BC bytes per row)."""
+    def nvfp4_gemv_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, o_ptr, N: tl.constexpr, K: tl.constexpr,
+                          PER: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        """x [M, 8, K/8] (input 8 w + j at [j, w]); w int32 [N, K/8] (the packed bytes read as little-endian
+        words: 8 codes, code j = input 8 w + j); s e4m3 [N, K/16] (as uint8 bits); s2 f32 [1]; o f32 [S, M, N].
+        Grid (N / BN, S, M); a step covers BW words (8 BW inputs) of BN rows; a ragged last step is masked."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         m = tl.program_id(2)
+        KW: tl.constexpr = K // 8
         n = pid_n * BN + tl.arange(0, BN)
-        c = tl.arange(0, BC)
-        acc = tl.zeros((BN, BC), dtype=tl.float32)
+        c = tl.arange(0, BW)
+        g = tl.arange(0, BW // 2)
+        wrow = w_ptr + n[:, None] * KW + c[None, :]
+        srow = s_ptr + n[:, None] * (K // 16) + g[None, :]
+        xrow = x_ptr + m * K + c
+        c0 = pid_s * PER * BW
+        # loads run two steps ahead (ptxas issues a load late in the step that requests it, so one step ahead
+        # would leave its latency exposed at the start of the next); past the split's end they are masked off
+        w = tl.load(wrow + c0, mask=(c0 + c < KW)[None, :], other=0)
+        sb = tl.load(srow + c0 // 2, mask=(c0 // 2 + g < K // 16)[None, :], other=0)
+        c1 = c0 + BW
+        w1 = tl.load(wrow + c1, mask=((c1 + c < KW) & (PER > 1))[None, :], other=0)
+        sb1 = tl.load(srow + c1 // 2, mask=((c1 // 2 + g < K // 16) & (PER > 1))[None, :], other=0)
+        acc = tl.zeros((BN, BW // 2), dtype=tl.float32)
         for i in range(PER):
-            col = (pid_s * PER + i) * BC + c  # byte column: inputs 2 col, 2 col + 1
-            p = tl.load(p_ptr + n[:, None] * (K // 2) + col[None, :]).to(tl.int32)
-            sb = tl.load(s_ptr + n[:, None] * (K // 16) + (col // 8)[None, :]).to(tl.int32)
-            # E4M3 (positive) read as float16 after a 7-bit shift is its value / 2^8; E2M1 below is / 2^14
-            s = ((sb & 127) << 7).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 4194304.0
-            lo = (((p & 7) << 9) | ((p & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = ((((p >> 4) & 7) << 9) | ((p & 128) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
-            xe = tl.load(x_ptr + m * K + 2 * col).to(tl.float32)
-            xo = tl.load(x_ptr + m * K + 2 * col + 1).to(tl.float32)
-            acc += s * (lo * xe[None, :] + hi.to(tl.float32) * xo[None, :])
-        y = tl.sum(acc, axis=1) * tl.load(s2_ptr)
+            c2 = c0 + 2 * BW
+            w2 = tl.load(wrow + c2, mask=((c2 + c < KW) & (i + 2 < PER))[None, :], other=0)
+            sb2 = tl.load(srow + c2 // 2, mask=((c2 // 2 + g < K // 16) & (i + 2 < PER))[None, :], other=0)
+            # E4M3 (positive) read as float16 after a 7-bit shift is its value / 2^8
+            s = ((sb.to(tl.int32) & 127) << 7).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            xm = c0 + c < KW
+            part = tl.zeros((BN, BW), dtype=tl.float32)
+            for j in tl.static_range(4):
+                # nibbles j and j + 4 (inputs 8 w + j, 8 w + j + 4) moved at once into the two float16 halves of
+                # a word: 3 magnitude bits to the exponent / mantissa boundary, the sign to the sign bit; each
+                # half read as float16 is the E2M1 value / 2^14
+                if j < 3:
+                    h = ((w << (9 - 4 * j)) & 0x0E000E00) | ((w << (12 - 4 * j)) & -2147450880)  # 0x80008000
+                else:
+                    h = ((w >> 3) & 0x0E000E00) | (w & -2147450880)
+                lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                hi = ((h >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                part += lo * tl.load(xrow + j * KW + c0, mask=xm, other=0).to(tl.float32)[None, :]
+                part += hi * tl.load(xrow + (j + 4) * KW + c0, mask=xm, other=0).to(tl.float32)[None, :]
+            acc += tl.sum(tl.reshape(part, (BN, BW // 2, 2)), axis=2) * s
+            w, sb, w1, sb1, c0 = w1, sb1, w2, sb2, c1
+            c1 = c0 + BW
+        y = tl.sum(acc, axis=1) * (tl.load(s2_ptr) * 4194304.0)  # 2^22 = 2^14 (E2M1) * 2^8 (E4M3)
         tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, y)
 
     @triton.jit
@@ -95,14 +122,30 @@ def kernels():
     return {"nvfp4": nvfp4_gemv_kernel, "hlwq": hlwq_gemv_kernel}
 
 
-def nvfp4_launch(n: int, k: int, bn: int = 64, bc: int = 32, splits: int | None = None):
-    """Launch geometry of the NVFP4 GEMV: (grid without the row axis, metaparameters). BC = 32 bytes per row and
-    step: 119 registers per thread on sm_90 by ptxas, no spills (64 bytes: 203 registers)."""
-    while (k // 2) % bc:
-        bc //= 2
-    steps = k // (2 * bc)
-    per = steps // _splits(steps, n // bn, splits)
-    return (n // bn, steps // per), {"N": n, "K": k, "PER": per, "BN": bn, "BC": bc}
+def nvfp4_launch(n: int, k: int, bn: int = 64, bw: int = 16, splits: int | None = None):
+    """Launch geometry of the NVFP4 GEMV: (grid without the row axis, metaparameters). A step reads BN x BW
+    int32 words (BN = 64, BW = 16: 4 KB per program, two 16-byte loads per thread, issued two steps ahead); splits bring the programs to at least ~4 per H100 SM (its register file holds 8 at this
+    kernel's 56-63 registers). ``tools/kernel_sass.py`` reads the compiled loop."""
+    while n % bn:
+        bn //= 2
+    steps = -(-(k // 8) // bw)
+    want = splits or -(-PROGRAMS // (n // bn))
+    per = min(steps, max(2, steps // max(1, want)))  # >= 2 steps, so the prefetch overlaps something
+    return (n // bn, -(-steps // per)), {"N": n, "K": k, "PER": per, "BN": bn, "BW": bw}
+
+
+def nvfp4_operands(x, packed, scale, scale_2):
+    """The NVFP4 GEMV's operands from the checkpoint tensors (jax arrays): x [M, K] -> [M, 8, K/8] (input
+    ``8 w + j`` at ``[j, w]``: a few KB, fused by XLA into x's producer), packed uint8 [N, K/2] -> int32 words
+    [N, K/8] (a bitcast), scale e4m3 -> its uint8 bits, scale_2 -> f32 [1]."""
+    import jax
+    import jax.numpy as jnp
+
+    m, k = x.shape
+    n = packed.shape[0]
+    return (x.reshape(m, k // 8, 8).transpose(0, 2, 1), jax.lax.bitcast_convert_type(
+        packed.reshape(n, k // 8, 4), jnp.int32), jax.lax.bitcast_convert_type(scale, jnp.uint8),
+        jnp.asarray(scale_2, jnp.float32).reshape(1))
 
 
 def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, bq: int = 16, splits: int | None = None):
@@ -110,6 +153,9 @@ def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, bq: int = 16, splits: 
     steps = kp // (8 * bq)
     per = steps // _splits(steps, n // bn, splits)
     return (n // bn, steps // per), {"N": n, "KP": kp, "BITS": bits, "PER": per, "BN": bn, "BQ": bq}
+
+
+PROGRAMS = 528  # ~4 programs per H100 SM (132 SMs)
 
 
 def _splits(steps: int, col_blocks: int, want: int | None) -> int:
@@ -156,7 +202,8 @@ def _check_rows(x, what):
         raise KernelError(f"{what}: x must be [M <= {MAX_ROWS}, K], got {list(x.shape)}")
 
 
-def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = None, num_warps: int = 4):
+def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, bw: int = 16, splits: int | None = None,
+               num_warps: int = 4):
     """jax-triton NVFP4 decode GEMV (GPU only); same signature and result as
     :func:`pallas_kernels.nvfp4.nvfp4_matmul_reference`."""
     import jax
@@ -166,13 +213,12 @@ def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, splits: int | None = 
 
     _check_rows(x, "nvfp4_gemv")
     n, k = _check(x, packed, scale, scale_2, (), "nvfp4_gemv")
-    bn = bn if n % bn == 0 else 16
-    grid, meta = nvfp4_launch(n, k, bn, splits=splits)
+    grid, meta = nvfp4_launch(n, k, bn, bw, splits=splits)
     m = x.shape[0]
     out = _jax_triton().triton_call(
-        x, packed, jax.lax.bitcast_convert_type(scale, jnp.uint8), jnp.asarray(scale_2, jnp.float32).reshape(1),
-        kernel=kernels()["nvfp4"], out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32),
-        grid=(*grid, m), num_warps=num_warps, num_stages=2, **meta)
+        *nvfp4_operands(x, packed, scale, scale_2), kernel=kernels()["nvfp4"],
+        out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32), grid=(*grid, m), num_warps=num_warps,
+        num_stages=1, **meta)
     return out.sum(0).astype(x.dtype)
 
 
