@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["poisoned_call", "dense_plan", "group_plan", "grouped_rows", "gather_rows", "quant_matmul", "pow2_at_least",
-           "block_n", "split_k", "mma_precision", "KernelError"]
+           "block_n", "split_k", "gemv_splits", "mma_precision", "KernelError", "GROUPED_GEMV_ROWS"]
+
+GROUPED_GEMV_ROWS = 64  # grouped calls with up to this many rows (MoE decode: tokens x top-k) take the GEMV path
 
 
 class KernelError(ValueError):
@@ -56,6 +58,15 @@ def pow2_at_least(m: int, lo: int = 1, hi: int = 64) -> int:
 def split_k(steps: int, programs: int, target: int = 264) -> int:
     """K splits so that ``programs`` x splits reaches ~``target`` (2 programs per H100 SM), at most ``steps``."""
     return max(1, min(steps, -(-target // max(programs, 1))))
+
+
+def gemv_splits(steps: int, blocks: int, splits: int | None = None, target: int = 528) -> tuple[int, int]:
+    """(steps per program, K splits) of a decode GEMV with ``blocks`` (visit x column) blocks: ~``target`` programs
+    (4 per H100 SM), each at least 2 steps so its loads two steps ahead overlap something (an explicit
+    ``splits`` is taken as asked, down to 1 step per program)."""
+    want = splits or -(-target // max(blocks, 1))
+    per = min(steps, max(2 if splits is None else 1, steps // max(1, want)))
+    return per, -(-steps // per)
 
 
 def block_n(n: int, prefer: int = 64) -> int:
@@ -120,14 +131,14 @@ def gather_rows(out: jax.Array, src: jax.Array) -> jax.Array:
 
 
 def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: int, bn: int, steps: int,
-                 splits: int = 1, fma: int = 0, out_dtype, interpret: bool, poison: bool, num_warps: int = 4,
+                 splits: int = 1, out_dtype, interpret: bool, poison: bool, num_warps: int = 4,
                  num_stages: int = 2) -> jax.Array:
-    """The driver of every quantized matmul kernel.
+    """The driver of the tensor-core ("mma") quantized matmul kernels (the decode GEMVs have their own:
+    ``nvfp4._gemv``, ``hlwq._gemv``).
 
-    step(x_ref, w_refs, e, row0, n0, kk, acc, fma, bm, bn) -> acc: one K step of the format (decode the codes of
-    expert ``e``, rows ``n0:n0+bn``, step ``kk``; multiply with activation rows ``row0:row0+bm``); ``acc`` is an
-    fp32 ``[bm, bn]`` (tensor-core dot) or, with ``fma = W > 0`` (decode GEMV), a tuple of ``bm`` fp32 ``[bn, W]``
-    partial sums per row (multiply-add, no dot: no 16-row minimum), reduced over W once after the K loop. post(acc, w_refs, e) -> acc: per-expert epilogue.
+    step(x_ref, w_refs, e, row0, n0, kk, acc, bm, bn) -> acc: one K step of the format (decode the codes of
+    expert ``e``, rows ``n0:n0+bn``, step ``kk``; multiply with activation rows ``row0:row0+bm`` into the fp32
+    ``[bm, bn]`` acc on the tensor cores). post(acc, w_refs, e) -> acc: per-expert epilogue.
     x and weights are passed whole (the kernel indexes them); plan int32 [V, 4] (see :func:`group_plan`).
     Returns the visit-major output ``[V * bm, n]`` (split-K partials summed, in fp32 when ``splits > 1``).
     """
@@ -143,20 +154,14 @@ def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: 
         n0 = pl.program_id(1) * bn
         k_lo = pl.program_id(2) * per
         k_hi = jnp.minimum(k_lo + per, steps)
-        body = functools.partial(step, x_ref, w_refs, e, t * bm, n0, fma=fma, bm=bm, bn=bn)
+        body = functools.partial(step, x_ref, w_refs, e, t * bm, n0, bm=bm, bn=bn)
 
         @pl.when(hi > lo)  # an unused visit of a grouped plan writes nothing: its rows are never gathered
         def _():
-            if fma:
-                acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a),
-                                        tuple(jnp.zeros((bn, fma), jnp.float32) for _ in range(bm)))
-                for m in range(bm):
-                    o_ref[pl.ds(m, 1), :] = post(jnp.sum(acc[m], axis=1)[None, :], w_refs, e).astype(o_ref.dtype)
-            else:
-                acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a), jnp.zeros((bm, bn), jnp.float32))
-                row = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-                acc = jnp.where((row >= lo) & (row < hi), post(acc, w_refs, e), 0.0)
-                o_ref[...] = acc.astype(o_ref.dtype)
+            acc = jax.lax.fori_loop(k_lo, k_hi, lambda kk, a: body(kk, a), jnp.zeros((bm, bn), jnp.float32))
+            row = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+            acc = jnp.where((row >= lo) & (row < hi), post(acc, w_refs, e), 0.0)
+            o_ref[...] = acc.astype(o_ref.dtype)
 
     from jax.experimental.pallas import triton as pltriton  # GPU backend chosen explicitly: Triton
 

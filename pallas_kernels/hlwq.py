@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, poisoned_call,
-                     pow2_at_least,
-                     quant_matmul, split_k)
+from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_splits, grouped_rows,
+                     mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
            "fwht_reference"]
@@ -34,7 +33,7 @@ def _scaled(table):
     return _scaled_table(table)
 
 
-def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, fma, bm, bn, bits):
+def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, bm, bn, bits):
     p_ref, nrm_ref, t_ref = w_refs
     q0 = kb * Q
     planes = [p_ref[e, pl.ds(n0, bn), pl.ds(q0, Q), b].astype(jnp.int32) for b in range(bits)]  # [bn, 16]
@@ -47,14 +46,99 @@ def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, fma, bm, bn, bits):
         if o + bits > 8:
             v = v | (planes[j + 1] << (8 - o))
         w = t_ref[e, v & mask] * norm  # [bn, 16]: inputs 128 kb + 8 q + i
-        if fma:
-            acc = tuple(a + w * x_ref[pl.ds(row0 + m, 1), pl.ds(q0, Q), i].astype(jnp.float32)
-                        for m, a in enumerate(acc))  # [bn, 16] each
-        else:
-            xs = x_ref[pl.ds(row0, bm), pl.ds(q0, Q), i]  # [bm, 16]
-            acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32,
-                                            precision=mma_precision(x_ref.dtype))
+        xs = x_ref[pl.ds(row0, bm), pl.ds(q0, Q), i]  # [bm, 16]
+        acc = acc + jax.lax.dot_general(xs, w.astype(x_ref.dtype), dims, preferred_element_type=jnp.float32,
+                                        precision=mma_precision(x_ref.dtype))
     return acc
+
+
+GEMV_MAX_BITS = 6  # the GEMV's pair tables have 4^bits entries (16 K at 7 bits: the tensor-core path instead)
+
+
+def gemv_launch(n: int, kp: int, bits: int, m: int = 1, block_n_: int | None = None, groups: int | None = None,
+                splits: int | None = None, visits: int = 1) -> dict:
+    """Geometry of the HLWQ decode GEMV: ``bm`` rows per visit; a step reads ``bn`` weight rows x ``G`` groups of
+    32 codes (``bits`` int32 words each) and their block norms, two steps ahead; K splits as for NVFP4
+    (:func:`pallas_kernels.common.gemv_splits`)."""
+    ng = kp // 32
+    G = groups or next(g for g in (8, 4) if ng % g == 0)  # K_pad % 128 == 0: 4 always divides
+    bn = block_n_ or block_n(n, 64)
+    steps = ng // G
+    per, splits = gemv_splits(steps, visits * (n // bn), splits)
+    return {"bm": pow2_at_least(m, 1, 8), "bn": bn, "G": G, "per": per, "splits": splits, "steps": steps}
+
+
+def _gemv(xr, packed, norms, table, bits: int, plan, geo: dict, *, interpret, poison, num_warps):
+    """The HLWQ decode GEMV over a visit plan (dense: one visit): xr [R, K_pad] rotated (R a multiple of bm),
+    packed [E, N, K_pad*bits/8], norms [E, N, K_pad/128], table [E or 1, 2^bits] -> fp32 partials
+    ``[splits, V * bm, N]``.
+
+    The bytes are read as int32 words, ``bits`` per group of 32 codes (the LSB-first stream: code ``i`` of a
+    group is bits ``[bits i, bits i + bits)`` of its words). Codes are taken two at a time: one ``2 bits``-bit
+    field, shifted out of one or two words, indexes two pair tables (``4^bits`` entries: the level of the
+    first / second code), so a code costs half a field extraction and one table load. Activations are passed
+    as ``[R, 32, K_pad/32]`` (input ``32 g + i`` at ``[i, g]``), so every activation load is contiguous."""
+    r, kp = xr.shape
+    E, n = packed.shape[0], packed.shape[1]
+    ng = kp // 32
+    bm, bn, G, per, steps = geo["bm"], geo["bn"], geo["G"], geo["per"], geo["steps"]
+    x32 = xr.reshape(r, ng, 32).transpose(0, 2, 1)  # a few KB, fused into xr's producer
+    words = jax.lax.bitcast_convert_type(packed.reshape(E, n, ng, bits, 4), jnp.int32)  # [E, N, K_pad/32, bits]
+    tab = _scaled(table).reshape(-1, 1 << bits)
+    pair = jnp.arange(1 << (2 * bits))
+    t0, t1 = tab[:, pair & ((1 << bits) - 1)], tab[:, pair >> bits]  # [E or 1, 4^bits]
+    shared = tab.shape[0] == 1
+    V = plan.shape[0]
+
+    def kernel(plan_ref, x_ref, w_ref, n_ref, t0_ref, t1_ref, o_ref):
+        e, t, lo, hi = plan_ref[0, 0], plan_ref[0, 1], plan_ref[0, 2], plan_ref[0, 3]
+        te = 0 if shared else e
+        n0 = pl.program_id(1) * bn
+        lo_step = pl.program_id(2) * per
+        hi_step = jnp.minimum(lo_step + per, steps)
+
+        def load(kk):
+            kk = jnp.minimum(kk, hi_step - 1)  # a load past the split's last step reloads it (in bounds)
+            return (tuple(w_ref[e, pl.ds(n0, bn), pl.ds(kk * G, G), b] for b in range(bits)),
+                    n_ref[e, pl.ds(n0, bn), pl.ds(kk * (G // 4), G // 4)].astype(jnp.float32))
+
+        def body(kk, carry):
+            acc, (planes, nrm), ahead = carry
+            nxt = load(kk + 2)  # two steps ahead (see nvfp4._gemv)
+            parts = [jnp.zeros((bn, G), jnp.float32) for _ in range(bm)]
+            for i in range(0, 32, 2):  # codes i, i + 1 of every group: one field, one index into both tables
+                a, sh = divmod(bits * i, 32)
+                v = jax.lax.shift_right_logical(planes[a], jnp.int32(sh)) if sh else planes[a]
+                if sh + 2 * bits > 32:
+                    v = v | (planes[a + 1] << (32 - sh))
+                idx = v & ((1 << (2 * bits)) - 1)
+                w0, w1 = t0_ref[te, idx], t1_ref[te, idx]  # [bn, G]
+                for q in range(bm):
+                    x0 = x_ref[t * bm + q, i, pl.ds(kk * G, G)].astype(jnp.float32)
+                    x1 = x_ref[t * bm + q, i + 1, pl.ds(kk * G, G)].astype(jnp.float32)
+                    parts[q] = parts[q] + w0 * x0[None, :] + w1 * x1[None, :]
+            return tuple(acc[q] + jnp.sum(parts[q].reshape(bn, G // 4, 4), axis=2) * nrm  # a norm per 4 groups
+                         for q in range(bm)), ahead, nxt
+
+        @pl.when(hi > lo)
+        def _():
+            acc0 = tuple(jnp.zeros((bn, G // 4), jnp.float32) for _ in range(bm))
+            acc, _, _ = jax.lax.fori_loop(lo_step, hi_step, body, (acc0, load(lo_step), load(lo_step + 1)))
+            for q in range(bm):
+                o_ref[0, pl.ds(q, 1), :] = jnp.sum(acc[q], axis=1)[None, :]
+
+    from jax.experimental.pallas import triton as pltriton
+
+    whole = lambda a: pl.BlockSpec(a.shape, lambda v, j, sp, nd=a.ndim: (0,) * nd)  # noqa: E731
+    return poisoned_call(
+        poison, kernel, grid=(V, n // bn, geo["splits"]),
+        in_specs=[pl.BlockSpec((1, 4), lambda v, j, sp: (v, 0)), whole(x32), whole(words), whole(norms),
+                  whole(t0), whole(t1)],
+        out_specs=pl.BlockSpec((1, bm, bn), lambda v, j, sp: (sp, v, j)),
+        out_shape=jax.ShapeDtypeStruct((geo["splits"], V * bm, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+    )(plan, x32, words, norms, t0, t1)
 
 
 def _post(acc, w_refs, e):
@@ -99,12 +183,12 @@ def hlwq_matmul_reference(xr, packed, norms, table, bits: int):
     return y.astype(xr.dtype)
 
 
-def _run(xr, packed, norms, table, bits, plan, e, n, bm, bn, splits, fma, interpret, poison, num_warps, num_stages):
+def _run(xr, packed, norms, table, bits, plan, e, n, bm, bn, splits, interpret, poison, num_warps, num_stages):
     r, kp = xr.shape
     weights = (packed.reshape(e, n, kp // 8, bits), norms.reshape(e, n, kp // BLOCK),
                jnp.broadcast_to(_scaled(table), (e, 1 << bits)))
     return quant_matmul(functools.partial(_step, bits=bits), _post, xr.reshape(r, kp // 8, 8), weights, plan, n=n,
-                        bm=bm, bn=bn, steps=kp // BLOCK, splits=splits, fma=fma, out_dtype=xr.dtype,
+                        bm=bm, bn=bn, steps=kp // BLOCK, splits=splits, out_dtype=xr.dtype,
                         interpret=interpret, poison=poison, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -114,18 +198,25 @@ def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False,
                 splits: int | None = None, block_n_: int | None = None, num_warps: int = 4, num_stages: int = 2,
                 poison: bool = False):
     """Pallas HLWQ rotated matmul; same signature and result as :func:`hlwq_matmul_reference` (N % 16 == 0).
-    path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, split-K); default "gemv" for M <= 8."""
+    path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, bits <= 6: see :func:`_gemv`); default "gemv"
+    where it applies."""
     n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_matmul")
     m = xr.shape[0]
-    fma = Q if (path or ("gemv" if m <= 8 else "mma")) == "gemv" else 0
-    if fma and m > 8:
-        raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows, xr has {m}")
-    bm = pow2_at_least(m, 1, 8) if fma else pow2_at_least(m, 16, 64)
+    path = path or ("gemv" if m <= 8 and bits <= GEMV_MAX_BITS else "mma")
+    if path == "gemv":
+        if m > 8 or bits > GEMV_MAX_BITS:
+            raise KernelError(f"hlwq_matmul: path='gemv' takes at most 8 rows and {GEMV_MAX_BITS} bits, got {m} "
+                              f"rows of {bits}-bit codes")
+        geo = gemv_launch(n, kp, bits, m, block_n_, None, splits)
+        xp = jnp.pad(xr, ((0, geo["bm"] - m), (0, 0)))
+        out = _gemv(xp, packed[None], norms[None], table, bits, dense_plan(geo["bm"], geo["bm"]), geo,
+                    interpret=interpret, poison=poison, num_warps=num_warps)
+        return out.sum(0)[:m].astype(xr.dtype)
+    bm = pow2_at_least(m, 16, 64)
     bn = block_n_ or block_n(n, 64)
-    splits = splits or (split_k(kp // BLOCK, n // bn) if fma else 1)
     mp = -(-m // bm) * bm
     xp = jnp.pad(xr, ((0, mp - m), (0, 0))) if mp != m else xr
-    out = _run(xp, packed, norms, table, bits, dense_plan(mp, bm), 1, n, bm, bn, splits, fma, interpret, poison,
+    out = _run(xp, packed, norms, table, bits, dense_plan(mp, bm), 1, n, bm, bn, splits or 1, interpret, poison,
                num_warps, num_stages)
     return out[:m]
 
@@ -143,17 +234,26 @@ def hlwq_grouped_matmul_reference(xr, packed, norms, table, group_sizes, bits: i
     return jax.lax.fori_loop(0, packed.shape[0], one, jnp.zeros((xr.shape[0], packed.shape[1]), xr.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "interpret", "block_m", "num_warps", "num_stages", "poison"))
+@functools.partial(jax.jit, static_argnames=("bits", "interpret", "block_m", "num_warps", "num_stages", "poison",
+                                             "path"))
 def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, interpret: bool = False,
-                        block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False):
+                        block_m: int | None = None, num_warps: int = 4, num_stages: int = 2, poison: bool = False,
+                        path: str | None = None):
     """Pallas grouped (ragged, per-expert) HLWQ rotated matmul; same signature and result as
-    :func:`hlwq_grouped_matmul_reference`."""
+    :func:`hlwq_grouped_matmul_reference`. path "gemv" (default for at most ``GROUPED_GEMV_ROWS`` rows and
+    bits <= 6, the MoE's decode: one visit per row through the decode GEMV) or "mma" (row tiles)."""
     E = packed.shape[0] if packed.ndim == 3 else 0
     n, kp = _check(xr, packed, norms, table, bits, (E,), "hlwq_grouped_matmul")
+    path = path or ("gemv" if xr.shape[0] <= GROUPED_GEMV_ROWS and bits <= GEMV_MAX_BITS else "mma")
+    if path == "gemv":
+        xp, plan, src, _ = grouped_rows(xr, group_sizes, E, 1, "hlwq_grouped_matmul")
+        out = _gemv(xp, packed, norms, table, bits, plan, gemv_launch(n, kp, bits, 1, visits=xr.shape[0]),
+                    interpret=interpret, poison=poison, num_warps=num_warps)
+        return gather_rows(out.sum(0).astype(xr.dtype), src)
     xp, plan, src, bm = grouped_rows(xr, group_sizes, E, block_m, "hlwq_grouped_matmul")
     bn = block_n(n, 64)
     out = _run(xp, packed, norms, table, bits, plan, E, n, bm, bn, split_k(kp // BLOCK, plan.shape[0] * (n // bn)),
-               0, interpret, poison, num_warps, num_stages)
+               interpret, poison, num_warps, num_stages)
     return gather_rows(out, src)
 
 

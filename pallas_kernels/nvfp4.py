@@ -17,14 +17,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import (KernelError, block_n, dense_plan, gather_rows, grouped_rows, mma_precision, poisoned_call,
-                     pow2_at_least, quant_matmul, split_k)
+from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_splits, grouped_rows,
+                     mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
 
-_E2M1_F16 = 16384.0
-GROUPED_GEMV_ROWS = 64  # grouped calls with up to this many rows (MoE decode: tokens x top-k) take the GEMV path  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
+_E2M1_F16 = 16384.0  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
 
 
 def decode_e2m1(c):
@@ -45,7 +44,7 @@ def _groups_per_step(k: int) -> int:
     return g
 
 
-def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, fma, bm, bn, G):
+def _step(x_ref, w_refs, e, row0, n0, kk, acc, *, bm, bn, G):
     p_ref, s_ref, _ = w_refs
     g0 = kk * G
     p = p_ref[e, pl.ds(n0, bn), pl.ds(g0, G), :].astype(jnp.int32)  # [bn, G, 8] bytes
@@ -93,10 +92,8 @@ def gemv_launch(n: int, k: int, m: int = 1, block_n_: int | None = None, words: 
     bw = words or next(b for b in (16, 8, 4) if kw % b == 0)  # K % 32 == 0: 4 always divides
     bn = block_n_ or (128 if bw < 16 and n % 128 == 0 else block_n(n, 64))
     steps = kw // bw
-    want = splits or -(-528 // (visits * (n // bn)))
-    per = min(steps, max(2 if splits is None else 1, steps // max(1, want)))
-    return {"bm": pow2_at_least(m, 1, 8), "bn": bn, "bw": bw, "per": per, "splits": -(-steps // per),
-            "steps": steps}
+    per, splits = gemv_splits(steps, visits * (n // bn), splits)
+    return {"bm": pow2_at_least(m, 1, 8), "bn": bn, "bw": bw, "per": per, "splits": splits, "steps": steps}
 
 
 def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_warps):

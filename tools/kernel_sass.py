@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -132,7 +133,7 @@ def _pallas_cases(n: int, k: int):
 
     from nemojax.quant.hlwq import HLWQWeight
     from nemojax.quant.nvfp4 import NVFP4Weight
-    from pallas_kernels import common, hlwq as HK, nvfp4 as NK
+    from pallas_kernels import hlwq as HK, nvfp4 as NK
 
     x = jnp.zeros((1, k), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(0), (n, k), jnp.float32)
@@ -142,16 +143,10 @@ def _pallas_cases(n: int, k: int):
     yield ("pallas nvfp4 gemv", _compile_ttir(ttir), 4, n // geo["bn"] * geo["splits"], geo["bn"] * geo["bw"] * 4.5,
            True)
     h = HLWQWeight.from_float(w, 5)
-    ttir = _pallas_ttir(functools_partial(HK.hlwq_matmul, bits=5), h.rotate(x), h.packed, h.norms, h.table)
-    bn, steps = common.block_n(n, 64), h.k_pad // HK.BLOCK
-    programs = (n // bn) * -(-steps // -(-steps // common.split_k(steps, n // bn)))
-    yield "pallas hlwq gemv", _compile_ttir(ttir), 4, programs, bn * (HK.BLOCK * 5 // 8 + 2), False
-
-
-def functools_partial(f, **kw):
-    import functools
-
-    return functools.partial(f, **kw)
+    ttir = _pallas_ttir(functools.partial(HK.hlwq_matmul, bits=5), h.rotate(x), h.packed, h.norms, h.table)
+    geo = HK.gemv_launch(n, h.k_pad, 5)
+    yield ("pallas hlwq gemv", _compile_ttir(ttir), 4, n // geo["bn"] * geo["splits"], geo["bn"] * geo["G"] * 20.5,
+           True)  # G groups of 32 codes: 20 bytes + a quarter of a 2-byte block norm
 
 
 def _compile_ttir(ttir: str) -> bytes:
