@@ -1,11 +1,14 @@
 """Decode GEMVs written in Triton and called through jax-triton (``triton_call``): NVFP4 (``nvfp4_gemv``) and HLWQ
-rotated (``hlwq_gemv``), up to 8 rows, same signatures and results as
-:func:`pallas_kernels.nvfp4.nvfp4_matmul_reference` / :func:`pallas_kernels.hlwq.hlwq_matmul_reference`.
+rotated (``hlwq_gemv``, bits <= 6), up to 8 rows, same signatures and results as
+:func:`pallas_kernels.nvfp4.nvfp4_matmul_reference` / :func:`pallas_kernels.hlwq.hlwq_matmul_reference`; the
+same design as the Pallas GEMVs (``nvfp4._gemv``, ``hlwq._gemv``).
 
 Each program owns ``BN`` output columns of one row and one of ``splits`` K ranges (split-K: fp32 partials added
-by XLA afterwards), reads the checkpoint bytes as stored (ModelOpt nibbles; LSB-first ``bits``-bit codes),
-decodes in registers (E2M1 codes and E4M3 scales by bit moves into float16; the Lloyd-Max level by a load from
-the 2^bits-entry table, which stays in L1) and accumulates multiply-adds in fp32, reducing once at the end.
+by XLA afterwards). The checkpoint bytes are read as int32 words (a bitcast outside): NVFP4 decodes two E2M1
+codes per bit operation into the halves of a float16 pair; HLWQ takes codes two at a time, one ``2 bits``-bit
+field indexing two pair tables (``4^bits`` entries, in L1). Activations come in a layout that makes every load
+contiguous (``*_operands``), weight loads run two K steps ahead, and multiply-adds accumulate in fp32, reduced
+once at the end.
 
 ``triton`` and ``jax_triton`` are imported lazily: this module imports without them. jax-triton runs only on a
 GPU (it has no CPU lowering and no interpret mode); the Triton kernels themselves also run under Triton's own
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["nvfp4_gemv", "hlwq_gemv", "nvfp4_launch", "nvfp4_operands", "hlwq_launch", "unavailable", "kernels",
-           "MAX_ROWS"]
+__all__ = ["nvfp4_gemv", "hlwq_gemv", "nvfp4_launch", "nvfp4_operands", "hlwq_launch", "hlwq_operands", "unavailable",
+           "kernels", "MAX_ROWS", "MAX_BITS"]
 
 MAX_ROWS = 8
+MAX_BITS = 6  # HLWQ: the pair tables have 4^bits entries
 
 
 def unavailable() -> str | None:
@@ -94,44 +98,99 @@ def kernels():
         tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, y)
 
     @triton.jit
-    def hlwq_gemv_kernel(x_ptr, p_ptr, nrm_ptr, t_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr,
-                         BITS: tl.constexpr, PER: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr):
-        """x [M, KP] rotated; p uint8 [N, KP*BITS/8] LSB-first; nrm f16 [N, KP/128]; t f32 [2^BITS] (already
-        / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers BQ groups of 8 codes."""
+    def hlwq_gemv_kernel(x_ptr, w_ptr, n_ptr, t0_ptr, t1_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
+              PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+        """x [M, 32, KP/32] rotated (input 32 g + i at [i, g]); w int32 [N, KP/32, BITS] (the LSB-first bytes as
+        words: BITS words per group of 32 codes); n f16 [N, KP/128]; t0 / t1 f32 [4^BITS] (pair tables, already
+        / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers G groups (a ragged last
+        step masked); BITS <= 6."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         m = tl.program_id(2)
+        NG: tl.constexpr = KP // 32
         n = pid_n * BN + tl.arange(0, BN)
-        q = tl.arange(0, BQ)
-        acc = tl.zeros((BN, BQ), dtype=tl.float32)
-        row = p_ptr + n[:, None] * (KP * BITS // 8)
-        for st in range(PER):
-            g = (pid_s * PER + st) * BQ + q  # groups of 8 codes (BITS bytes)
-            nrm = tl.load(nrm_ptr + n[:, None] * (KP // 128) + (g // 16)[None, :]).to(tl.float32)
-            part = tl.zeros((BN, BQ), dtype=tl.float32)
-            for i in tl.static_range(8):  # code i: bits [BITS i, BITS i + BITS) of the group's bytes
-                v = tl.load(row + (g * BITS + (BITS * i) // 8)[None, :]).to(tl.int32) >> ((BITS * i) % 8)
-                if (BITS * i) % 8 + BITS > 8:
-                    nxt = tl.load(row + (g * BITS + (BITS * i) // 8 + 1)[None, :]).to(tl.int32)
-                    v = v | (nxt << (8 - (BITS * i) % 8))
-                w = tl.load(t_ptr + (v & ((1 << BITS) - 1)))
-                part += w * tl.load(x_ptr + m * KP + 8 * g + i).to(tl.float32)[None, :]
-            acc += part * nrm
+        g = tl.arange(0, G)
+        q = tl.arange(0, G // 4)
+        wrow = w_ptr + n[:, None] * (NG * BITS) + g[None, :] * BITS
+        nrow = n_ptr + n[:, None] * (KP // 128) + q[None, :]
+        xrow = x_ptr + m * KP + g
+        zero = tl.zeros((BN, G), dtype=tl.int32)
+        # the step's BITS word planes a0..a5 (planes past BITS stay zero) and its norms; b*, c*: the next two steps,
+        # loaded two steps ahead (ptxas issues a load late in the step that requests it)
+        g0 = pid_s * PER * G
+        on = (g0 + g < NG)[None, :]
+        onn = (g0 // 4 + q < KP // 128)[None, :]
+        a0 = tl.load(wrow + g0 * BITS, mask=on, other=0)
+        a1 = tl.load(wrow + g0 * BITS + 1, mask=on, other=0)
+        a2 = tl.load(wrow + g0 * BITS + 2, mask=on, other=0)
+        a3 = tl.load(wrow + g0 * BITS + 3, mask=on & (BITS > 3), other=0)
+        a4 = tl.load(wrow + g0 * BITS + 4, mask=on & (BITS > 4), other=0)
+        a5 = tl.load(wrow + g0 * BITS + 5, mask=on & (BITS > 5), other=0)
+        an = tl.load(nrow + g0 // 4, mask=onn, other=0)
+        g1 = g0 + G
+        on = (g1 + g < NG)[None, :] & (PER > 1)
+        onn = (g1 // 4 + q < KP // 128)[None, :] & (PER > 1)
+        b0 = tl.load(wrow + g1 * BITS, mask=on, other=0)
+        b1 = tl.load(wrow + g1 * BITS + 1, mask=on, other=0)
+        b2 = tl.load(wrow + g1 * BITS + 2, mask=on, other=0)
+        b3 = tl.load(wrow + g1 * BITS + 3, mask=on & (BITS > 3), other=0)
+        b4 = tl.load(wrow + g1 * BITS + 4, mask=on & (BITS > 4), other=0)
+        b5 = tl.load(wrow + g1 * BITS + 5, mask=on & (BITS > 5), other=0)
+        bn_ = tl.load(nrow + g1 // 4, mask=onn, other=0)
+        acc = tl.zeros((BN, G // 4), dtype=tl.float32)
+        for it in range(PER):
+            g2 = g0 + 2 * G
+            on = (g2 + g < NG)[None, :] & (it + 2 < PER)
+            onn = (g2 // 4 + q < KP // 128)[None, :] & (it + 2 < PER)
+            c0 = tl.load(wrow + g2 * BITS, mask=on, other=0)
+            c1 = tl.load(wrow + g2 * BITS + 1, mask=on, other=0)
+            c2 = tl.load(wrow + g2 * BITS + 2, mask=on, other=0)
+            c3 = tl.load(wrow + g2 * BITS + 3, mask=on & (BITS > 3), other=0)
+            c4 = tl.load(wrow + g2 * BITS + 4, mask=on & (BITS > 4), other=0)
+            c5 = tl.load(wrow + g2 * BITS + 5, mask=on & (BITS > 5), other=0)
+            cn = tl.load(nrow + g2 // 4, mask=onn, other=0)
+            part = tl.zeros((BN, G), dtype=tl.float32)
+            for i in tl.static_range(0, 32, 2):  # codes i, i + 1: one 2*BITS-bit field indexes both pair tables
+                if (BITS * i) // 32 == 0:
+                    lo, hi = a0, a1
+                elif (BITS * i) // 32 == 1:
+                    lo, hi = a1, a2
+                elif (BITS * i) // 32 == 2:
+                    lo, hi = a2, a3
+                elif (BITS * i) // 32 == 3:
+                    lo, hi = a3, a4
+                elif (BITS * i) // 32 == 4:
+                    lo, hi = a4, a5
+                else:
+                    lo, hi = a5, zero
+                v = (lo.to(tl.uint32, bitcast=True) >> ((BITS * i) % 32)).to(tl.int32, bitcast=True)
+                if (BITS * i) % 32 + 2 * BITS > 32:
+                    v = v | (hi << (32 - (BITS * i) % 32))
+                idx = v & ((1 << (2 * BITS)) - 1)
+                xm = g0 + g < NG
+                part += tl.load(t0_ptr + idx) * tl.load(xrow + i * NG + g0, mask=xm, other=0).to(tl.float32)[None, :]
+                part += tl.load(t1_ptr + idx) * tl.load(xrow + (i + 1) * NG + g0, mask=xm, other=0).to(tl.float32)[None, :]
+            acc += tl.sum(tl.reshape(part, (BN, G // 4, 4)), axis=2) * an.to(tl.float32)
+            a0, a1, a2, a3, a4, a5, an = b0, b1, b2, b3, b4, b5, bn_
+            b0, b1, b2, b3, b4, b5, bn_ = c0, c1, c2, c3, c4, c5, cn
+            g0 = g1
+            g1 = g0 + G
         tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, tl.sum(acc, axis=1))
 
     return {"nvfp4": nvfp4_gemv_kernel, "hlwq": hlwq_gemv_kernel}
 
 
 def nvfp4_launch(n: int, k: int, bn: int = 64, bw: int = 16, splits: int | None = None):
-    """Launch geometry of the NVFP4 GEMV: (grid without the row axis, metaparameters). A step reads BN x BW
-    int32 words (BN = 64, BW = 16: 4 KB per program, two 16-byte loads per thread, issued two steps ahead); splits bring the programs to at least ~4 per H100 SM (its register file holds 8 at this
-    kernel's 56-63 registers). ``tools/kernel_sass.py`` reads the compiled loop."""
+    """Launch geometry of the NVFP4 GEMV: (grid without the row axis, metaparameters). A step reads BN x BW int32
+    words (BN = 64, BW = 16: 4 KB per program, two 16-byte loads per thread, issued two steps ahead); K splits
+    bring the programs to ~4 per H100 SM (:func:`pallas_kernels.common.gemv_splits`). ``tools/kernel_sass.py``
+    reads the compiled loop."""
+    from .common import gemv_splits
+
     while n % bn:
         bn //= 2
-    steps = -(-(k // 8) // bw)
-    want = splits or -(-PROGRAMS // (n // bn))
-    per = min(steps, max(2, steps // max(1, want)))  # >= 2 steps, so the prefetch overlaps something
-    return (n // bn, -(-steps // per)), {"N": n, "K": k, "PER": per, "BN": bn, "BW": bw}
+    per, s = gemv_splits(-(-(k // 8) // bw), n // bn, splits)
+    return (n // bn, s), {"N": n, "K": k, "PER": per, "BN": bn, "BW": bw}
 
 
 def nvfp4_operands(x, packed, scale, scale_2):
@@ -148,21 +207,37 @@ def nvfp4_operands(x, packed, scale, scale_2):
         jnp.asarray(scale_2, jnp.float32).reshape(1))
 
 
-def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, bq: int = 16, splits: int | None = None):
-    """Launch geometry of the HLWQ GEMV."""
-    steps = kp // (8 * bq)
-    per = steps // _splits(steps, n // bn, splits)
-    return (n // bn, steps // per), {"N": n, "KP": kp, "BITS": bits, "PER": per, "BN": bn, "BQ": bq}
+def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, g: int | None = None, splits: int | None = None):
+    """Launch geometry of the HLWQ GEMV (bits <= 6): a step reads BN rows x G groups of 32 codes (``bits`` words
+    each) and their block norms, two steps ahead; K splits as for NVFP4."""
+    from .common import gemv_splits
+
+    if bits > MAX_BITS:
+        raise ValueError(f"hlwq_gemv: bits={bits}: the pair tables take at most {MAX_BITS} bits")
+    while n % bn:
+        bn //= 2
+    ng = kp // 32
+    g = g or next(c for c in (8, 4) if ng % c == 0)  # K_pad % 128 == 0: 4 always divides
+    per, s = gemv_splits(-(-ng // g), n // bn, splits)
+    return (n // bn, s), {"N": n, "KP": kp, "BITS": bits, "PER": per, "BN": bn, "G": g}
 
 
-PROGRAMS = 528  # ~4 programs per H100 SM (132 SMs)
+def hlwq_operands(xr, packed, norms, table, bits: int):
+    """The HLWQ GEMV's operands (jax arrays): xr [M, K_pad] -> [M, 32, K_pad/32] (input ``32 g + i`` at ``[i, g]``),
+    packed uint8 [N, K_pad*bits/8] -> int32 words [N, K_pad/32, bits] (a bitcast), norms as they are, and the two
+    pair tables ``t0[p] = level(p & mask)``, ``t1[p] = level(p >> bits)`` (levels / sqrt(128))."""
+    import jax
+    import jax.numpy as jnp
 
+    from .hlwq import _scaled
 
-def _splits(steps: int, col_blocks: int, want: int | None) -> int:
-    """A divisor of ``steps`` (every split gets the same K range) near ``want`` (default: ~2 programs per H100
-    SM)."""
-    want = want or -(-264 // col_blocks)
-    return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, want))
+    m, kp = xr.shape
+    n = packed.shape[0]
+    tab = _scaled(table).reshape(-1)
+    pair = jnp.arange(1 << (2 * bits))
+    return (xr.reshape(m, kp // 32, 32).transpose(0, 2, 1),
+            jax.lax.bitcast_convert_type(packed.reshape(n, kp // 32, bits, 4), jnp.int32), norms,
+            tab[pair & ((1 << bits) - 1)], tab[pair >> bits])
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,20 +299,19 @@ def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, bw: int = 16, splits:
 
 def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int | None = None,
               num_warps: int = 4):
-    """jax-triton HLWQ rotated decode GEMV (GPU only); same signature and result as
+    """jax-triton HLWQ rotated decode GEMV (GPU only, bits <= 6); same signature and result as
     :func:`pallas_kernels.hlwq.hlwq_matmul_reference`."""
     import jax
     import jax.numpy as jnp
 
-    from .hlwq import _check, _scaled
+    from .hlwq import _check
 
     _check_rows(xr, "hlwq_gemv")
     n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_gemv")
-    bn = bn if n % bn == 0 else 16
     grid, meta = hlwq_launch(n, kp, bits, bn, splits=splits)
     m = xr.shape[0]
     out = _jax_triton().triton_call(
-        xr, packed, norms, _scaled(table).reshape(-1), kernel=kernels()["hlwq"],
+        *hlwq_operands(xr, packed, norms, table, bits), kernel=kernels()["hlwq"],
         out_shape=jax.ShapeDtypeStruct((grid[1], m, n), jnp.float32), grid=(*grid, m), num_warps=num_warps,
-        num_stages=2, **meta)
+        num_stages=1, **meta)
     return out.sum(0).astype(xr.dtype)
