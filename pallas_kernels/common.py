@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["poisoned_call", "dense_plan", "group_plan", "grouped_rows", "gather_rows", "quant_matmul", "pow2_at_least",
-           "block_n", "split_k", "gemv_splits", "mma_precision", "KernelError", "GROUPED_GEMV_ROWS"]
+           "block_n", "split_k", "gemv_splits", "gemv_call", "mma_precision", "KernelError", "GROUPED_GEMV_ROWS"]
 
 GROUPED_GEMV_ROWS = 64  # grouped calls with up to this many rows (MoE decode: tokens x top-k) take the GEMV path
 
@@ -128,6 +128,56 @@ def gather_rows(out: jax.Array, src: jax.Array) -> jax.Array:
     """Rows ``src`` of the visit-major kernel output (zeros where ``src < 0``)."""
     y = jnp.take(out, jnp.maximum(src, 0), axis=0)
     return jnp.where((src >= 0)[:, None], y, jnp.zeros((), y.dtype))
+
+
+def gemv_call(load, step, finish, operands: tuple, plan: jax.Array, geo: dict, *, n: int, acc_cols: int,
+              interpret: bool, poison: bool, num_warps: int = 4) -> jax.Array:
+    """The driver of the decode GEMVs (``nvfp4._gemv``, ``hlwq._gemv``). Program ``(v, j, s)`` computes the
+    ``bm`` rows of visit ``v`` (``plan[v] = (expert, tile, lo, hi)``; ``lo == hi``: nothing), columns
+    ``j * bn ...``, over the ``s``-th of ``geo["splits"]`` K ranges of ``geo["per"]`` steps, each step's weights
+    loaded two steps ahead (ptxas issues a load late in the step that requests it: one step ahead would leave its
+    latency exposed).
+
+    load(refs, e, n0, kk) -> tile (a tuple of arrays: step ``kk``'s weights of expert ``e``, rows ``n0...``);
+    step(refs, e, row0, kk, tile, acc) -> acc (a tuple of ``bm`` fp32 ``[bn, acc_cols]``, activation rows
+    ``row0...``); finish(refs, e, acc_row) -> the fp32 ``[bn]`` output row. ``operands`` are passed whole.
+    Returns fp32 partials ``[splits, V * bm, n]``."""
+    bm, bn, per, steps = geo["bm"], geo["bn"], geo["per"], geo["steps"]
+    V = plan.shape[0]
+
+    def kernel(plan_ref, *refs):
+        refs, o_ref = refs[:-1], refs[-1]
+        e, t, lo, hi = plan_ref[0, 0], plan_ref[0, 1], plan_ref[0, 2], plan_ref[0, 3]
+        n0 = pl.program_id(1) * bn
+        lo_step = pl.program_id(2) * per
+        hi_step = jnp.minimum(lo_step + per, steps)
+
+        def fetch(kk):  # past the split's last step: reload it (in bounds, unused)
+            return load(refs, e, n0, jnp.minimum(kk, hi_step - 1))
+
+        def body(kk, carry):
+            acc, tile, ahead = carry
+            nxt = fetch(kk + 2)
+            return step(refs, e, t * bm, kk, tile, acc), ahead, nxt
+
+        @pl.when(hi > lo)
+        def _():
+            acc0 = tuple(jnp.zeros((bn, acc_cols), jnp.float32) for _ in range(bm))
+            acc, _, _ = jax.lax.fori_loop(lo_step, hi_step, body, (acc0, fetch(lo_step), fetch(lo_step + 1)))
+            for i in range(bm):
+                o_ref[0, pl.ds(i, 1), :] = finish(refs, e, acc[i])[None, :]
+
+    from jax.experimental.pallas import triton as pltriton  # GPU backend chosen explicitly: Triton
+
+    whole = lambda a: pl.BlockSpec(a.shape, lambda v, j, sp, nd=a.ndim: (0,) * nd)  # noqa: E731
+    return poisoned_call(
+        poison, kernel, grid=(V, n // bn, geo["splits"]),
+        in_specs=[pl.BlockSpec((1, 4), lambda v, j, sp: (v, 0)), *(whole(a) for a in operands)],
+        out_specs=pl.BlockSpec((1, bm, bn), lambda v, j, sp: (sp, v, j)),
+        out_shape=jax.ShapeDtypeStruct((geo["splits"], V * bm, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+    )(plan, *operands)
 
 
 def quant_matmul(step, post, x, weights: tuple, plan: jax.Array, *, n: int, bm: int, bn: int, steps: int,

@@ -50,7 +50,7 @@ def hlwq_linear_rotated(xr, node):
 
         return _matmul_rotated(node, xr, jnp.dtype(xr.dtype))
     x2, lead = _rows(xr)
-    if node.backend == "triton" and x2.shape[0] <= GEMV_ROWS and node.bits <= 6:
+    if node.backend == "triton" and x2.shape[0] <= GEMV_ROWS and node.bits <= _hlwq.GEMV_MAX_BITS:
         from .triton_gemv import hlwq_gemv
 
         y = hlwq_gemv(x2, node.packed, node.norms, node.table, node.bits)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_splits, grouped_rows,
-                     mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
+from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_call, gemv_splits,
+                     grouped_rows, mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
            "fwht_reference"]
@@ -55,6 +55,14 @@ def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, bm, bn, bits):
 GEMV_MAX_BITS = 6  # the GEMV's pair tables have 4^bits entries (16 K at 7 bits: the tensor-core path instead)
 
 
+def pair_tables(table, bits: int):
+    """table [..., 2^bits] -> (t0, t1) [rows, 4^bits]: for a ``2 bits``-bit field ``p`` holding two codes, the
+    scaled level (/ sqrt(128)) of the first (``p & mask``) and of the second (``p >> bits``)."""
+    tab = _scaled(table).reshape(-1, 1 << bits)
+    pair = jnp.arange(1 << (2 * bits))
+    return tab[:, pair & ((1 << bits) - 1)], tab[:, pair >> bits]
+
+
 def gemv_launch(n: int, kp: int, bits: int, m: int = 1, block_n_: int | None = None, groups: int | None = None,
                 splits: int | None = None, visits: int = 1) -> dict:
     """Geometry of the HLWQ decode GEMV: ``bm`` rows per visit; a step reads ``bn`` weight rows x ``G`` groups of
@@ -81,64 +89,40 @@ def _gemv(xr, packed, norms, table, bits: int, plan, geo: dict, *, interpret, po
     r, kp = xr.shape
     E, n = packed.shape[0], packed.shape[1]
     ng = kp // 32
-    bm, bn, G, per, steps = geo["bm"], geo["bn"], geo["G"], geo["per"], geo["steps"]
+    bm, bn, G = geo["bm"], geo["bn"], geo["G"]
     x32 = xr.reshape(r, ng, 32).transpose(0, 2, 1)  # a few KB, fused into xr's producer
     words = jax.lax.bitcast_convert_type(packed.reshape(E, n, ng, bits, 4), jnp.int32)  # [E, N, K_pad/32, bits]
-    tab = _scaled(table).reshape(-1, 1 << bits)
-    pair = jnp.arange(1 << (2 * bits))
-    t0, t1 = tab[:, pair & ((1 << bits) - 1)], tab[:, pair >> bits]  # [E or 1, 4^bits]
-    shared = tab.shape[0] == 1
-    V = plan.shape[0]
+    t0, t1 = pair_tables(table, bits)  # [E or 1, 4^bits]
+    te = (lambda e: 0) if t0.shape[0] == 1 else (lambda e: e)  # one table for every expert, or one each
 
-    def kernel(plan_ref, x_ref, w_ref, n_ref, t0_ref, t1_ref, o_ref):
-        e, t, lo, hi = plan_ref[0, 0], plan_ref[0, 1], plan_ref[0, 2], plan_ref[0, 3]
-        te = 0 if shared else e
-        n0 = pl.program_id(1) * bn
-        lo_step = pl.program_id(2) * per
-        hi_step = jnp.minimum(lo_step + per, steps)
+    def load(refs, e, n0, kk):
+        _, w_ref, n_ref, _, _ = refs
+        return (tuple(w_ref[e, pl.ds(n0, bn), pl.ds(kk * G, G), b] for b in range(bits)),
+                n_ref[e, pl.ds(n0, bn), pl.ds(kk * (G // 4), G // 4)].astype(jnp.float32))
 
-        def load(kk):
-            kk = jnp.minimum(kk, hi_step - 1)  # a load past the split's last step reloads it (in bounds)
-            return (tuple(w_ref[e, pl.ds(n0, bn), pl.ds(kk * G, G), b] for b in range(bits)),
-                    n_ref[e, pl.ds(n0, bn), pl.ds(kk * (G // 4), G // 4)].astype(jnp.float32))
-
-        def body(kk, carry):
-            acc, (planes, nrm), ahead = carry
-            nxt = load(kk + 2)  # two steps ahead (see nvfp4._gemv)
-            parts = [jnp.zeros((bn, G), jnp.float32) for _ in range(bm)]
-            for i in range(0, 32, 2):  # codes i, i + 1 of every group: one field, one index into both tables
-                a, sh = divmod(bits * i, 32)
-                v = jax.lax.shift_right_logical(planes[a], jnp.int32(sh)) if sh else planes[a]
-                if sh + 2 * bits > 32:
-                    v = v | (planes[a + 1] << (32 - sh))
-                idx = v & ((1 << (2 * bits)) - 1)
-                w0, w1 = t0_ref[te, idx], t1_ref[te, idx]  # [bn, G]
-                for q in range(bm):
-                    x0 = x_ref[t * bm + q, i, pl.ds(kk * G, G)].astype(jnp.float32)
-                    x1 = x_ref[t * bm + q, i + 1, pl.ds(kk * G, G)].astype(jnp.float32)
-                    parts[q] = parts[q] + w0 * x0[None, :] + w1 * x1[None, :]
-            return tuple(acc[q] + jnp.sum(parts[q].reshape(bn, G // 4, 4), axis=2) * nrm  # a norm per 4 groups
-                         for q in range(bm)), ahead, nxt
-
-        @pl.when(hi > lo)
-        def _():
-            acc0 = tuple(jnp.zeros((bn, G // 4), jnp.float32) for _ in range(bm))
-            acc, _, _ = jax.lax.fori_loop(lo_step, hi_step, body, (acc0, load(lo_step), load(lo_step + 1)))
+    def step(refs, e, row0, kk, tile, acc):
+        x_ref, _, _, t0_ref, t1_ref = refs
+        planes, nrm = tile
+        parts = [jnp.zeros((bn, G), jnp.float32) for _ in range(bm)]
+        for i in range(0, 32, 2):  # codes i, i + 1 of every group: one field, one index into both tables
+            a, sh = divmod(bits * i, 32)
+            v = jax.lax.shift_right_logical(planes[a], jnp.int32(sh)) if sh else planes[a]
+            if sh + 2 * bits > 32:
+                v = v | (planes[a + 1] << (32 - sh))
+            idx = v & ((1 << (2 * bits)) - 1)
+            w0, w1 = t0_ref[te(e), idx], t1_ref[te(e), idx]  # [bn, G]
             for q in range(bm):
-                o_ref[0, pl.ds(q, 1), :] = jnp.sum(acc[q], axis=1)[None, :]
+                x0 = x_ref[row0 + q, i, pl.ds(kk * G, G)].astype(jnp.float32)
+                x1 = x_ref[row0 + q, i + 1, pl.ds(kk * G, G)].astype(jnp.float32)
+                parts[q] = parts[q] + w0 * x0[None, :] + w1 * x1[None, :]
+        return tuple(acc[q] + jnp.sum(parts[q].reshape(bn, G // 4, 4), axis=2) * nrm  # a norm per 4 groups
+                     for q in range(bm))
 
-    from jax.experimental.pallas import triton as pltriton
+    def finish(refs, e, acc_row):
+        return jnp.sum(acc_row, axis=1)
 
-    whole = lambda a: pl.BlockSpec(a.shape, lambda v, j, sp, nd=a.ndim: (0,) * nd)  # noqa: E731
-    return poisoned_call(
-        poison, kernel, grid=(V, n // bn, geo["splits"]),
-        in_specs=[pl.BlockSpec((1, 4), lambda v, j, sp: (v, 0)), whole(x32), whole(words), whole(norms),
-                  whole(t0), whole(t1)],
-        out_specs=pl.BlockSpec((1, bm, bn), lambda v, j, sp: (sp, v, j)),
-        out_shape=jax.ShapeDtypeStruct((geo["splits"], V * bm, n), jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-    )(plan, x32, words, norms, t0, t1)
+    return gemv_call(load, step, finish, (x32, words, norms, t0, t1), plan, geo, n=n, acc_cols=G // 4,
+                     interpret=interpret, poison=poison, num_warps=num_warps)
 
 
 def _post(acc, w_refs, e):

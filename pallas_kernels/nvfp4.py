@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_splits, grouped_rows,
-                     mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
+from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_call, gemv_splits,
+                     grouped_rows, mma_precision, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
@@ -99,60 +99,38 @@ def gemv_launch(n: int, k: int, m: int = 1, block_n_: int | None = None, words: 
 def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_warps):
     """The decode GEMV over a visit plan (:func:`pallas_kernels.common.group_plan`; dense: one visit): x [R, K]
     (R a multiple of bm), packed [E, N, K/2], scale [E, N, K/16], scale_2 [E] -> fp32 partials
-    ``[splits, V * bm, N]``, visit ``v`` computing rows ``t * bm ...`` of x with expert ``e``'s weights (a visit
-    with ``lo == hi`` computes nothing; its rows are never read)."""
+    ``[splits, V * bm, N]`` (see :func:`pallas_kernels.common.gemv_call`)."""
     r, k = x.shape
     E, n, kw = packed.shape[0], packed.shape[1], k // 8
-    bm, bn, bw, per, steps = geo["bm"], geo["bn"], geo["bw"], geo["per"], geo["steps"]
+    bm, bn, bw = geo["bm"], geo["bn"], geo["bw"]
     x8 = x.reshape(r, kw, 8).transpose(0, 2, 1)  # input 8 w + j at [j, w]: a few KB, fused into x's producer
     words = jax.lax.bitcast_convert_type(packed.reshape(E, n, kw, 4), jnp.int32)  # [E, N, K/8]: a bitcast
-    V = plan.shape[0]
 
-    def kernel(plan_ref, x_ref, w_ref, s_ref, s2_ref, o_ref):
-        e, t, lo, hi = plan_ref[0, 0], plan_ref[0, 1], plan_ref[0, 2], plan_ref[0, 3]
-        n0 = pl.program_id(1) * bn
-        lo_step = pl.program_id(2) * per
-        hi_step = jnp.minimum(lo_step + per, steps)
+    def load(refs, e, n0, kk):
+        _, w_ref, s_ref, _ = refs
+        return (w_ref[e, pl.ds(n0, bn), pl.ds(kk * bw, bw)],
+                s_ref[e, pl.ds(n0, bn), pl.ds(kk * (bw // 2), bw // 2)].astype(jnp.float32))
 
-        def load(kk):
-            kk = jnp.minimum(kk, hi_step - 1)  # a load past the split's last step reloads it (in bounds)
-            return (w_ref[e, pl.ds(n0, bn), pl.ds(kk * bw, bw)],
-                    s_ref[e, pl.ds(n0, bn), pl.ds(kk * (bw // 2), bw // 2)].astype(jnp.float32))
+    def step(refs, e, row0, kk, tile, acc):
+        x_ref = refs[0]
+        w, s = tile
+        out = []
+        for i in range(bm):
+            part = jnp.zeros((bn, bw), jnp.float32)
+            for j in range(4):
+                wl, wh = _e2m1_pair(w, j)
+                xl = x_ref[row0 + i, j, pl.ds(kk * bw, bw)].astype(jnp.float32)
+                xh = x_ref[row0 + i, j + 4, pl.ds(kk * bw, bw)].astype(jnp.float32)
+                part = part + wl * xl[None, :] + wh * xh[None, :]
+            out.append(acc[i] + jnp.sum(part.reshape(bn, bw // 2, 2), axis=2) * s)  # a scale per 2 words
+        return tuple(out)
 
-        def body(kk, carry):
-            acc, (w, s), ahead = carry
-            nxt = load(kk + 2)  # two steps ahead: ptxas issues it late in this step; it is used in two
-            out = []
-            for i in range(bm):
-                part = jnp.zeros((bn, bw), jnp.float32)
-                for j in range(4):
-                    wl, wh = _e2m1_pair(w, j)
-                    xl = x_ref[t * bm + i, j, pl.ds(kk * bw, bw)].astype(jnp.float32)
-                    xh = x_ref[t * bm + i, j + 4, pl.ds(kk * bw, bw)].astype(jnp.float32)
-                    part = part + wl * xl[None, :] + wh * xh[None, :]
-                out.append(acc[i] + jnp.sum(part.reshape(bn, bw // 2, 2), axis=2) * s)  # a scale per 2 words
-            return tuple(out), ahead, nxt
+    def finish(refs, e, acc_row):
+        return jnp.sum(acc_row, axis=1) * (refs[3][e] * _E2M1_F16)  # the pairs are E2M1 values / 2^14
 
-        @pl.when(hi > lo)
-        def _():
-            acc0 = tuple(jnp.zeros((bn, bw // 2), jnp.float32) for _ in range(bm))
-            acc, _, _ = jax.lax.fori_loop(lo_step, hi_step, body, (acc0, load(lo_step), load(lo_step + 1)))
-            s2 = s2_ref[e] * _E2M1_F16  # the pairs are E2M1 values / 2^14
-            for i in range(bm):
-                o_ref[0, pl.ds(i, 1), :] = (jnp.sum(acc[i], axis=1) * s2)[None, :]
-
-    from jax.experimental.pallas import triton as pltriton
-
-    whole = lambda a: pl.BlockSpec(a.shape, lambda v, j, sp, nd=a.ndim: (0,) * nd)  # noqa: E731
     s2 = jnp.asarray(scale_2, jnp.float32).reshape(E)
-    return poisoned_call(
-        poison, kernel, grid=(V, n // bn, geo["splits"]),
-        in_specs=[pl.BlockSpec((1, 4), lambda v, j, sp: (v, 0)), whole(x8), whole(words), whole(scale), whole(s2)],
-        out_specs=pl.BlockSpec((1, bm, bn), lambda v, j, sp: (sp, v, j)),
-        out_shape=jax.ShapeDtypeStruct((geo["splits"], V * bm, n), jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-    )(plan, x8, words, scale, s2)
+    return gemv_call(load, step, finish, (x8, words, scale, s2), plan, geo, n=n, acc_cols=bw // 2,
+                     interpret=interpret, poison=poison, num_warps=num_warps)
 
 
 def _check(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
@@ -203,8 +181,8 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
             raise KernelError(f"nvfp4_matmul: path='gemv' takes at most 8 rows, x has {m}")
         geo = gemv_launch(n, k, m, block_n_, None, splits)
         xp = jnp.pad(x, ((0, geo["bm"] - m), (0, 0)))
-        out = _gemv(xp, packed[None], scale[None], jnp.reshape(scale_2, (1,)), dense_plan(geo["bm"], geo["bm"]),
-                    geo, interpret=interpret, poison=poison, num_warps=num_warps)
+        out = _gemv(xp, packed[None], scale[None], scale_2, dense_plan(geo["bm"], geo["bm"]), geo,
+                    interpret=interpret, poison=poison, num_warps=num_warps)
         return out.sum(0)[:m].astype(x.dtype)
     G = _groups_per_step(k)
     steps = k // (16 * G)
@@ -253,8 +231,7 @@ def nvfp4_grouped_matmul(x, packed, scale, scale_2, group_sizes, *, interpret: b
     if path == "gemv":
         xp, plan, src, _ = grouped_rows(x, group_sizes, E, 1, "nvfp4_grouped_matmul")
         geo = gemv_launch(n, k, 1, visits=x.shape[0])
-        out = _gemv(xp, packed, scale, jnp.reshape(jnp.asarray(scale_2, jnp.float32), (E,)), plan, geo,
-                    interpret=interpret, poison=poison, num_warps=num_warps)
+        out = _gemv(xp, packed, scale, scale_2, plan, geo, interpret=interpret, poison=poison, num_warps=num_warps)
         return gather_rows(out.sum(0).astype(x.dtype), src)
     xp, plan, src, bm = grouped_rows(x, group_sizes, E, block_m, "nvfp4_grouped_matmul")
     G = _groups_per_step(k)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 
+from .hlwq import GEMV_MAX_BITS as MAX_BITS  # HLWQ: the pair tables have 4^bits entries
+
 __all__ = ["nvfp4_gemv", "hlwq_gemv", "nvfp4_launch", "nvfp4_operands", "hlwq_launch", "hlwq_operands", "unavailable",
            "kernels", "MAX_ROWS", "MAX_BITS"]
 
 MAX_ROWS = 8
-MAX_BITS = 6  # HLWQ: the pair tables have 4^bits entries
 
 
 def unavailable() -> str | None:
@@ -98,8 +99,8 @@ def kernels():
         tl.store(o_ptr + (pid_s * tl.num_programs(2) + m) * N + n, y)
 
     @triton.jit
-    def hlwq_gemv_kernel(x_ptr, w_ptr, n_ptr, t0_ptr, t1_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
-              PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    def hlwq_gemv_kernel(x_ptr, w_ptr, n_ptr, t0_ptr, t1_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr,
+                         BITS: tl.constexpr, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
         """x [M, 32, KP/32] rotated (input 32 g + i at [i, g]); w int32 [N, KP/32, BITS] (the LSB-first bytes as
         words: BITS words per group of 32 codes); n f16 [N, KP/128]; t0 / t1 f32 [4^BITS] (pair tables, already
         / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers G groups (a ragged last
@@ -210,10 +211,10 @@ def nvfp4_operands(x, packed, scale, scale_2):
 def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, g: int | None = None, splits: int | None = None):
     """Launch geometry of the HLWQ GEMV (bits <= 6): a step reads BN rows x G groups of 32 codes (``bits`` words
     each) and their block norms, two steps ahead; K splits as for NVFP4."""
-    from .common import gemv_splits
+    from .common import KernelError, gemv_splits
 
     if bits > MAX_BITS:
-        raise ValueError(f"hlwq_gemv: bits={bits}: the pair tables take at most {MAX_BITS} bits")
+        raise KernelError(f"hlwq_gemv: bits={bits}: the pair tables take at most {MAX_BITS} bits")
     while n % bn:
         bn //= 2
     ng = kp // 32
@@ -229,15 +230,13 @@ def hlwq_operands(xr, packed, norms, table, bits: int):
     import jax
     import jax.numpy as jnp
 
-    from .hlwq import _scaled
+    from .hlwq import pair_tables
 
     m, kp = xr.shape
     n = packed.shape[0]
-    tab = _scaled(table).reshape(-1)
-    pair = jnp.arange(1 << (2 * bits))
+    t0, t1 = pair_tables(table, bits)
     return (xr.reshape(m, kp // 32, 32).transpose(0, 2, 1),
-            jax.lax.bitcast_convert_type(packed.reshape(n, kp // 32, bits, 4), jnp.int32), norms,
-            tab[pair & ((1 << bits) - 1)], tab[pair >> bits])
+            jax.lax.bitcast_convert_type(packed.reshape(n, kp // 32, bits, 4), jnp.int32), norms, t0[0], t1[0])
 
 
 @functools.lru_cache(maxsize=None)
