@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["poisoned_call", "dense_plan", "group_plan", "grouped_rows", "gather_rows", "quant_matmul", "pow2_at_least",
-           "block_n", "split_k", "gemv_splits", "gemv_call", "mma_precision", "KernelError", "GROUPED_GEMV_ROWS"]
+           "block_n", "split_k", "gemv_splits", "gemv_call", "le_words", "mma_precision", "KernelError",
+           "GROUPED_GEMV_ROWS"]
 
 GROUPED_GEMV_ROWS = 64  # grouped calls with up to this many rows (MoE decode: tokens x top-k) take the GEMV path
 
@@ -128,6 +129,16 @@ def gather_rows(out: jax.Array, src: jax.Array) -> jax.Array:
     """Rows ``src`` of the visit-major kernel output (zeros where ``src < 0``)."""
     y = jnp.take(out, jnp.maximum(src, 0), axis=0)
     return jnp.where((src >= 0)[:, None], y, jnp.zeros((), y.dtype))
+
+
+def le_words(b):
+    """Bytes ``[..., 4]`` (uint8, as loaded) -> the little-endian int32 words ``[...]``. The kernels take the
+    checkpoint's uint8 arrays and form words here: outside, ``bitcast_convert_type`` to a wider type is not a
+    view on the GPU (XLA expands it into a fusion that writes a copy of the whole bank on every call). Applied to
+    freshly loaded bytes, the compiled loop is the same as for int32 loads (``tools/kernel_sass.py``): the shifts
+    and sum fold into the registers the 16-byte loads fill. (Carried through the loop as bytes instead, the tile
+    costs ~35% more instructions in byte moves.)"""
+    return jnp.sum(b.astype(jnp.int32) << (jax.lax.broadcasted_iota(jnp.int32, b.shape, b.ndim - 1) * 8), axis=-1)
 
 
 def gemv_call(load, step, finish, operands: tuple, plan: jax.Array, geo: dict, *, n: int, acc_cols: int,

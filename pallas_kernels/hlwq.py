@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_call, gemv_splits,
-                     grouped_rows, mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
+                     grouped_rows, le_words, mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
            "fwht_reference"]
@@ -82,22 +82,23 @@ def _gemv(xr, packed, norms, table, bits: int, plan, geo: dict, *, interpret, po
     ``[splits, V * bm, N]``.
 
     The bytes are read as int32 words, ``bits`` per group of 32 codes (the LSB-first stream: code ``i`` of a
-    group is bits ``[bits i, bits i + bits)`` of its words). Codes are taken two at a time: one ``2 bits``-bit
-    field, shifted out of one or two words, indexes two pair tables (``4^bits`` entries: the level of the
-    first / second code), so a code costs half a field extraction and one table load. Activations are passed
+    group is bits ``[bits i, bits i + bits)`` of its words), formed from the loaded bytes in the kernel
+    (:func:`pallas_kernels.common.le_words`: a bitcast outside would copy the bank on the GPU). Codes are taken
+    two at a time: one ``2 bits``-bit field, shifted out of one or two words, indexes two pair tables
+    (``4^bits`` entries: the level of the first / second code), so a code costs half a field extraction and one
+    table load. Activations are passed
     as ``[R, 32, K_pad/32]`` (input ``32 g + i`` at ``[i, g]``), so every activation load is contiguous."""
     r, kp = xr.shape
     E, n = packed.shape[0], packed.shape[1]
     ng = kp // 32
     bm, bn, G = geo["bm"], geo["bn"], geo["G"]
     x32 = xr.reshape(r, ng, 32).transpose(0, 2, 1)  # a few KB, fused into xr's producer
-    words = jax.lax.bitcast_convert_type(packed.reshape(E, n, ng, bits, 4), jnp.int32)  # [E, N, K_pad/32, bits]
     t0, t1 = pair_tables(table, bits)  # [E or 1, 4^bits]
     te = (lambda e: 0) if t0.shape[0] == 1 else (lambda e: e)  # one table for every expert, or one each
 
     def load(refs, e, n0, kk):
-        _, w_ref, n_ref, _, _ = refs
-        return (tuple(w_ref[e, pl.ds(n0, bn), pl.ds(kk * G, G), b] for b in range(bits)),
+        _, p_ref, n_ref, _, _ = refs
+        return (tuple(le_words(p_ref[e, pl.ds(n0, bn), pl.ds(kk * G, G), b, :]) for b in range(bits)),  # [bn, G] each
                 n_ref[e, pl.ds(n0, bn), pl.ds(kk * (G // 4), G // 4)].astype(jnp.float32))
 
     def step(refs, e, row0, kk, tile, acc):
@@ -121,8 +122,8 @@ def _gemv(xr, packed, norms, table, bits: int, plan, geo: dict, *, interpret, po
     def finish(refs, e, acc_row):
         return jnp.sum(acc_row, axis=1)
 
-    return gemv_call(load, step, finish, (x32, words, norms, t0, t1), plan, geo, n=n, acc_cols=G // 4,
-                     interpret=interpret, poison=poison, num_warps=num_warps)
+    return gemv_call(load, step, finish, (x32, packed.reshape(E, n, ng, bits, 4), norms, t0, t1), plan, geo, n=n,
+                     acc_cols=G // 4, interpret=interpret, poison=poison, num_warps=num_warps)
 
 
 def _post(acc, w_refs, e):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather_rows, gemv_call, gemv_splits,
-                     grouped_rows, mma_precision, pow2_at_least, quant_matmul, split_k)
+                     grouped_rows, le_words, mma_precision, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
            "decode_e2m1", "supported"]
@@ -99,16 +99,16 @@ def gemv_launch(n: int, k: int, m: int = 1, block_n_: int | None = None, words: 
 def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_warps):
     """The decode GEMV over a visit plan (:func:`pallas_kernels.common.group_plan`; dense: one visit): x [R, K]
     (R a multiple of bm), packed [E, N, K/2], scale [E, N, K/16], scale_2 [E] -> fp32 partials
-    ``[splits, V * bm, N]`` (see :func:`pallas_kernels.common.gemv_call`)."""
+    ``[splits, V * bm, N]`` (see :func:`pallas_kernels.common.gemv_call`). A step loads ``4 bw`` bytes per row
+    (16-byte loads) and reads them as ``bw`` int32 words (:func:`pallas_kernels.common.le_words`)."""
     r, k = x.shape
     E, n, kw = packed.shape[0], packed.shape[1], k // 8
     bm, bn, bw = geo["bm"], geo["bn"], geo["bw"]
     x8 = x.reshape(r, kw, 8).transpose(0, 2, 1)  # input 8 w + j at [j, w]: a few KB, fused into x's producer
-    words = jax.lax.bitcast_convert_type(packed.reshape(E, n, kw, 4), jnp.int32)  # [E, N, K/8]: a bitcast
 
     def load(refs, e, n0, kk):
-        _, w_ref, s_ref, _ = refs
-        return (w_ref[e, pl.ds(n0, bn), pl.ds(kk * bw, bw)],
+        _, p_ref, s_ref, _ = refs
+        return (le_words(p_ref[e, pl.ds(n0, bn), pl.ds(kk * 4 * bw, 4 * bw)].reshape(bn, bw, 4)),
                 s_ref[e, pl.ds(n0, bn), pl.ds(kk * (bw // 2), bw // 2)].astype(jnp.float32))
 
     def step(refs, e, row0, kk, tile, acc):
@@ -129,7 +129,7 @@ def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_
         return jnp.sum(acc_row, axis=1) * (refs[3][e] * _E2M1_F16)  # the pairs are E2M1 values / 2^14
 
     s2 = jnp.asarray(scale_2, jnp.float32).reshape(E)
-    return gemv_call(load, step, finish, (x8, words, scale, s2), plan, geo, n=n, acc_cols=bw // 2,
+    return gemv_call(load, step, finish, (x8, packed, scale, s2), plan, geo, n=n, acc_cols=bw // 2,
                      interpret=interpret, poison=poison, num_warps=num_warps)
 
 

@@ -4,7 +4,8 @@ rotated (``hlwq_gemv``, bits <= 6), up to 8 rows, same signatures and results as
 same design as the Pallas GEMVs (``nvfp4._gemv``, ``hlwq._gemv``).
 
 Each program owns ``BN`` output columns of one row and one of ``splits`` K ranges (split-K: fp32 partials added
-by XLA afterwards). The checkpoint bytes are read as int32 words (a bitcast outside): NVFP4 decodes two E2M1
+by XLA afterwards). The checkpoint bytes are read as int32 words through a cast pointer (inside the kernel: a
+bitcast outside would be a copy, XLA's GPU compiler expands a width-changing bitcast): NVFP4 decodes two E2M1
 codes per bit operation into the halves of a float16 pair; HLWQ takes codes two at a time, one ``2 bits``-bit
 field indexing two pair tables (``4^bits`` entries, in L1). Activations come in a layout that makes every load
 contiguous (``*_operands``), weight loads run two K steps ahead, and multiply-adds accumulate in fp32, reduced
@@ -50,9 +51,13 @@ def kernels():
     @triton.jit
     def nvfp4_gemv_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, o_ptr, N: tl.constexpr, K: tl.constexpr,
                           PER: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
-        """x [M, 8, K/8] (input 8 w + j at [j, w]); w int32 [N, K/8] (the packed bytes read as little-endian
-        words: 8 codes, code j = input 8 w + j); s e4m3 [N, K/16] (as uint8 bits); s2 f32 [1]; o f32 [S, M, N].
+        """x [M, 8, K/8] (input 8 w + j at [j, w]); w uint8 [N, K/2] (the checkpoint bytes, read here as
+        little-endian int32 words [N, K/8]: 8 codes, code j = input 8 w + j); s e4m3 [N, K/16] (read as their bits);
+        s2 f32 [1]; o f32 [S, M, N].
         Grid (N / BN, S, M); a step covers BW words (8 BW inputs) of BN rows; a ragged last step is masked."""
+        # the checkpoint's arrays read through cast pointers (free here; a bitcast outside would be a copy):
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the packed bytes as little-endian words
+        s_ptr = s_ptr.to(tl.pointer_type(tl.uint8))  # the e4m3 scales as their bits
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         m = tl.program_id(2)
@@ -101,10 +106,11 @@ def kernels():
     @triton.jit
     def hlwq_gemv_kernel(x_ptr, w_ptr, n_ptr, t0_ptr, t1_ptr, o_ptr, N: tl.constexpr, KP: tl.constexpr,
                          BITS: tl.constexpr, PER: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-        """x [M, 32, KP/32] rotated (input 32 g + i at [i, g]); w int32 [N, KP/32, BITS] (the LSB-first bytes as
-        words: BITS words per group of 32 codes); n f16 [N, KP/128]; t0 / t1 f32 [4^BITS] (pair tables, already
-        / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers G groups (a ragged last
-        step masked); BITS <= 6."""
+        """x [M, 32, KP/32] rotated (input 32 g + i at [i, g]); w uint8 [N, KP*BITS/8] (the LSB-first bytes, read
+        here as int32 words [N, KP/32, BITS]: BITS words per group of 32 codes); n f16 [N, KP/128]; t0 / t1 f32
+        [4^BITS] (pair tables, already / sqrt(128)); o f32 [S, M, N]. Grid (N / BN, S, M); a step covers G groups
+        (a ragged last step masked); BITS <= 6."""
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32))  # the LSB-first bytes as little-endian words: free here
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         m = tl.program_id(2)
@@ -196,16 +202,12 @@ def nvfp4_launch(n: int, k: int, bn: int = 64, bw: int = 16, splits: int | None 
 
 def nvfp4_operands(x, packed, scale, scale_2):
     """The NVFP4 GEMV's operands from the checkpoint tensors (jax arrays): x [M, K] -> [M, 8, K/8] (input
-    ``8 w + j`` at ``[j, w]``: a few KB, fused by XLA into x's producer), packed uint8 [N, K/2] -> int32 words
-    [N, K/8] (a bitcast), scale e4m3 -> its uint8 bits, scale_2 -> f32 [1]."""
-    import jax
+    ``8 w + j`` at ``[j, w]``: a few KB, fused by XLA into x's producer), packed uint8 [N, K/2] as it is (the kernel
+    reads it as int32 words), scale e4m3 as it is, scale_2 -> f32 [1]."""
     import jax.numpy as jnp
 
     m, k = x.shape
-    n = packed.shape[0]
-    return (x.reshape(m, k // 8, 8).transpose(0, 2, 1), jax.lax.bitcast_convert_type(
-        packed.reshape(n, k // 8, 4), jnp.int32), jax.lax.bitcast_convert_type(scale, jnp.uint8),
-        jnp.asarray(scale_2, jnp.float32).reshape(1))
+    return x.reshape(m, k // 8, 8).transpose(0, 2, 1), packed, scale, jnp.asarray(scale_2, jnp.float32).reshape(1)
 
 
 def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, g: int | None = None, splits: int | None = None):
@@ -225,18 +227,13 @@ def hlwq_launch(n: int, kp: int, bits: int, bn: int = 64, g: int | None = None, 
 
 def hlwq_operands(xr, packed, norms, table, bits: int):
     """The HLWQ GEMV's operands (jax arrays): xr [M, K_pad] -> [M, 32, K_pad/32] (input ``32 g + i`` at ``[i, g]``),
-    packed uint8 [N, K_pad*bits/8] -> int32 words [N, K_pad/32, bits] (a bitcast), norms as they are, and the two
-    pair tables ``t0[p] = level(p & mask)``, ``t1[p] = level(p >> bits)`` (levels / sqrt(128))."""
-    import jax
-    import jax.numpy as jnp
-
+    packed uint8 [N, K_pad*bits/8] as it is (the kernel reads it as int32 words [N, K_pad/32, bits]), norms, and
+    the two pair tables ``t0[p] = level(p & mask)``, ``t1[p] = level(p >> bits)`` (levels / sqrt(128))."""
     from .hlwq import pair_tables
 
     m, kp = xr.shape
-    n = packed.shape[0]
     t0, t1 = pair_tables(table, bits)
-    return (xr.reshape(m, kp // 32, 32).transpose(0, 2, 1),
-            jax.lax.bitcast_convert_type(packed.reshape(n, kp // 32, bits, 4), jnp.int32), norms, t0[0], t1[0])
+    return xr.reshape(m, kp // 32, 32).transpose(0, 2, 1), packed, norms, t0[0], t1[0]
 
 
 @functools.lru_cache(maxsize=None)

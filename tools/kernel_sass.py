@@ -94,13 +94,13 @@ def _triton_cases(n: int, k: int):
     kern = TG.kernels.__wrapped__()
     grid, meta = TG.nvfp4_launch(n, k)
     fn = kern["nvfp4"]
-    sig = dict(zip(fn.arg_names, ("*bf16", "*i32", "*u8", "*fp32", "*fp32"))) | {m: "constexpr" for m in meta}
+    sig = dict(zip(fn.arg_names, ("*bf16", "*u8", "*fp8e4nv", "*fp32", "*fp32"))) | {m: "constexpr" for m in meta}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # XLA buffers are 16-byte aligned
     yield ("triton nvfp4_gemv", _compile(ASTSource(fn, sig, constexprs=dict(meta), attrs=attrs), 4), 4,
            grid[0] * grid[1], meta["BN"] * meta["BW"] * 4.5, True)
     grid, meta = TG.hlwq_launch(n, -(-k // 128) * 128, 5)  # K_pad
     fn = kern["hlwq"]
-    sig = dict(zip(fn.arg_names, ("*bf16", "*i32", "*fp16", "*fp32", "*fp32", "*fp32"))) | {m: "constexpr" for m in meta}
+    sig = dict(zip(fn.arg_names, ("*bf16", "*u8", "*fp16", "*fp32", "*fp32", "*fp32"))) | {m: "constexpr" for m in meta}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
     yield ("triton hlwq_gemv", _compile(ASTSource(fn, sig, constexprs=dict(meta), attrs=attrs), 4), 4,
            grid[0] * grid[1], meta["BN"] * meta["G"] * 20.5, True)  # G groups: 20 bytes + 1/4 of a 2-byte norm
