@@ -42,6 +42,9 @@ MESHES = {"float32": [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
           "nvfp4": [(2, 2, 2), (1, 2, 4)],
           "hlwq": [(1, 8, 1), (2, 2, 2)],
           "trained-bf16": [(1, 1, 8), (2, 2, 2)]}
+# generate (prefill + decode loop with a sharded cache) is compared on the meshes that split every axis / only the
+# experts; the forward on every mesh
+GENERATE_ON = {(2, 2, 2), (1, 1, 8)}
 QUESTIONS = ["What is 248 + 377?", "What is 51 - 19?", "What is 7 * 8?", "Which is larger, 45 or 54?",
              "What is 903 + 88?", "What is 66 - 9?", "What is 12 * 3?", "What is 300 + 411?"]
 NEW = 8
@@ -66,7 +69,8 @@ def main(out_dir: str) -> dict:
     f32 = np.asarray(forward_jit(base, cfg, ids), np.float32)
     for name, params in variants.items():
         ref = np.asarray(forward_jit(params, cfg, ids), np.float32)
-        gref = generate(params, cfg, prompts, NEW) if name != "bfloat16" else None
+        gen = name != "bfloat16" and GENERATE_ON & set(MESHES[name])
+        gref = generate(params, cfg, prompts, NEW) if gen else None
         for shape in MESHES[name]:
             mesh = S.make_mesh(*shape)
             sp = S.shard_params(params, cfg, mesh)
@@ -74,7 +78,7 @@ def main(out_dir: str) -> dict:
             case = {"max_abs": float(np.abs(out - ref).max()), "ref_scale": float(np.abs(ref).max()),
                     "top1": float((out.argmax(-1) == ref.argmax(-1)).mean()),
                     "bank_gathers": bank_gathers(sp, cfg, ids, mesh) if name in ("float32", "nvfp4") else None}
-            if gref is not None:
+            if gref is not None and shape in GENERATE_ON:
                 case["tokens_equal"] = bool((generate(sp, cfg, prompts, NEW, mesh=mesh) == gref).all())
             else:  # bf16 on random weights: rounding + near-tie routing; compare both runs with the fp32 model
                 case.update(err_single=float(np.abs(ref - f32).mean()), err_sharded=float(np.abs(out - f32).mean()),

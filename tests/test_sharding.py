@@ -18,7 +18,7 @@ from nemojax.params import abstract_params
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharding_worker.py")
 sys.path.insert(0, HERE)
-from sharding_worker import MESHES  # noqa: E402
+from sharding_worker import GENERATE_ON, MESHES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def test_sharded_equals_single_device(res, fmt, shape):
     assert c["max_abs"] <= 1e-4 * max(1.0, c["ref_scale"]), c
     if shape[0] == shape[2] == 1:  # expert split only: every sum is computed whole on one device
         assert c["max_abs"] == 0.0, c
-    assert c["top1"] == 1.0 and c["tokens_equal"], c
+    assert c["top1"] == 1.0, c
+    assert c.get("tokens_equal") is (True if tuple(shape) in GENERATE_ON else None), c  # greedy tokens equal
     if c["bank_gathers"] is not None:  # expert-parallel MoE: no device ever assembles a whole expert bank
         assert c["bank_gathers"] == 0, c
 
