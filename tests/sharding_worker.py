@@ -41,10 +41,10 @@ MESHES = {"float32": [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)],
           "bfloat16": [(1, 8, 1), (2, 2, 2)],
           "nvfp4": [(2, 2, 2), (1, 2, 4)],
           "hlwq": [(1, 8, 1), (2, 2, 2)],
-          "trained-bf16": [(1, 1, 8), (2, 2, 2)]}
-# generate (prefill + decode loop with a sharded cache) is compared on the meshes that split every axis / only the
-# experts; the forward on every mesh
-GENERATE_ON = {(2, 2, 2), (1, 1, 8)}
+          "trained-bf16": [(2, 2, 2)]}
+# generate (prefill + decode loop with a sharded cache) is compared on the mesh that splits every axis; the
+# forward on every mesh (bit-identical with an expert split only)
+GENERATE_ON = {(2, 2, 2)}
 QUESTIONS = ["What is 248 + 377?", "What is 51 - 19?", "What is 7 * 8?", "Which is larger, 45 or 54?",
              "What is 903 + 88?", "What is 66 - 9?", "What is 12 * 3?", "What is 300 + 411?"]
 NEW = 8
