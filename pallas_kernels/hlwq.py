@@ -86,8 +86,8 @@ def _gemv(xr, packed, norms, table, bits: int, plan, geo: dict, *, interpret, po
     (:func:`pallas_kernels.common.le_words`: a bitcast outside would copy the bank on the GPU). Codes are taken
     two at a time: one ``2 bits``-bit field, shifted out of one or two words, indexes two pair tables
     (``4^bits`` entries: the level of the first / second code), so a code costs half a field extraction and one
-    table load. Activations are passed
-    as ``[R, 32, K_pad/32]`` (input ``32 g + i`` at ``[i, g]``), so every activation load is contiguous."""
+    table load. Activations are passed as ``[R, 32, K_pad/32]`` (input ``32 g + i`` at ``[i, g]``), so every
+    activation load is contiguous."""
     r, kp = xr.shape
     E, n = packed.shape[0], packed.shape[1]
     ng = kp // 32

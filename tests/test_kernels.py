@@ -261,22 +261,13 @@ def test_kernels_take_the_checkpoint_bytes_as_they_are():
     is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
     for recipe in ("nvfp4-all", "hlwq-q5"):
         qp = quant.set_backend(quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe), "pallas")
-        nodes, treedef = jax.tree.flatten(qp, is_leaf=is_q)
-        args, owners = [], []
-        for i, node in enumerate(nodes):
-            for a in (jax.tree.leaves(node) if is_q(node) else [node]):
-                args.append(a)
-                owners.append(node if is_q(node) and (a is node.packed or a is getattr(node, "scale", None)
-                                                      or a is getattr(node, "norms", None)) else None)
-
-        def fwd(*leaves, nodes=nodes, treedef=treedef):
-            it = iter(leaves)
-            rebuilt = [jax.tree.unflatten(jax.tree.structure(nd), [next(it) for _ in jax.tree.leaves(nd)])
-                       if is_q(nd) else next(it) for nd in nodes]
-            return forward_jit(jax.tree.unflatten(treedef, rebuilt), cfg, ids)
-
+        owner = {id(a): nd for nd in jax.tree.leaves(qp, is_leaf=is_q) if is_q(nd)  # codes / scales -> their node
+                 for a in (nd.packed, getattr(nd, "scale", None), getattr(nd, "norms", None)) if a is not None}
+        leaves, treedef = jax.tree.flatten(qp)
+        uses = _uses(lambda *ls, td=treedef: forward_jit(jax.tree.unflatten(td, ls), cfg, ids), leaves)
         checked = 0
-        for node, u in zip(owners, _uses(fwd, args)):
+        for a, u in zip(leaves, uses):
+            node = owner.get(id(a))
             if node is None:
                 continue
             takes = (NK.supported(*node.shape[-2:]) if isinstance(node, NVFP4Weight) else
