@@ -5,9 +5,14 @@
 * worker processes: every measurement runs in a fresh ``python <tool> --_worker KIND --_spec FILE`` process
   pinned to the chosen core(s) with ``os.sched_setaffinity``, every thread-pool knob (OMP / MKL / OpenBLAS /
   XLA eigen) set to the thread count; the worker writes its result as JSON;
-* the analytic cost model of a full-sequence forward (FLOPs, weights read);
+* timing: medians of repeated calls, also rotating over distinct argument sets (weights not cache-resident);
+* the analytic cost model of a full-sequence forward (FLOPs, weights read) and of generation (bytes per decode
+  step, decode / prefill FLOPs, the limits they give at the measured rates) with its markdown table;
 * machine-limit probes run inside a pinned worker: GEMM rates (numpy / jax / torch), memory-copy, pure-read
-  and GEMV bandwidth.
+  and GEMV bandwidth; ``measure_limits`` runs them all and ``limits_markdown`` prints them;
+* token comparisons and number formats of the reports.
+
+The transformers side of the comparisons is ``tools/transformers_bench.py``.
 
 Nothing here imports jax, torch or nemojax at module level, so the driver processes stay light.
 """
