@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import transformers_bench  # noqa: E402
 from benchlib import CONFIGS, MEDIUM, REPO, TINY, cost_model, cpu_info, log  # noqa: E402,F401
 
 DEFAULT_SEQ = {"tiny": 64, "medium": 512}
@@ -179,31 +180,8 @@ def nemojax_breakdown(params, cfg, ids, repeats: int) -> dict:
 def worker_torch(spec: dict) -> dict:
     import numpy as np
     import torch
-    import transformers
-    from transformers import NemotronHForCausalLM
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(spec["threads"])
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    out = _worker_common() | {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-                              "torch_threads": torch.get_num_threads(),
-                              "torch_interop_threads": torch.get_num_interop_threads()}
-    t0 = time.perf_counter()
-    kw = {}
-    if spec.get("hf_experts_impl"):
-        kw["experts_implementation"] = spec["hf_experts_impl"]
-    model = NemotronHForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"]), **kw)
-    model.eval()
-    for layer in model.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = (0.0, float("inf"))  # the canonical no-clamp, as nemojax
-    out["load_s"] = time.perf_counter() - t0
-    out["attn_implementation"] = model.config._attn_implementation
-    out["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    model, out = transformers_bench.load_model(spec)
     ids = torch.from_numpy(np.load(spec["tokens"]).astype(np.int64))
 
     def fwd():
@@ -235,8 +213,7 @@ def torch_breakdown(model, ids, repeats: int) -> dict:
 
     m = model.model
     h = timed("embedding", lambda: m.embeddings(ids))
-    pattern = "".join({"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}[ly.block_type]
-                      for ly in m.layers)
+    pattern = "".join(transformers_bench.HF_KIND[ly.block_type] for ly in m.layers)
     for kind in dict.fromkeys(pattern):
         layer = m.layers[pattern.index(kind)]
         timed(f"block {kind}", lambda layer=layer: layer(h))

@@ -20,39 +20,26 @@ is what ``Model.generate`` does without a callback: the whole decode is one jitt
   decode tok/s = B x 128 / ``decode_s``, medians. The decode loop runs 128 iterations (sample, then one
   single-token forward; the last forward's logits go unused): 128 forwards for 128 tokens.
 
-transformers (eager, ``dtype=``, ``time_step_limit = (0, inf)`` as in tests/hf_reference.py):
-
-* prefill tok/s: ``model(prompt, use_cache=True, logits_to_keep=1)`` (fresh cache), median of ``--repeats``
-  forwards (one forward at batch 8: it takes longest);
-* decode tok/s: a manual greedy loop from a ``copy.deepcopy`` of the post-prefill cache: token 1 is the argmax
-  of the prefill logits, then 127 timed steps ``model(tok[:, None], past_key_values=cache, use_cache=True,
-  logits_to_keep=1)`` + argmax each give tokens 2..128; decode tok/s = B x 127 / (time of the 127 steps),
-  median of ``--repeats`` (``--repeats8``) loops. Per forward this is the same work as nemojax's figure.
-* A short warm-up (64-token prompt, 4 steps) first.
+transformers (``tools/transformers_bench.py``: eager, ``dtype=``, ``time_step_limit = (0, inf)`` as in
+tests/hf_reference.py): prefill tok/s from ``model(prompt, use_cache=True, logits_to_keep=1)``, median of
+``--repeats`` forwards (one at batch 8: it takes longest); decode tok/s = B x 127 / (127 timed single-token steps
+of a greedy loop from a copy of the post-prefill cache, token 1 being the argmax of the prefill logits), median
+of ``--repeats`` (``--repeats8``) loops: per forward the same work as nemojax's figure.
 
 Correctness: greedy tokens of both sides are compared position by position (fp32 should agree: a sanity check).
 
-Limits, measured in the same run on the same pinned core(s):
+Limits, measured in the same run on the same pinned core(s) (``benchlib.measure_limits``): the memory-copy
+bandwidth of ``--copy-mb`` MiB (*bytes copied per second*, the primary definition), the pure-read bandwidth
+(the fastest of numpy / jax / torch read probes), decode-style GEMVs (informational) and a ``--gemm-n``^3 GEMM
+rate (numpy / jax / torch, fp32 and bf16). From them:
 
-* memory bandwidth: ``np.copyto`` of ``--copy-mb`` MiB: *bytes copied per second* (the primary definition;
-  the read + write traffic is twice that, also shown) and pure reads of the same size (bytes read per second):
-  numpy ``a.dot(a)``, jax ``jnp.sum``, torch ``sum``; the fastest (median) is the read bandwidth. Also
-  informational: what decode-style GEMVs over 512 MiB of distinct 16 MiB weight matrices reach (jax, torch;
-  fp32 and bf16).
-* GEMM rate: a ``--gemm-n``^3 matmul, numpy / jax (``x @ w^T``, fp32 accumulate) / torch, fp32 and bf16.
-* decode limit (tok/s) = bandwidth / bytes touched per decoded token, from the config alone: every Mamba,
-  attention, shared-expert, router, norm and lm_head weight, the top-k routed experts of each MoE layer (at
-  batch B the expected number of distinct experts for uniform routing, E (1 - (1 - k/E)^B)), one embedding
-  row per sequence, in the run's dtype (A_log, D, e_score_correction_bias fp32); plus the SSM states (fp32,
-  read + written), the conv windows (read + written) and the KV cache read up to the current length
-  (averaged over the 128 decode steps) plus the new K/V written. "limit" uses the copy bandwidth, "stricter
-  limit" the read bandwidth (higher, so a higher tokens/s bar).
-* prefill limit (tok/s) = prompt tokens x GEMM rate / prefill FLOPs; FLOPs as tools/bench_forward.py's cost
-  model (2 x active matmul params x tokens, top-k experts, + causal attention + chunked SSD) but lm_head for
-  the last position only (generation computes last-position logits only). The GEMM rate is the best median
-  of the run's dtype (fp32: numpy / jax / torch; bf16: jax / torch).
-* targets (the generation issue): decode >= 80 % of the bandwidth limit in fp32, prefill >= 60 % of the
-  matmul-rate limit.
+* decode limit (tok/s) = bandwidth / bytes touched per decoded token, from the config alone
+  (``benchlib.decode_bytes``: weights touched once, the expected distinct routed experts at batch B, SSM states
+  and conv windows read + written, the KV cache read up to the mean length plus the new K/V). "limit" uses the
+  copy bandwidth, "stricter limit" the read bandwidth (higher, so a higher tokens/s bar);
+* prefill limit (tok/s) = prompt tokens x GEMM rate / prefill FLOPs (``benchlib.prefill_flops``: lm_head for
+  the last position only); the GEMM rate is the best median of the run's dtype;
+* targets: decode >= 80 % of the bandwidth limit in fp32, prefill >= 60 % of the matmul-rate limit.
 
 ``--breakdown`` (on by default) also times, per batch size, one jitted decode step
 ``forward(params, cfg, tok[:, None], None, cache, last_only=True)`` (cache at position prompt + new/2), every
@@ -72,7 +59,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -83,114 +69,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
-from benchlib import CONFIGS, cost_model, log, median_time  # noqa: E402
+import transformers_bench  # noqa: E402
+from benchlib import (CONFIGS, compare_tokens, generation_cost_markdown, generation_limits, log,  # noqa: E402
+                      median_time, median_time_rotating, pct, rate, tree_nbytes)
 
 TARGET_DECODE_FP32 = 0.80  # of the bandwidth limit
 TARGET_PREFILL = 0.60  # of the matmul-rate limit
-HF_KIND = {"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}
-
-
-# ====================================================================================== cost models
-def _nbytes(tree) -> int:
-    import jax
-
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def expected_experts(cfg, batch: int) -> float:
-    """Distinct routed experts a decode step of ``batch`` tokens reads, per MoE layer: k at batch 1, else the
-    expectation under uniform independent routing."""
-    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    return float(k) if batch == 1 else E * (1.0 - (1.0 - k / E) ** batch)
-
-
-def decode_bytes(cfg, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """Bytes one decode step (``batch`` tokens) must move, from the config: weights touched once per step,
-    SSM states and conv windows read + written, KV read up to the current length (the mean over the
-    ``new_tokens`` steps: lengths prompt+1 .. prompt+new) plus the new K/V written."""
-    import jax.numpy as jnp
-
-    from nemojax.params import abstract_params
-
-    ap = abstract_params(cfg, dtype)
-    sz = jnp.dtype(dtype).itemsize
-    H = cfg.hidden_size
-    parts = {"mamba weights": 0, "attention weights": 0, "MoE router": 0, "MoE shared expert": 0,
-             "MoE routed experts": 0, "mlp weights": 0, "norms": _nbytes(ap["norm_f"]), "lm_head": 0,
-             "embedding rows": batch * H * sz, "SSM states (r+w)": 0, "conv windows (r+w)": 0,
-             "KV cache (read + write)": 0}
-    parts["lm_head"] = _nbytes(ap["embeddings"] if cfg.tie_word_embeddings else ap["lm_head"])
-    n_exp = expected_experts(cfg, batch)
-    mean_len = prompt_len + (new_tokens + 1) / 2
-    for i, kind in enumerate(cfg.pattern):
-        lp = ap["layers"][i]
-        parts["norms"] += _nbytes(lp["norm"])
-        m = lp["mixer"]
-        if kind == "M":
-            parts["mamba weights"] += _nbytes(m)
-            parts["SSM states (r+w)"] += 2 * batch * cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
-            parts["conv windows (r+w)"] += 2 * batch * (cfg.conv_kernel - 1) * cfg.mamba_conv_dim * sz
-        elif kind == "*":
-            parts["attention weights"] += _nbytes(m)
-            per_pos = 2 * batch * cfg.num_key_value_heads * cfg.head_dim * sz  # K and V of one position
-            parts["KV cache (read + write)"] += per_pos * (mean_len + 1)
-        elif kind == "E":
-            parts["MoE router"] += _nbytes(m["gate"]) + _nbytes(m["e_score_correction_bias"])
-            if "shared_experts" in m:
-                parts["MoE shared expert"] += _nbytes(m["shared_experts"])
-            parts["MoE routed experts"] += n_exp * _nbytes(m["experts"]) / cfg.n_routed_experts
-        elif kind == "-":
-            parts["mlp weights"] += _nbytes(m)
-    parts = {k: v for k, v in parts.items() if v}
-    total = sum(parts.values())
-    return {"parts": parts, "total": total, "per_token": total / batch, "experts_per_moe_layer": n_exp,
-            "mean_context": mean_len}
-
-
-def decode_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """FLOPs of one decode step (for the batch-8 compute floor): matmuls with top-k experts and lm_head, the
-    attention over the mean context, the SSM recurrence."""
-    c = cost_model(cfg, 1, 1)
-    mean_len = prompt_len + (new_tokens + 1) / 2
-    attn = cfg.pattern.count("*") * 4 * cfg.num_attention_heads * cfg.head_dim * mean_len
-    ssm = cfg.pattern.count("M") * 6 * cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size
-    return batch * (2 * c["params_active_matmul"] + attn + ssm)
-
-
-def prefill_flops(cfg, batch: int, seq: int) -> dict:
-    c = cost_model(cfg, batch, seq)
-    lm_skip = 2 * cfg.vocab_size * cfg.hidden_size * batch * (seq - 1)  # logits of the last position only
-    return {"matmul": c["flops_matmul"] - lm_skip, "attention": c["flops_attention"], "ssd": c["flops_ssd"],
-            "total": c["flops_total"] - lm_skip, "params_active_matmul": c["params_active_matmul"],
-            "params_total": c["params_total"]}
 
 
 # ====================================================================================== workers
 def run_worker(kind: str, spec: dict, cores: list[int], threads: int, workdir: str) -> dict:
     return benchlib.run_worker(__file__, kind, spec, cores, threads, workdir)
-
-
-def worker_limits(spec: dict) -> dict:
-    out = benchlib.worker_common() | {"gemm_n": spec["gemm_n"], "copy_mb": spec["copy_mb"]}
-    out["gemm"] = benchlib.gemm_rates(spec["gemm_n"], spec["gemm_repeats"], spec["threads"], bf16=True)
-    cp = benchlib.copy_bandwidth(spec["copy_mb"], spec["copy_repeats"])
-    out["copy_bytes_per_s"] = cp["nbytes"] / cp["s_median"]
-    out["copy_bytes_per_s_best"] = cp["nbytes"] / cp["s_best"]
-    out["copy_traffic_per_s"] = 2 * cp["nbytes"] / cp["s_median"]
-    log(f"  memory copy {spec['copy_mb']} MB: {out['copy_bytes_per_s'] / 1e9:.1f} GB/s copied "
-        f"({out['copy_traffic_per_s'] / 1e9:.1f} GB/s read+write traffic)")
-    rd = benchlib.read_bandwidth(spec["copy_mb"], spec["copy_repeats"], spec["threads"])
-    out["read_probes"] = {k: {"bytes_per_s": rd["nbytes"] / v["s_median"],
-                              "bytes_per_s_best": rd["nbytes"] / v["s_best"]} for k, v in rd["probes"].items()}
-    best = max(out["read_probes"], key=lambda k: out["read_probes"][k]["bytes_per_s"])
-    out["read_probe"] = best
-    out["read_bytes_per_s"] = out["read_probes"][best]["bytes_per_s"]
-    out["read_bytes_per_s_best"] = out["read_probes"][best]["bytes_per_s_best"]
-    log(f"  memory read {spec['copy_mb']} MB: " + ", ".join(
-        f"{k} {v['bytes_per_s'] / 1e9:.1f}" for k, v in out["read_probes"].items()) + " GB/s")
-    out["gemv"] = benchlib.gemv_bandwidth(spec["copy_mb"], spec["copy_repeats"], spec["threads"])
-    out["l3_bytes"] = benchlib.l3_cache_bytes()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- nemojax
@@ -313,21 +202,6 @@ def nemojax_generation(params, cfg, ids, new: int, repeats: int, chunk: int) -> 
     return res, toks[0]
 
 
-def _time_rotating(f, arg_sets, reps: int) -> float:
-    """Median seconds of ``f(*args)`` over ``reps`` rounds of every argument set in turn (distinct weights)."""
-    import jax
-
-    for a in arg_sets[:2]:
-        jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(reps):
-        for a in arg_sets:
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def nemojax_breakdown(params, cfg, ids, new: int, reps: int, l3: int) -> dict:
     """Decode-step times: the whole jitted step, every block kind and parts, lm_head (weights not cached)."""
     import numpy as np
@@ -372,27 +246,27 @@ def nemojax_breakdown(params, cfg, ids, new: int, reps: int, l3: int) -> dict:
     for kind in dict.fromkeys(cfg.pattern):
         i0 = cfg.pattern.index(kind)
         lp = params["layers"][i0]
-        layer_bytes = _nbytes(lp)
+        layer_bytes = tree_nbytes(lp)
         ncopy = int(min(16, max(2, math.ceil(4 * l3 / layer_bytes))))
         copies = [lp] + [jax.tree.map(lambda a: a.copy(), lp) for _ in range(ncopy - 1)]
         st = cache.layers[i0]
         f = jax.jit(lambda lp, h, st, posj, kvm, kind=kind: block(lp, cfg, kind, h, None, st, posj, kvm))
-        t = _time_rotating(f, [(c, h, st, posj, kv_mask) for c in copies], reps)
+        t = median_time_rotating(f, [(c, h, st, posj, kv_mask) for c in copies], reps)
         x = jax.jit(lambda w, h: rms_norm(h, w, cfg.layer_norm_epsilon))(lp["norm"], h)
         xf = x.reshape(-1, cfg.hidden_size)
         m = lp["mixer"]
-        st_bytes = 2 * _nbytes(st)
+        st_bytes = 2 * tree_nbytes(st)
         if kind == "E":
             w, idx = jax.jit(lambda g, b, xf: moe_mod.route(g, b, cfg, xf))(m["gate"], m["e_score_correction_bias"], xf)
             uniq = sorted(set(np.asarray(idx).reshape(-1).tolist()))
-            per_exp = _nbytes(m["experts"]) // cfg.n_routed_experts
-            touched = layer_bytes - _nbytes(m["experts"]) + len(uniq) * per_exp
+            per_exp = tree_nbytes(m["experts"]) // cfg.n_routed_experts
+            touched = layer_bytes - tree_nbytes(m["experts"]) + len(uniq) * per_exp
             note(f"block E (x{cfg.pattern.count('E')}; {len(uniq)} experts touched, {ncopy} weight copies)", t,
                  touched)
-            tr = _time_rotating(jax.jit(lambda g, b, xf: moe_mod.route(g, b, cfg, xf)),
+            tr = median_time_rotating(jax.jit(lambda g, b, xf: moe_mod.route(g, b, cfg, xf)),
                                 [(c["mixer"]["gate"], c["mixer"]["e_score_correction_bias"], xf) for c in copies], reps)
-            note("  E: router (fp32 gate + top-k)", tr, _nbytes(m["gate"]))
-            tg = _time_rotating(jax.jit(moe_mod.grouped_experts),
+            note("  E: router (fp32 gate + top-k)", tr, tree_nbytes(m["gate"]))
+            tg = median_time_rotating(jax.jit(moe_mod.grouped_experts),
                                 [(xf, w, idx, c["mixer"]["experts"]["up_proj"], c["mixer"]["experts"]["down_proj"])
                                  for c in copies], reps)
             note("  E: routed experts (grouped_experts)", tg, len(uniq) * per_exp)
@@ -413,28 +287,28 @@ def nemojax_breakdown(params, cfg, ids, new: int, reps: int, l3: int) -> dict:
                     acc = acc + comb[:, u:u + 1] * linear(relu2(linear(xf, up)), down).astype(jnp.float32)
                 return acc
 
-            ti = _time_rotating(jax.jit(ideal), [(xf, combj, u, d) for u, d in sel], reps)
+            ti = median_time_rotating(jax.jit(ideal), [(xf, combj, u, d) for u, d in sel], reps)
             note("  E: same experts as plain GEMV pairs (ideal)", ti, len(uniq) * per_exp)
             if "shared_experts" in m:
-                ts_ = _time_rotating(jax.jit(mlp), [(c["mixer"]["shared_experts"], x) for c in copies], reps)
-                note("  E: shared expert", ts_, _nbytes(m["shared_experts"]))
+                ts_ = median_time_rotating(jax.jit(mlp), [(c["mixer"]["shared_experts"], x) for c in copies], reps)
+                note("  E: shared expert", ts_, tree_nbytes(m["shared_experts"]))
         elif kind == "M":
             note(f"block M (x{cfg.pattern.count('M')}; {ncopy} weight copies)", t, layer_bytes + st_bytes)
-            ti = _time_rotating(jax.jit(linear), [(x, c["mixer"]["in_proj"]) for c in copies], reps)
-            note("  M: in_proj GEMV", ti, _nbytes(m["in_proj"]))
+            ti = median_time_rotating(jax.jit(linear), [(x, c["mixer"]["in_proj"]) for c in copies], reps)
+            note("  M: in_proj GEMV", ti, tree_nbytes(m["in_proj"]))
             g = jnp.asarray(rng.standard_normal((B, 1, cfg.mamba_d_inner)), dtype)
-            to = _time_rotating(jax.jit(linear), [(g, c["mixer"]["out_proj"]) for c in copies], reps)
-            note("  M: out_proj GEMV", to, _nbytes(m["out_proj"]))
+            to = median_time_rotating(jax.jit(linear), [(g, c["mixer"]["out_proj"]) for c in copies], reps)
+            note("  M: out_proj GEMV", to, tree_nbytes(m["out_proj"]))
             note("  M: rest (norm, conv, SSM step, gated norm, residual)", max(t - ti - to, 0.0), None)
         elif kind == "*":
             note(f"block * (x{cfg.pattern.count('*')}; {ncopy} weight copies)", t,
-                 layer_bytes + _nbytes(st) * (pos + 1) // cache.max_len)
+                 layer_bytes + tree_nbytes(st) * (pos + 1) // cache.max_len)
             nq, nkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             q = jnp.asarray(rng.standard_normal((B, 1, nq, Dh)), dtype)
             S = cache.max_len
             allowed = (jnp.arange(S)[None, None, :] <= pos) & kv_mask.astype(bool)[:, None, :]
-            ta = _time_rotating(jax.jit(attend), [(q, st["k"], st["v"], allowed)], reps * len(copies))
-            note(f"  *: attend over the whole cache (S={S})", ta, _nbytes(st))
+            ta = median_time_rotating(jax.jit(attend), [(q, st["k"], st["v"], allowed)], reps * len(copies))
+            note(f"  *: attend over the whole cache (S={S})", ta, tree_nbytes(st))
         else:
             note(f"block {kind} (x{cfg.pattern.count(kind)}; {ncopy} weight copies)", t, layer_bytes + st_bytes)
         res["block_ms"][kind] = t * 1e3
@@ -442,7 +316,7 @@ def nemojax_breakdown(params, cfg, ids, new: int, reps: int, l3: int) -> dict:
     jax.block_until_ready(lm(params, h))
     s, _ = median_time(lambda: jax.block_until_ready(lm(params, h)), reps)
     w_lm = params["embeddings"] if cfg.tie_word_embeddings else params["lm_head"]
-    note("lm_head (norm_f + GEMV)", s, _nbytes(w_lm))
+    note("lm_head (norm_f + GEMV)", s, tree_nbytes(w_lm))
     res["lm_head_ms"] = s * 1e3
     res["sum_blocks_ms"] = sum(res["block_ms"][k] * cfg.pattern.count(k) for k in res["block_ms"]) + res["lm_head_ms"]
     log(f"  nemojax B={B}: sum of blocks + lm_head {res['sum_blocks_ms']:.2f} ms vs whole step {res['step_ms']:.2f} ms")
@@ -476,183 +350,16 @@ def worker_nemojax(spec: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- transformers
-def hf_generation(model, ids, new: int, prefill_repeats: int, decode_repeats: int) -> tuple[dict, object, object]:
-    import torch
-
-    B, T = ids.shape
-    res = {"batch": B, "prompt_len": T, "new_tokens": new, "prefill_repeats": prefill_repeats,
-           "decode_repeats": decode_repeats}
-    # warm-up: a short prompt and a few steps (no compilation on this side; allocator and code paths)
-    o = model(ids[:, :64], use_cache=True, logits_to_keep=1)
-    pkv, tok = o.past_key_values, o.logits[:, -1].argmax(-1)
-    for _ in range(4):
-        o = model(tok[:, None], past_key_values=pkv, use_cache=True, logits_to_keep=1)
-        tok = o.logits[:, -1].argmax(-1)
-    pre = []
-    for r in range(prefill_repeats):
-        t0 = time.perf_counter()
-        o = model(ids, use_cache=True, logits_to_keep=1)
-        pre.append(time.perf_counter() - t0)
-        log(f"  transformers B={B} prefill {r + 1}/{prefill_repeats}: {pre[-1]:.3f} s ({B * T / pre[-1]:,.0f} tok/s)")
-    pkv0, tok0 = o.past_key_values, o.logits[:, -1].argmax(-1)
-    dec, toks, steps_med = [], [], []
-    for r in range(decode_repeats):
-        pkv, tok = copy.deepcopy(pkv0), tok0
-        out = [tok0]
-        st = []
-        t0 = time.perf_counter()
-        for _ in range(new - 1):
-            s0 = time.perf_counter()
-            o = model(tok[:, None], past_key_values=pkv, use_cache=True, logits_to_keep=1)
-            tok = o.logits[:, -1].argmax(-1)
-            st.append(time.perf_counter() - s0)
-            out.append(tok)
-        dec.append(time.perf_counter() - t0)
-        steps_med.append(statistics.median(st))
-        toks.append(torch.stack(out, 1).numpy().astype("int32"))
-        log(f"  transformers B={B} decode {r + 1}/{decode_repeats}: {new - 1} steps {dec[-1]:.3f} s "
-            f"({B * (new - 1) / dec[-1]:,.1f} tok/s; median step {steps_med[-1] * 1e3:.1f} ms)")
-    res["prefill_all_s"], res["decode_all_s"], res["step_median_all_s"] = pre, dec, steps_med
-    res["prefill_s"], res["decode_s"] = statistics.median(pre), statistics.median(dec)
-    res["decode_steps"] = new - 1
-    res["prompt_tokens"], res["generated_tokens"] = B * T, B * new
-    res["prefill_tok_s"] = B * T / res["prefill_s"]
-    res["decode_tok_s"] = B * (new - 1) / res["decode_s"]
-    res["decode_ms_per_step"] = res["decode_s"] / (new - 1) * 1e3
-    res["repeats_identical"] = all((t == toks[0]).all() for t in toks)
-    return res, toks[0], (pkv0, tok0)
-
-
-def hf_breakdown(model, pkv0, tok0, steps: int) -> dict:
-    """Per-layer decode times from forward hooks over ``steps`` single-token steps (distinct layers' weights)."""
-    import torch
-
-    layers = list(model.model.layers)
-    kinds = [HF_KIND.get(ly.block_type, "?") for ly in layers]
-    acc = {i: 0.0 for i in range(len(layers))} | {"lm_head": 0.0}
-    t_start = {}
-
-    def pre_hook(key):
-        def f(mod, args):
-            t_start[key] = time.perf_counter()
-        return f
-
-    def post_hook(key):
-        def f(mod, args, out):
-            acc[key] += time.perf_counter() - t_start[key]
-        return f
-
-    handles = []
-    for i, ly in enumerate(layers):
-        handles += [ly.register_forward_pre_hook(pre_hook(i)), ly.register_forward_hook(post_hook(i))]
-    handles += [model.lm_head.register_forward_pre_hook(pre_hook("lm_head")),
-                model.lm_head.register_forward_hook(post_hook("lm_head"))]
-    pkv, tok = copy.deepcopy(pkv0), tok0
-    t0 = time.perf_counter()
-    try:
-        for _ in range(steps):
-            o = model(tok[:, None], past_key_values=pkv, use_cache=True, logits_to_keep=1)
-            tok = o.logits[:, -1].argmax(-1)
-    finally:
-        for hd in handles:
-            hd.remove()
-    total = (time.perf_counter() - t0) / steps
-    res = {"step_ms": total * 1e3, "block_ms": {}, "steps": steps}
-    for k in dict.fromkeys(kinds):
-        idx = [i for i, c in enumerate(kinds) if c == k]
-        res["block_ms"][k] = sum(acc[i] for i in idx) / len(idx) / steps * 1e3
-    res["lm_head_ms"] = acc["lm_head"] / steps * 1e3
-    res["other_ms"] = res["step_ms"] - sum(acc[i] for i in range(len(layers))) / steps * 1e3 - res["lm_head_ms"]
-    log(f"  transformers decode breakdown (ms per call): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in res["block_ms"].items()) + f", lm_head {res['lm_head_ms']:.2f}, "
-        f"other {res['other_ms']:.2f}; step {res['step_ms']:.2f}")
-    return res
-
-
-def worker_torch(spec: dict) -> dict:
-    import numpy as np
-    import torch
-    import transformers
-    from transformers import NemotronHForCausalLM
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(spec["threads"])
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    out = benchlib.worker_common() | {"torch_version": torch.__version__,
-                                      "transformers_version": transformers.__version__,
-                                      "torch_threads": torch.get_num_threads(),
-                                      "torch_interop_threads": torch.get_num_interop_threads()}
-    t0 = time.perf_counter()
-    kw = {}
-    if spec.get("hf_experts_impl"):
-        kw["experts_implementation"] = spec["hf_experts_impl"]
-    model = NemotronHForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"]), **kw)
-    model.eval()
-    for layer in model.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = (0.0, float("inf"))  # the canonical no-clamp, as nemojax
-    out["load_s"] = time.perf_counter() - t0
-    out["attn_implementation"] = model.config._attn_implementation
-    out["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
-    prompts = np.load(spec["prompts"])
-    out["runs"] = {}
-    with torch.inference_mode():
-        for B in spec["batches"]:
-            ids = torch.from_numpy(prompts[:B].astype(np.int64))
-            log(f"[{spec['dtype']}] transformers batch {B}: prompt {ids.shape[1]}, {spec['new_tokens']} new tokens "
-                f"(attn={out['attn_implementation']}, experts={out['experts_implementation']})")
-            rep = spec["repeats"][str(B)]
-            r, toks, (pkv0, tok0) = hf_generation(model, ids, spec["new_tokens"], rep if B == 1 else 1, rep)
-            np.save(spec["tokens"][str(B)], toks)
-            if spec["breakdown"]:
-                r["breakdown"] = hf_breakdown(model, pkv0, tok0, 16)
-            del pkv0
-            out["runs"][str(B)] = r
-    return out
-
-
-WORKERS = {"limits": worker_limits, "nemojax": worker_nemojax, "torch": worker_torch}
+WORKERS = {"limits": benchlib.measure_limits, "nemojax": worker_nemojax,
+           "torch": transformers_bench.generation_worker}
 
 
 # ====================================================================================== driver
-def compare_tokens(a, b) -> dict:
-    import numpy as np
-
-    eq = a == b
-    prefix = [int(np.argmin(r)) if not r.all() else len(r) for r in eq]
-    return {"match": int(eq.sum()), "total": int(eq.size), "identical_prefix_min": min(prefix),
-            "identical_prefix_mean": float(np.mean(prefix)), "rows_identical": int(sum(r.all() for r in eq))}
-
-
-def gemm_limit(limits: dict, dtype: str) -> tuple[float, str]:
-    key = "fp32" if dtype == "float32" else "bf16"
-    cands = {k: v["gflops_median"] for k, v in limits["gemm"].items() if k.endswith(key)}
-    best = max(cands, key=cands.get)
-    return cands[best], best
-
 
 def derive(cfg, dtype: str, B: int, T: int, new: int, rj: dict, rt: dict, limits: dict) -> dict:
-    db = decode_bytes(cfg, dtype, B, T, new)
-    pf = prefill_flops(cfg, B, T)
-    gemm, gemm_src = gemm_limit(limits, dtype)
-    copy_bw, read_bw = limits["copy_bytes_per_s"], limits["read_bytes_per_s"]
-    dec_lim_copy = B * copy_bw / db["total"]
-    dec_lim_read = B * read_bw / db["total"]
-    pre_lim = B * T * gemm * 1e9 / pf["total"]
-    dflops = decode_flops(cfg, B, T, new)
-    d = {
-        "decode_bytes": db, "prefill_flops": pf, "gemm_limit_gflops": gemm, "gemm_limit_source": gemm_src,
-        "decode_limit_tok_s": dec_lim_copy, "decode_limit_read_tok_s": dec_lim_read,
-        "decode_flops_per_step": dflops,
-        # roofline with both floors (bytes at copy bandwidth, FLOPs at the GEMM rate): matters at batch 8
-        "decode_roofline_tok_s": B / max(db["total"] / copy_bw, dflops / (gemm * 1e9)),
-        "prefill_limit_tok_s": pre_lim,
-    }
+    d = generation_limits(cfg, dtype, B, T, new, limits)
+    db, dec_lim_copy, dec_lim_read = d["decode_bytes"], d["decode_limit_tok_s"], d["decode_limit_read_tok_s"]
+    pre_lim = d["prefill_limit_tok_s"]
     for side, r in (("nemojax", rj), ("transformers", rt)):
         d[f"{side}_decode_frac"] = r["decode_tok_s"] / dec_lim_copy
         d[f"{side}_decode_frac_read"] = r["decode_tok_s"] / dec_lim_read
@@ -661,14 +368,6 @@ def derive(cfg, dtype: str, B: int, T: int, new: int, rj: dict, rt: dict, limits
     d["decode_speedup"] = rj["decode_tok_s"] / rt["decode_tok_s"]
     d["prefill_speedup"] = rj["prefill_tok_s"] / rt["prefill_tok_s"]
     return d
-
-
-def _pct(x):
-    return f"{100 * x:.0f}%"
-
-
-def _f(x):
-    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
 def markdown(rep: dict) -> str:
@@ -686,17 +385,17 @@ def markdown(rep: dict) -> str:
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rep["results"]:
         j, t, d = r["nemojax"], r["transformers"], r["derived"]
-        tgt = f">= {_pct(TARGET_PREFILL)}"
-        L.append(f"| {r['dtype']} | {r['batch']} | prefill | {_f(j['prefill_tok_s'])} | {_f(t['prefill_tok_s'])} "
-                 f"| {d['prefill_speedup']:.2f}x | {_f(d['prefill_limit_tok_s'])} (GEMM "
-                 f"{d['gemm_limit_gflops']:.0f} GFLOP/s) | {_pct(d['nemojax_prefill_frac'])} "
-                 f"| {_pct(d['transformers_prefill_frac'])} | | | {tgt} |")
-        tgt = f">= {_pct(TARGET_DECODE_FP32)}" if r["dtype"] == "float32" and r["batch"] == 1 else ""
-        L.append(f"| {r['dtype']} | {r['batch']} | decode | {_f(j['decode_tok_s'])} | {_f(t['decode_tok_s'])} "
-                 f"| {d['decode_speedup']:.2f}x | {_f(d['decode_limit_tok_s'])} (copy BW) "
-                 f"| {_pct(d['nemojax_decode_frac'])} | {_pct(d['transformers_decode_frac'])} "
-                 f"| {_f(d['decode_limit_read_tok_s'])} (read BW) | {_pct(d['nemojax_decode_frac_read'])} / "
-                 f"{_pct(d['transformers_decode_frac_read'])} | {tgt} |")
+        tgt = f">= {pct(TARGET_PREFILL)}"
+        L.append(f"| {r['dtype']} | {r['batch']} | prefill | {rate(j['prefill_tok_s'])} | {rate(t['prefill_tok_s'])} "
+                 f"| {d['prefill_speedup']:.2f}x | {rate(d['prefill_limit_tok_s'])} (GEMM "
+                 f"{d['gemm_limit_gflops']:.0f} GFLOP/s) | {pct(d['nemojax_prefill_frac'])} "
+                 f"| {pct(d['transformers_prefill_frac'])} | | | {tgt} |")
+        tgt = f">= {pct(TARGET_DECODE_FP32)}" if r["dtype"] == "float32" and r["batch"] == 1 else ""
+        L.append(f"| {r['dtype']} | {r['batch']} | decode | {rate(j['decode_tok_s'])} | {rate(t['decode_tok_s'])} "
+                 f"| {d['decode_speedup']:.2f}x | {rate(d['decode_limit_tok_s'])} (copy BW) "
+                 f"| {pct(d['nemojax_decode_frac'])} | {pct(d['transformers_decode_frac'])} "
+                 f"| {rate(d['decode_limit_read_tok_s'])} (read BW) | {pct(d['nemojax_decode_frac_read'])} / "
+                 f"{pct(d['transformers_decode_frac_read'])} | {tgt} |")
     L.append("")
     L.append("prefill tok/s = prompt tokens / prefill seconds (median); decode tok/s: nemojax B x "
              f"{rep['new_tokens']} tokens / decode_s ({rep['new_tokens']} loop iterations, one forward each), "
@@ -718,9 +417,9 @@ def markdown(rep: dict) -> str:
             j, t, d = r["nemojax"], r["transformers"], r["derived"]
             rj = f"{j['decode_tok_s'] / one['nemojax']['decode_tok_s']:.2f}x" if one else ""
             rt = f"{t['decode_tok_s'] / one['transformers']['decode_tok_s']:.2f}x" if one else ""
-            L.append(f"| {r['dtype']} | {r['batch']} | {_f(j['decode_tok_s'])} | {_f(t['decode_tok_s'])} "
-                     f"| {d['decode_speedup']:.2f}x | {rj} | {rt} | {_f(d['decode_roofline_tok_s'])} "
-                     f"| {_pct(j['decode_tok_s'] / d['decode_roofline_tok_s'])} |")
+            L.append(f"| {r['dtype']} | {r['batch']} | {rate(j['decode_tok_s'])} | {rate(t['decode_tok_s'])} "
+                     f"| {d['decode_speedup']:.2f}x | {rj} | {rt} | {rate(d['decode_roofline_tok_s'])} "
+                     f"| {pct(j['decode_tok_s'] / d['decode_roofline_tok_s'])} |")
     L.append("")
     L.append("Compile and correctness:\n")
     L.append("| dtype | B | prefill: trace+lower / XLA compile s | decode: trace+lower / XLA compile s "
@@ -742,44 +441,9 @@ def markdown(rep: dict) -> str:
         L.append("nemojax batch invariance (row 0 of batch 8 vs batch 1, same prompt): "
                  + ", ".join(f"{k} {v['match']} of {v['total']}" for k, v in rep["batch_invariance"].items()) + ".")
     L.append("")
-    L.append(f"Machine limits, same run, same pinning ({rep['threads']} thread(s)):\n")
-    L.append("| measurement | value |")
-    L.append("|---|---|")
-    for k, v in lim["gemm"].items():
-        lib, dt = k.split("_")
-        L.append(f"| GEMM {lim['gemm_n']}^3 {lib} {dt} | {v['gflops_median']:.1f} GFLOP/s "
-                 f"(best {v['gflops_best']:.1f}) |")
-    L.append(f"| memory copy {lim['copy_mb']} MiB (np.copyto): bytes copied per s **(decode limit)** "
-             f"| {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (best {lim['copy_bytes_per_s_best'] / 1e9:.1f}) |")
-    L.append(f"| memory copy: read + write traffic | {lim['copy_traffic_per_s'] / 1e9:.1f} GB/s |")
-    for k, v in lim["read_probes"].items():
-        mark = " **(stricter decode limit: the fastest read probe)**" if k == lim["read_probe"] else ""
-        L.append(f"| memory read {lim['copy_mb']} MiB, {k}{mark} | {v['bytes_per_s'] / 1e9:.1f} GB/s "
-                 f"(best {v['bytes_per_s_best'] / 1e9:.1f}) |")
-    for k, v in lim["gemv"].items():
-        lib, dt, _ = k.split("_")
-        L.append(f"| GEMV x[1,1024] @ W^T over {lim['copy_mb']} MiB of distinct 16 MiB {dt} matrices, {lib} "
-                 f"(informational) | {v:.1f} GB/s |")
+    L += benchlib.limits_markdown(lim, rep["threads"])
     L.append("")
-    L.append("Bytes per decode step (config-derived, MB = 1e6 bytes):\n")
-    cols = [(r["dtype"], r["batch"], r["derived"]["decode_bytes"]) for r in rep["results"]]
-    keys = list(dict.fromkeys(k for _, _, db in cols for k in db["parts"]))
-    L.append("| part | " + " | ".join(f"{dt} B={b}" for dt, b, _ in cols) + " |")
-    L.append("|---|" + "---|" * len(cols))
-    for k in keys:
-        L.append(f"| {k} | " + " | ".join(f"{db['parts'].get(k, 0) / 1e6:.2f}" for _, _, db in cols) + " |")
-    L.append("| **total per step** | " + " | ".join(f"**{db['total'] / 1e6:.1f}**" for _, _, db in cols) + " |")
-    L.append("| routed experts read per MoE layer | " + " | ".join(
-        f"{db['experts_per_moe_layer']:.2f}" for _, _, db in cols) + " |")
-    L.append("")
-    r0 = rep["results"][0]["derived"]["prefill_flops"]
-    pfs = [r["derived"]["prefill_flops"] | {"batch": r["batch"]} for r in rep["results"]
-           if r["dtype"] == rep["results"][0]["dtype"]]
-    L.append("Prefill FLOPs: " + "; ".join(
-        f"B={p['batch']}: {p['total'] / 1e9:.1f} GFLOP (matmul {p['matmul'] / 1e9:.1f} + attention "
-        f"{p['attention'] / 1e9:.2f} + SSD {p['ssd'] / 1e9:.2f})" for p in pfs)
-        + f"; {r0['params_active_matmul'] / 1e6:.1f}M active matmul params (lm_head included, used for the last "
-        f"position only) of {r0['params_total'] / 1e6:.1f}M.")
+    L += generation_cost_markdown(rep["results"])
     if any("breakdown" in r["nemojax"] for r in rep["results"]):
         L.append("")
         L.append("Decode-step breakdown (weights not cache-resident: each piece rotates over distinct weight copies "

@@ -7,8 +7,10 @@ of the real 30B-A3B on a 24 GB GPU.
    * a trace recorded from the bundled trained model (16 experts, top-2, 3 MoE layers) answering chat prompts.
 2. Decode tok/s with the cache vs fully resident (random weights, ``--config medium`` by default).
 3. The 30B model: per-token transfer time = misses/token x bytes/expert / PCIe bandwidth on top of the
-   resident compute time, for the fork's BF16 cache 8 (its LFRU) and for 4.5-bit (NVFP4) / 5-bit (HLWQ Q5)
-   experts with ``ours`` at the same VRAM; compared with the fork's reported 16.4 tok/s.
+   resident compute time, for vllm-expert-offload's BF16 cache 8 (its LFRU; github
+   caiovicentino/vllm-expert-offload, the implementation behind vLLM PR #37190) and for 4.5-bit (NVFP4) / 5-bit
+   (HLWQ Q5) experts with ``ours`` at the same VRAM; compared with the 16.4 tok/s its model card reports (HF
+   caiovicentino1/Nemotron-Cascade-2-30B-A3B-HLWQ-Q5).
 
     python tools/bench_offload.py [--tokens 400] [--config medium] [--json]
 """
@@ -30,8 +32,8 @@ SIZES = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 # the real model (expert-offload reference §3, §6)
 EXPERT_BYTES = {"bf16": 19.96e6, "nvfp4": 1856 * 2688 * 2 * (0.5 + 1 / 16) + 8, "hlwq-q5": 6.50e6}
 NON_EXPERT_GB = 4.40
-FULL_BF16_TOKS = 54.5  # fork, resident BF16 (92 GB), tok/s
-FORK_CACHE8_TOKS = 16.4  # fork, cache 8, LFRU, BF16 slots
+FULL_BF16_TOKS = 54.5  # vllm-expert-offload model card: resident BF16 (92 GB), tok/s
+FORK_CACHE8_TOKS = 16.4  # vllm-expert-offload model card: cache 8, LFRU, BF16 slots
 PCIE = {"pcie4": 25e9, "pcie5": 50e9}  # pinned host->device bytes/s (x16, typical achieved)
 
 
@@ -133,10 +135,10 @@ def pcie_model(trace, synthetic_rows):
 
     Per token: resident compute + misses x bytes per expert / bandwidth + the policy's host time choosing victims
     (measured by the simulator on this machine; its end-of-forward bookkeeping is assumed to overlap the device).
-    The fork: BF16 slots, cache 8, its LFRU (what it reports 16.4 tok/s with; LRU also given). Ours at equal
-    VRAM, two ways: ``slots`` — the same 3.67 GB of expert slots (non-expert weights left aside); ``vram`` — the
-    same weight memory as the fork's (non-expert bf16 + 8 BF16 slots = 8.08 GB) with the 4-5-bit checkpoint as
-    published, whose non-expert weights are quantized too."""
+    vllm-expert-offload: BF16 slots, cache 8, its LFRU (what it reports 16.4 tok/s with; LRU also given).
+    nemojax (policy ``ours``) at equal VRAM, two ways: ``slots`` — the same 3.67 GB of expert slots (non-expert
+    weights left aside); ``vram`` — the same weight memory as vllm-expert-offload's (non-expert bf16 + 8 BF16
+    slots = 8.08 GB) with the 4-5-bit checkpoint as published, whose non-expert weights are quantized too."""
     from nemojax.policies import simulate
 
     by = {r["slots"]: r for r in synthetic_rows}
@@ -153,7 +155,7 @@ def pcie_model(trace, synthetic_rows):
         return t_compute + r["misses_per_token"] * EXPERT_BYTES[fmt] / bw + r["decide_us"] * 1e-6
 
     t_compute = 1.0 / FULL_BF16_TOKS
-    slot_bytes = 8 * 23 * EXPERT_BYTES["bf16"]  # the fork's slot memory at cache 8 (BF16)
+    slot_bytes = 8 * 23 * EXPERT_BYTES["bf16"]  # vllm-expert-offload's slot memory at cache 8 (BF16)
     weight_bytes = non_expert_bytes("bf16") + slot_bytes
     out = []
     for link, bw in PCIE.items():

@@ -5,15 +5,21 @@
 * worker processes: every measurement runs in a fresh ``python <tool> --_worker KIND --_spec FILE`` process
   pinned to the chosen core(s) with ``os.sched_setaffinity``, every thread-pool knob (OMP / MKL / OpenBLAS /
   XLA eigen) set to the thread count; the worker writes its result as JSON;
-* the analytic cost model of a full-sequence forward (FLOPs, weights read);
+* timing: medians of repeated calls, also rotating over distinct argument sets (weights not cache-resident);
+* the analytic cost model of a full-sequence forward (FLOPs, weights read) and of generation (bytes per decode
+  step, decode / prefill FLOPs, the limits they give at the measured rates) with its markdown table;
 * machine-limit probes run inside a pinned worker: GEMM rates (numpy / jax / torch), memory-copy, pure-read
-  and GEMV bandwidth.
+  and GEMV bandwidth; ``measure_limits`` runs them all and ``limits_markdown`` prints them;
+* token comparisons and number formats of the reports.
+
+The transformers side of the comparisons is ``tools/transformers_bench.py``.
 
 Nothing here imports jax, torch or nemojax at module level, so the driver processes stay light.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,6 +64,21 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts), ts
+
+
+def median_time_rotating(f, arg_sets, reps: int) -> float:
+    """Median seconds of ``f(*args)`` over ``reps`` rounds of every argument set in turn (distinct weights)."""
+    import jax
+
+    for a in arg_sets[:2]:
+        jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(reps):
+        for a in arg_sets:
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 # ====================================================================================== analytic cost model
@@ -106,6 +127,146 @@ def cost_model(cfg, batch: int, seq: int) -> dict:
         # weights a forward reads at least once (the embedding table only by row: not counted)
         "weight_elems_read": total_params - V * H,
     }
+
+
+# ====================================================================================== generation cost model
+def tree_nbytes(tree) -> int:
+    """Bytes of every array leaf of a pytree (abstract shapes too)."""
+    import jax
+
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def expected_experts(cfg, batch: int) -> float:
+    """Distinct routed experts a decode step of ``batch`` tokens reads, per MoE layer: k at batch 1, else the
+    expectation under uniform independent routing."""
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return float(k) if batch == 1 else E * (1.0 - (1.0 - k / E) ** batch)
+
+
+def decode_bytes(cfg, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Bytes one decode step (``batch`` tokens) must move, from the config alone: every Mamba, attention,
+    shared-expert, router, norm and lm_head weight once, the routed experts of each MoE layer (top-k at batch 1,
+    at batch B the expected number of distinct experts for uniform routing, E (1 - (1 - k/E)^B)), one embedding
+    row per sequence, in ``dtype`` (A_log, D, e_score_correction_bias fp32); the SSM states (fp32) and conv
+    windows read + written; the KV cache read up to the current length (the mean over the ``new_tokens``
+    steps: lengths prompt+1 .. prompt+new) plus the new K/V written."""
+    import jax.numpy as jnp
+
+    from nemojax.params import abstract_params
+
+    ap = abstract_params(cfg, dtype)
+    sz = jnp.dtype(dtype).itemsize
+    H = cfg.hidden_size
+    parts = {"mamba weights": 0, "attention weights": 0, "MoE router": 0, "MoE shared expert": 0,
+             "MoE routed experts": 0, "mlp weights": 0, "norms": tree_nbytes(ap["norm_f"]), "lm_head": 0,
+             "embedding rows": batch * H * sz, "SSM states (r+w)": 0, "conv windows (r+w)": 0,
+             "KV cache (read + write)": 0}
+    parts["lm_head"] = tree_nbytes(ap["embeddings"] if cfg.tie_word_embeddings else ap["lm_head"])
+    n_exp = expected_experts(cfg, batch)
+    mean_len = prompt_len + (new_tokens + 1) / 2
+    for i, kind in enumerate(cfg.pattern):
+        lp = ap["layers"][i]
+        parts["norms"] += tree_nbytes(lp["norm"])
+        m = lp["mixer"]
+        if kind == "M":
+            parts["mamba weights"] += tree_nbytes(m)
+            parts["SSM states (r+w)"] += 2 * batch * cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
+            parts["conv windows (r+w)"] += 2 * batch * (cfg.conv_kernel - 1) * cfg.mamba_conv_dim * sz
+        elif kind == "*":
+            parts["attention weights"] += tree_nbytes(m)
+            per_pos = 2 * batch * cfg.num_key_value_heads * cfg.head_dim * sz  # K and V of one position
+            parts["KV cache (read + write)"] += per_pos * (mean_len + 1)
+        elif kind == "E":
+            parts["MoE router"] += tree_nbytes(m["gate"]) + tree_nbytes(m["e_score_correction_bias"])
+            if "shared_experts" in m:
+                parts["MoE shared expert"] += tree_nbytes(m["shared_experts"])
+            parts["MoE routed experts"] += n_exp * tree_nbytes(m["experts"]) / cfg.n_routed_experts
+        elif kind == "-":
+            parts["mlp weights"] += tree_nbytes(m)
+    parts = {k: v for k, v in parts.items() if v}
+    total = sum(parts.values())
+    return {"parts": parts, "total": total, "per_token": total / batch, "experts_per_moe_layer": n_exp,
+            "mean_context": mean_len}
+
+
+def decode_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """FLOPs of one decode step (for the batch-8 compute floor): matmuls with top-k experts and lm_head, the
+    attention over the mean context, the SSM recurrence."""
+    c = cost_model(cfg, 1, 1)
+    mean_len = prompt_len + (new_tokens + 1) / 2
+    attn = cfg.pattern.count("*") * 4 * cfg.num_attention_heads * cfg.head_dim * mean_len
+    ssm = cfg.pattern.count("M") * 6 * cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size
+    return batch * (2 * c["params_active_matmul"] + attn + ssm)
+
+
+def prefill_flops(cfg, batch: int, seq: int) -> dict:
+    """FLOPs of a prefill of ``batch`` x ``seq`` tokens: :func:`cost_model` (2 x active matmul params x tokens,
+    top-k experts, + causal attention + chunked SSD) with lm_head for the last position only (generation
+    computes last-position logits only)."""
+    c = cost_model(cfg, batch, seq)
+    lm_skip = 2 * cfg.vocab_size * cfg.hidden_size * batch * (seq - 1)  # logits of the last position only
+    return {"matmul": c["flops_matmul"] - lm_skip, "attention": c["flops_attention"], "ssd": c["flops_ssd"],
+            "total": c["flops_total"] - lm_skip, "params_active_matmul": c["params_active_matmul"],
+            "params_total": c["params_total"]}
+
+
+def generation_limits(cfg, dtype: str, B: int, T: int, new: int, limits: dict) -> dict:
+    """Generation limits of a batch of ``B`` prompts of ``T`` tokens and ``new`` new tokens in ``dtype``, from the
+    config and :func:`measure_limits`' results: decode tok/s at the copy and at the read bandwidth
+    (:func:`decode_bytes`), the decode roofline (bytes at copy bandwidth, FLOPs at the GEMM rate) and prefill
+    tok/s at the GEMM rate (:func:`prefill_flops`)."""
+    db = decode_bytes(cfg, dtype, B, T, new)
+    pf = prefill_flops(cfg, B, T)
+    gemm, gemm_src = gemm_limit(limits, dtype)
+    copy_bw, read_bw = limits["copy_bytes_per_s"], limits["read_bytes_per_s"]
+    dec_lim_copy = B * copy_bw / db["total"]
+    dec_lim_read = B * read_bw / db["total"]
+    pre_lim = B * T * gemm * 1e9 / pf["total"]
+    dflops = decode_flops(cfg, B, T, new)
+    return {
+        "decode_bytes": db, "prefill_flops": pf, "gemm_limit_gflops": gemm, "gemm_limit_source": gemm_src,
+        "decode_limit_tok_s": dec_lim_copy, "decode_limit_read_tok_s": dec_lim_read,
+        "decode_flops_per_step": dflops,
+        # roofline with both floors (bytes at copy bandwidth, FLOPs at the GEMM rate): matters at batch 8
+        "decode_roofline_tok_s": B / max(db["total"] / copy_bw, dflops / (gemm * 1e9)),
+        "prefill_limit_tok_s": pre_lim,
+    }
+
+
+def generation_cost_markdown(results: list[dict]) -> list[str]:
+    """The bytes-per-decode-step table and the prefill FLOPs line of results carrying
+    ``{"dtype", "batch", "derived": generation_limits(...)}``."""
+    L = []
+    L.append("Bytes per decode step (config-derived, MB = 1e6 bytes):\n")
+    cols = [(r["dtype"], r["batch"], r["derived"]["decode_bytes"]) for r in results]
+    keys = list(dict.fromkeys(k for _, _, db in cols for k in db["parts"]))
+    L.append("| part | " + " | ".join(f"{dt} B={b}" for dt, b, _ in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for k in keys:
+        L.append(f"| {k} | " + " | ".join(f"{db['parts'].get(k, 0) / 1e6:.2f}" for _, _, db in cols) + " |")
+    L.append("| **total per step** | " + " | ".join(f"**{db['total'] / 1e6:.1f}**" for _, _, db in cols) + " |")
+    L.append("| routed experts read per MoE layer | " + " | ".join(
+        f"{db['experts_per_moe_layer']:.2f}" for _, _, db in cols) + " |")
+    L.append("")
+    r0 = results[0]["derived"]["prefill_flops"]
+    pfs = [r["derived"]["prefill_flops"] | {"batch": r["batch"]} for r in results
+           if r["dtype"] == results[0]["dtype"]]
+    L.append("Prefill FLOPs: " + "; ".join(
+        f"B={p['batch']}: {p['total'] / 1e9:.1f} GFLOP (matmul {p['matmul'] / 1e9:.1f} + attention "
+        f"{p['attention'] / 1e9:.2f} + SSD {p['ssd'] / 1e9:.2f})" for p in pfs)
+        + f"; {r0['params_active_matmul'] / 1e6:.1f}M active matmul params (lm_head included, used for the last "
+        f"position only) of {r0['params_total'] / 1e6:.1f}M.")
+    return L
+
+
+def pct(x) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def rate(x) -> str:
+    """A tokens/s figure: no decimals from 100 on, one below."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
 # ====================================================================================== workers
@@ -361,3 +522,71 @@ def gemv_bandwidth(mb: int, reps: int, threads: int, cols: int = 1024, mat_mb: i
         log(f"  GEMV over {n_mats} x {mat_mb} MiB {name} matrices: jax {out[f'jax_{name}_gbs']:.1f} GB/s, "
             f"torch {out[f'torch_{name}_gbs']:.1f} GB/s")
     return out
+
+
+def measure_limits(spec: dict) -> dict:
+    """The machine's limits on the pinned core(s), for a worker: the GEMM rates (``spec["gemm_n"]``^3, numpy / jax /
+    torch, fp32 and bf16), the memory-copy bandwidth of ``spec["copy_mb"]`` MiB (bytes copied per second, the
+    decode limit; the read + write traffic is twice that), the pure-read probes of the same size (the fastest
+    median is the read bandwidth, the stricter decode limit), decode-style GEMVs over that many MiB of distinct
+    16 MiB matrices (informational) and the last-level cache size."""
+    out = worker_common() | {"gemm_n": spec["gemm_n"], "copy_mb": spec["copy_mb"]}
+    out["gemm"] = gemm_rates(spec["gemm_n"], spec["gemm_repeats"], spec["threads"], bf16=True)
+    cp = copy_bandwidth(spec["copy_mb"], spec["copy_repeats"])
+    out["copy_bytes_per_s"] = cp["nbytes"] / cp["s_median"]
+    out["copy_bytes_per_s_best"] = cp["nbytes"] / cp["s_best"]
+    out["copy_traffic_per_s"] = 2 * cp["nbytes"] / cp["s_median"]
+    log(f"  memory copy {spec['copy_mb']} MB: {out['copy_bytes_per_s'] / 1e9:.1f} GB/s copied "
+        f"({out['copy_traffic_per_s'] / 1e9:.1f} GB/s read+write traffic)")
+    rd = read_bandwidth(spec["copy_mb"], spec["copy_repeats"], spec["threads"])
+    out["read_probes"] = {k: {"bytes_per_s": rd["nbytes"] / v["s_median"],
+                              "bytes_per_s_best": rd["nbytes"] / v["s_best"]} for k, v in rd["probes"].items()}
+    best = max(out["read_probes"], key=lambda k: out["read_probes"][k]["bytes_per_s"])
+    out["read_probe"] = best
+    out["read_bytes_per_s"] = out["read_probes"][best]["bytes_per_s"]
+    out["read_bytes_per_s_best"] = out["read_probes"][best]["bytes_per_s_best"]
+    log(f"  memory read {spec['copy_mb']} MB: " + ", ".join(
+        f"{k} {v['bytes_per_s'] / 1e9:.1f}" for k, v in out["read_probes"].items()) + " GB/s")
+    out["gemv"] = gemv_bandwidth(spec["copy_mb"], spec["copy_repeats"], spec["threads"])
+    out["l3_bytes"] = l3_cache_bytes()
+    return out
+
+
+def gemm_limit(limits: dict, dtype: str) -> tuple[float, str]:
+    """(GFLOP/s, probe) of the fastest GEMM median of ``measure_limits`` in ``dtype``'s precision."""
+    key = "fp32" if dtype == "float32" else "bf16"
+    cands = {k: v["gflops_median"] for k, v in limits["gemm"].items() if k.endswith(key)}
+    best = max(cands, key=cands.get)
+    return cands[best], best
+
+
+def limits_markdown(lim: dict, threads: int) -> list[str]:
+    """The markdown table of :func:`measure_limits`' results (one line per list item)."""
+    L = [f"Machine limits, same run, same pinning ({threads} thread(s)):\n", "| measurement | value |", "|---|---|"]
+    for k, v in lim["gemm"].items():
+        lib, dt = k.split("_")
+        L.append(f"| GEMM {lim['gemm_n']}^3 {lib} {dt} | {v['gflops_median']:.1f} GFLOP/s "
+                 f"(best {v['gflops_best']:.1f}) |")
+    L.append(f"| memory copy {lim['copy_mb']} MiB (np.copyto): bytes copied per s **(decode limit)** "
+             f"| {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (best {lim['copy_bytes_per_s_best'] / 1e9:.1f}) |")
+    L.append(f"| memory copy: read + write traffic | {lim['copy_traffic_per_s'] / 1e9:.1f} GB/s |")
+    for k, v in lim["read_probes"].items():
+        mark = " **(stricter decode limit: the fastest read probe)**" if k == lim["read_probe"] else ""
+        L.append(f"| memory read {lim['copy_mb']} MiB, {k}{mark} | {v['bytes_per_s'] / 1e9:.1f} GB/s "
+                 f"(best {v['bytes_per_s_best'] / 1e9:.1f}) |")
+    for k, v in lim["gemv"].items():
+        lib, dt, _ = k.split("_")
+        L.append(f"| GEMV x[1,1024] @ W^T over {lim['copy_mb']} MiB of distinct 16 MiB {dt} matrices, {lib} "
+                 f"(informational) | {v:.1f} GB/s |")
+    return L
+
+
+# ====================================================================================== comparisons
+def compare_tokens(a, b) -> dict:
+    """Position-by-position agreement of two token arrays [B, N]."""
+    import numpy as np
+
+    eq = a == b
+    prefix = [int(np.argmin(r)) if not r.all() else len(r) for r in eq]
+    return {"match": int(eq.sum()), "total": int(eq.size), "identical_prefix_min": min(prefix),
+            "identical_prefix_mean": float(np.mean(prefix)), "rows_identical": int(sum(r.all() for r in eq))}
