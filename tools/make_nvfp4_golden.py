@@ -267,6 +267,22 @@ def exact(a, b):
     return bool(torch.equal(a.float().reshape(()), b.float().reshape(())))
 
 
+def manifest_lines(out, path):
+    """``# <path relative to out>`` then ``name\tdtype\tshape`` per tensor of a safetensors file."""
+    return [f"# {path.relative_to(out)}"] + [f"{n}\t{d}\t{s}" for n, d, s in safetensors_table(path)]
+
+
+def write_outputs(out, manifest, readme, rep):
+    """manifest.txt, README.md and verify.txt under ``out``; prints the report; exit status (1 if a check
+    failed)."""
+    (out / "manifest.txt").write_text("\n".join(manifest) + "\n")
+    (out / "README.md").write_text(readme)
+    (out / "verify.txt").write_text("\n".join(rep.lines) + "\n")
+    print("\n".join(rep.lines))
+    print(f"\n{rep.failures} failed checks; wrote {out}")
+    return 1 if rep.failures else 0
+
+
 class Report:
     def __init__(self):
         self.lines, self.failures = [], 0
@@ -329,32 +345,32 @@ def seq_first_weight(gen):
     return w.to(torch.bfloat16)
 
 
-def make_seq(out, rep):
+def seq_model(w0, b0, w2):
+    """nn.Sequential(Linear(64, 128, bias), ReLU, Linear(128, 48)) in bf16 with these weights."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=True), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 48, bias=False)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(w0)
+        model[0].bias.copy_(b0)
+        model[2].weight.copy_(w2)
+    return model
+
+
+def quantize_export_seq(model, quant_cfg, calib, x_test, linears, out, keep_inputs=False):
+    """Quantize the bf16 nn.Sequential ``model`` with ``quant_cfg`` (max calibration on ``calib``), run
+    ``x_test`` through it, export the quantized ``linears`` with ModelOpt's per-module export and write
+    ``out``/{model.safetensors, hf_quant_config.json, reference.npz} (see the module docstring). Captures per
+    linear ``<i>.input_fq`` / ``<i>.weight_fq`` (and ``<i>.input`` with ``keep_inputs``).
+
+    Returns (bf16 state dict, captured tensors, calibrated amaxes, y_bf16, y_fakequant)."""
     import modelopt.torch.quantization as mtq
-    import numpy as np
     import torch
     from modelopt.torch.export.quant_utils import get_quant_config, postprocess_state_dict
     from modelopt.torch.export.unified_export_hf import _export_quantized_weight
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(20240617)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=True), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 48, bias=False)).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        model[0].weight.copy_(seq_first_weight(gen))
-        model[0].bias.copy_(torch.randn(128, generator=gen) * 0.1)
-        w2 = torch.randn(48, 128, generator=gen) * 0.08
-        w2[0, 32:48] = 0.0
-        w2[1, :16] = -w2[1, :16].abs()
-        model[2].weight.copy_(w2)
-    calib = torch.randn(4, 8, 64, generator=gen).mul(2.0).to(torch.bfloat16)
-    x_test = torch.randn(6, 64, generator=gen).mul(2.0)
-    x_test[0, :16] = 0.0  # zero activation block
-    x_test[1, 16:32] *= 4.0  # beyond the calibrated range: block scale saturates at 448, values at 6
-    x_test[2, 32:48] = 1e-4  # small activation block: block scale in the e4m3 subnormal range
-    x_test[3, 48:64] = 1e-6  # tiny activation block: scale < 1e-5 -> 1.0 in the fake quant (reads as zero)
-    x_test = x_test.to(torch.bfloat16)
     w_bf16 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         y_bf16 = model(x_test)
@@ -364,12 +380,13 @@ def make_seq(out, rep):
             for batch in calib:
                 m(batch)
 
-    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), forward_loop)
-    linears = ("0", "2")
+    model = mtq.quantize(model, copy.deepcopy(quant_cfg), forward_loop)
     captured = {}
 
     def capture(name):
         def hook(mod, args, output):
+            if keep_inputs:
+                captured[f"{name}.input"] = args[0].detach().clone()
             captured[f"{name}.input_fq"] = mod.input_quantizer(args[0]).detach().clone()
             captured[f"{name}.weight_fq"] = mod.weight_quantizer(mod.weight).detach().clone()
 
@@ -398,6 +415,31 @@ def make_seq(out, rep):
     arrays.update({k: f32(v) for k, v in captured.items()})
     arrays.update({k: f32(v) for k, v in amax.items()})
     save_npz(out / "reference.npz", arrays)
+    return w_bf16, captured, amax, y_bf16, y_fq
+
+
+def make_seq(out, rep):
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(20240617)
+    w0 = seq_first_weight(gen)
+    b0 = torch.randn(128, generator=gen) * 0.1
+    w2 = torch.randn(48, 128, generator=gen) * 0.08
+    w2[0, 32:48] = 0.0
+    w2[1, :16] = -w2[1, :16].abs()
+    model = seq_model(w0, b0, w2)
+    calib = torch.randn(4, 8, 64, generator=gen).mul(2.0).to(torch.bfloat16)
+    x_test = torch.randn(6, 64, generator=gen).mul(2.0)
+    x_test[0, :16] = 0.0  # zero activation block
+    x_test[1, 16:32] *= 4.0  # beyond the calibrated range: block scale saturates at 448, values at 6
+    x_test[2, 32:48] = 1e-4  # small activation block: block scale in the e4m3 subnormal range
+    x_test[3, 48:64] = 1e-6  # tiny activation block: scale < 1e-5 -> 1.0 in the fake quant (reads as zero)
+    x_test = x_test.to(torch.bfloat16)
+    linears = ("0", "2")
+    w_bf16, captured, amax, y_bf16, y_fq = quantize_export_seq(model, mtq.NVFP4_DEFAULT_CFG, calib, x_test, linears,
+                                                               out)
 
     rep.add("# seq (NVFP4_DEFAULT_CFG, per-module export)")
     exp = load_safetensors(out)
@@ -483,6 +525,76 @@ def quantized_weights(model):
     return out
 
 
+def in_memory_name(export_name):
+    """backbone.layers.L.mixer.experts.E.up_proj -> model.layers.L.mixer.experts.E.up_proj (quantized_weights'
+    naming: transformers' in-memory prefix)."""
+    return "model." + export_name.removeprefix("backbone.")
+
+
+def check_exported_linears(rep, exp, source, exported_q, fq, check, fmt):
+    """``check(rep, name, exp, w_bf16, w_amax, in_amax, weight_fq) -> counts`` for every exported quantized
+    linear (``fq``: quantized_weights' tensors by in-memory name), after checking its in-memory weight is the
+    source's; returns the counts summed over the linears."""
+    import torch
+
+    totals = None
+    for name in exported_q:
+        key = in_memory_name(name)
+        if key not in fq:
+            rep.add(f"{name}: exported as {fmt} but no enabled weight quantizer {key}", False)
+            continue
+        w, w_amax, in_amax, w_fq = fq[key]
+        src_w = source.get(name + ".weight")
+        if src_w is None or not torch.equal(src_w.to(torch.bfloat16), w):
+            rep.add(f"{name}: in-memory bf16 weight differs from the source checkpoint", False)
+        counts = check(rep, name, exp, w, w_amax, in_amax, w_fq)
+        totals = counts if totals is None else tuple(a + b for a, b in zip(totals, counts))
+    return totals
+
+
+def check_unquantized(rep, exp, source, exported_q, fq):
+    """The export's unquantized tensors equal the source cast to the export dtype; every exported quantized
+    linear ``exported_q`` has an enabled weight quantizer in ``fq`` and vice versa."""
+    import torch
+
+    changed, cast_only = [], []
+    for k, t in sorted(exp.items()):
+        if k.rsplit(".", 1)[0] in exported_q or k.endswith((".k_scale", ".v_scale")):
+            continue
+        s = source.get(k)
+        if s is None:
+            changed.append(f"{k} (not in source)")
+        elif not torch.equal(s.to(t.dtype), t):
+            changed.append(k)
+        elif s.dtype != t.dtype:
+            cast_only.append(f"{k.rsplit('.', 1)[1]} {str(s.dtype)[6:]}->{str(t.dtype)[6:]}")
+    rep.add(f"unquantized tensors == source cast to the export dtype: {not changed} {changed}", not changed)
+    rep.add(f"note: unquantized tensors whose dtype changed in the export: {sorted(set(cast_only))}")
+    missing = sorted(set(in_memory_name(n) for n in exported_q) ^ set(fq))
+    rep.add(f"quantized linears: {len(exported_q)} exported, {len(fq)} enabled weight quantizers; "
+            f"unmatched: {missing}", not missing)
+
+
+def check_kv_scales(rep, exp, kv):
+    """k_scale / v_scale == the k/v_bmm quantizer's amax / 448, one pair per calibrated attention layer."""
+    for k in sorted(exp):
+        if k.endswith((".k_scale", ".v_scale")):
+            letter = k[-7]
+            buf = in_memory_name(k.rsplit(".", 2)[0]) + f".{letter}_bmm_quantizer._amax"
+            ok = buf in kv and exact(exp[k], kv[buf].float() / E4M3_MAX)
+            rep.add(f"{k} = {exp[k].item():.6g} == {letter}_bmm amax/448: {ok}", ok)
+    n_kv_exp = sum(k.endswith((".k_scale", ".v_scale")) for k in exp)
+    rep.add(f"kv scales exported {n_kv_exp}, kv quantizers calibrated {len(kv)}", n_kv_exp == len(kv))
+
+
+def check_exclude_modules(rep, hf_quant_config):
+    """exclude_modules holds no junk left by the name mapper (see patch_exclude_name_mapper)."""
+    excl = hf_quant_config["quantization"].get("exclude_modules") or []
+    rep.add(f"exclude_modules clean (no control chars / 'sentinel'): "
+            f"{all(ch.isprintable() for e in excl for ch in e) and not any('sentinel' in e for e in excl)}",
+            all(ch.isprintable() for e in excl for ch in e) and not any("sentinel" in e for e in excl))
+
+
 def make_nemotronh(out, rep):
     import modelopt.torch.quantization as mtq
     import numpy as np
@@ -546,22 +658,7 @@ def make_nemotronh(out, rep):
     source = load_safetensors(src)
     exported_q = sorted(k.removesuffix(".weight_scale_2") for k in exp if k.endswith(".weight_scale_2"))
 
-    def in_memory(export_name):
-        # backbone.layers.L.mixer.experts.E.up_proj -> model.layers.L.mixer.experts.E.up_proj (our qw naming)
-        return "model." + export_name.removeprefix("backbone.")
-
-    tot_bad = tot_under = tot_blk = 0
-    for name in exported_q:
-        key = in_memory(name)
-        if key not in fq:
-            rep.add(f"{name}: exported as NVFP4 but no enabled weight quantizer {key}", False)
-            continue
-        w, w_amax, in_amax, w_fq = fq[key]
-        src_w = source.get(name + ".weight")
-        if src_w is None or not torch.equal(src_w.to(torch.bfloat16), w):
-            rep.add(f"{name}: in-memory bf16 weight differs from the source checkpoint", False)
-        b, u, n = check_linear(rep, name, exp, w, w_amax, in_amax, w_fq)
-        tot_bad, tot_under, tot_blk = tot_bad + b, tot_under + u, tot_blk + n
+    tot_bad, tot_under, tot_blk = check_exported_linears(rep, exp, source, exported_q, fq, check_linear, "NVFP4")
     # routed experts: one input quantizer per fused bank in transformers 5 -> equal input_scale for all experts
     banks = {}
     for n in exported_q:
@@ -570,41 +667,15 @@ def make_nemotronh(out, rep):
             banks.setdefault(f"{bank}.E.{proj}", set()).add(exp[n + ".input_scale"].item())
     for bank, vals in sorted(banks.items()):
         rep.add(f"note: {bank}.input_scale: {len(vals)} distinct value(s) over the experts {sorted(vals)}")
-    # unquantized tensors: the export's copy equals the source cast to the export dtype
-    changed, cast_only = [], []
-    for k, t in sorted(exp.items()):
-        if k.rsplit(".", 1)[0] in exported_q or k.endswith((".k_scale", ".v_scale")):
-            continue
-        s = source.get(k)
-        if s is None:
-            changed.append(f"{k} (not in source)")
-        elif not torch.equal(s.to(t.dtype), t):
-            changed.append(k)
-        elif s.dtype != t.dtype:
-            cast_only.append(f"{k.rsplit('.', 1)[1]} {str(s.dtype)[6:]}->{str(t.dtype)[6:]}")
-    rep.add(f"unquantized tensors == source cast to the export dtype: {not changed} {changed}", not changed)
-    rep.add(f"note: unquantized tensors whose dtype changed in the export: {sorted(set(cast_only))}")
-    missing = sorted(set(in_memory(n) for n in exported_q) ^ set(fq))
-    rep.add(f"quantized linears: {len(exported_q)} exported, {len(fq)} enabled weight quantizers; "
-            f"unmatched: {missing}", not missing)
+    check_unquantized(rep, exp, source, exported_q, fq)
     rep.add(f"TOTAL nemotronh blocks dequant(export)!=fakequant: {tot_bad}/{tot_blk} (scale-underflow {tot_under})",
             tot_bad == tot_under)
-    for k in sorted(exp):
-        if k.endswith((".k_scale", ".v_scale")):
-            letter = k[-7]
-            buf = in_memory(k.rsplit(".", 2)[0]) + f".{letter}_bmm_quantizer._amax"
-            ok = buf in kv and exact(exp[k], kv[buf].float() / E4M3_MAX)
-            rep.add(f"{k} = {exp[k].item():.6g} == {letter}_bmm amax/448: {ok}", ok)
-    n_kv_exp = sum(k.endswith((".k_scale", ".v_scale")) for k in exp)
-    rep.add(f"kv scales exported {n_kv_exp}, kv quantizers calibrated {len(kv)}", n_kv_exp == len(kv))
+    check_kv_scales(rep, exp, kv)
 
     # facts for the report
     hfq = json.loads((exp_dir / "hf_quant_config.json").read_text())
     conf = json.loads((exp_dir / "config.json").read_text())
-    excl = hfq["quantization"].get("exclude_modules") or []
-    rep.add(f"exclude_modules clean (no control chars / 'sentinel'): "
-            f"{all(ch.isprintable() for e in excl for ch in e) and not any('sentinel' in e for e in excl)}",
-            all(ch.isprintable() for e in excl for ch in e) and not any("sentinel" in e for e in excl))
+    check_exclude_modules(rep, hfq)
     notes = [
         f"hf_quant_config.quantization: {json.dumps(hfq['quantization'])}",
         f"config.json has quantization_config: {'quantization_config' in conf}",
@@ -669,18 +740,12 @@ def main(argv=None):
     manifest = []
     if not args.skip_seq:
         make_seq(out / "seq", rep)
-        manifest += ["# seq/model.safetensors"] + [f"{n}\t{d}\t{s}" for n, d, s in
-                                                   safetensors_table(out / "seq" / "model.safetensors")]
+        manifest += manifest_lines(out, out / "seq" / "model.safetensors")
     if not args.skip_nemotronh:
         make_nemotronh(out / "nemotronh", rep)
         for p in sorted((out / "nemotronh" / "export").glob("*.safetensors")):
-            manifest += [f"# nemotronh/export/{p.name}"] + [f"{n}\t{d}\t{s}" for n, d, s in safetensors_table(p)]
-    (out / "manifest.txt").write_text("\n".join(manifest) + "\n")
-    (out / "README.md").write_text(README)
-    (out / "verify.txt").write_text("\n".join(rep.lines) + "\n")
-    print("\n".join(rep.lines))
-    print(f"\n{rep.failures} failed checks; wrote {out}")
-    return 1 if rep.failures else 0
+            manifest += manifest_lines(out, p)
+    return write_outputs(out, manifest, README, rep)
 
 
 if __name__ == "__main__":

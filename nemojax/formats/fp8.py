@@ -1,0 +1,193 @@
+"""FP8 (E4M3) weights as NVIDIA ModelOpt exports them (``quant_algo: FP8``): per linear a ``float8_e4m3fn``
+``weight`` [N, K], a float32 per-tensor ``weight_scale`` (one per expert for routed experts) and, for W8A8, a
+float32 static ``input_scale``. Quantization is bit-exact with ModelOpt 0.47's export path:
+
+    weight_scale = float32(amax) / 448                 amax = max|W| of the matrix (of the expert)
+    weight       = e4m3(dtype(float32(W) / weight_scale))
+    W           ~= float32(weight) * weight_scale
+
+``dtype`` is the export dtype (bf16 in practice): ModelOpt divides the bf16 tensor by a 0-d float32 scale, which
+torch evaluates in float32 and rounds to **bf16**, and only then casts to e4m3 -- two round-to-nearest-even
+steps. Rounding the float32 quotient straight to e4m3 differs in ~3% of the elements. No clamp is needed:
+``|W| / weight_scale <= 448`` up to an ulp.
+
+Activations (W8A8) are fake-quantized per tensor with the static scale as ModelOpt's own FP8 fake quant
+(``tensor_quant._fp8_eager``) does it: ``m = 448 * (1 / amax)`` (torch's ``448.0 / amax`` is a reciprocal
+times 448), ``x_hat = e4m3(clip(x * m, +-448)) * (1 / m)``. The calibrated amax is recovered from
+``input_scale = amax / 448`` exactly: ModelOpt keeps amax in the model dtype (bf16), and ``input_scale * 448``
+rounded to bf16 is that amax (``calib_dtype``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = ["FP8Weight", "quantize", "dequantize", "fake_quant", "activation_multiplier", "check_quantizable",
+           "QuantError", "E4M3_MAX", "MODES"]
+
+E4M3_MAX = 448.0
+MODES = ("w8a16", "w8a8")
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+class QuantError(ValueError):
+    """Input the FP8 format cannot take (shape, non-finite values, inconsistent scales); names the tensor."""
+
+
+def _div(a, b):
+    """IEEE ``a / b`` also under jit: XLA turns ``x / broadcast(d)`` into ``x * (1/d)``, which is off by an ulp
+    now and then and flips e4m3 rounding ties. Materialising ``b`` behind a barrier prevents it."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))))
+
+
+def _rounded(x, dtype):
+    """``x.astype(dtype)`` that stays a rounding: behind a barrier no convert-chain simplification (XLA may drop
+    an ``f32 -> bf16 -> f32`` pair when excess precision is allowed) can skip it."""
+    return jax.lax.optimization_barrier(x.astype(dtype))
+
+
+def quantize(w: jax.Array, amax=None, export_dtype=None):
+    """ModelOpt FP8 export of a weight [..., N, K]: one scale per matrix (per leading index, e.g. per expert).
+
+    ``amax`` (float, [...]) defaults to max|w| per matrix; ``export_dtype`` (default: w's dtype) is the dtype
+    ModelOpt exports in -- the weight is cast to it and the quotient rounded to it before the e4m3 cast. An
+    all-zero matrix gets weight_scale 1.0 and zero codes (ModelOpt would write scale 0 and NaN codes).
+    Returns (weight float8_e4m3fn [..., N, K], weight_scale float32 [...]).
+    """
+    dtype = jnp.dtype(export_dtype or w.dtype)
+    if amax is None:
+        amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=(-2, -1))
+    amax = jnp.asarray(amax, jnp.float32)
+    s = _div(amax, jnp.float32(E4M3_MAX))
+    s = jnp.where(amax > 0, s, jnp.float32(1.0))
+    q = _div(w.astype(dtype).astype(jnp.float32), s[..., None, None])
+    if dtype.itemsize < 4:  # bf16 / f16 export: the quotient is a tensor of that dtype
+        q = _rounded(q, dtype)
+    return q.astype(FP8), s
+
+
+def dequantize(weight, weight_scale, dtype=jnp.float32) -> jax.Array:
+    """(weight e4m3 [..., N, K], weight_scale f32 [...]) -> W [..., N, K] in ``dtype`` (one float32 product)."""
+    s = jnp.asarray(weight_scale, jnp.float32)[..., None, None]
+    return (weight.astype(jnp.float32) * s).astype(dtype)
+
+
+def activation_multiplier(input_scale, calib_dtype=jnp.bfloat16) -> jax.Array:
+    """ModelOpt's fake-quant multiplier ``448 * (1 / amax)`` from a checkpoint's ``input_scale = amax / 448``.
+
+    amax = input_scale * 448 rounded to ``calib_dtype``, the dtype ModelOpt calibrated in (its amax buffer has
+    the model's dtype; exact for bf16); ``None`` keeps the float32 product. amax <= 2^-24 counts as 1, as in
+    ModelOpt."""
+    amax = jnp.asarray(input_scale, jnp.float32) * jnp.float32(E4M3_MAX)
+    if calib_dtype is not None:
+        amax = _rounded(amax, calib_dtype).astype(jnp.float32)
+    amax = jnp.where(amax <= jnp.float32(2.0 ** -24), jnp.float32(1.0), amax)
+    inv = jax.lax.optimization_barrier(jnp.float32(1.0) / amax)
+    return jnp.float32(E4M3_MAX) * inv
+
+
+def fake_quant(x: jax.Array, input_scale, calib_dtype=jnp.bfloat16) -> jax.Array:
+    """ModelOpt's FP8 fake quantization of activations with a static per-tensor ``input_scale``:
+    ``e4m3(clip(float32(x) * m, +-448)) * (1 / m)`` with ``m = activation_multiplier(input_scale)``, in x's dtype.
+    """
+    m = activation_multiplier(input_scale, calib_dtype)
+    m_inv = jax.lax.optimization_barrier(jnp.float32(1.0) / m)
+    q = _rounded(jnp.clip(x.astype(jnp.float32) * m, -E4M3_MAX, E4M3_MAX), FP8)
+    return (q.astype(jnp.float32) * m_inv).astype(x.dtype)
+
+
+@struct.dataclass
+class FP8Weight:
+    """A quantized linear weight (or a stacked bank of experts) in ModelOpt's FP8 layout.
+
+    weight float8_e4m3fn [..., N, K]; weight_scale float32 [...]; input_scale float32 [...] or None (static
+    activation scale for W8A8). ``mode`` (static): "w8a16" (dequantize into the matmul) or "w8a8" (activations
+    fake-quantized to e4m3 with ``input_scale`` first, as ModelOpt simulates an FP8 GEMM).
+    """
+
+    weight: jax.Array
+    weight_scale: jax.Array
+    input_scale: jax.Array | None = None
+    mode: str = struct.field(pytree_node=False, default="w8a16")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def nbytes(self) -> int:
+        leaves = [self.weight, self.weight_scale] + ([self.input_scale] if self.input_scale is not None else [])
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize(self.weight, self.weight_scale, dtype)
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation); W one matrix (take an expert of a
+        stacked bank first)."""
+        if self.weight.ndim != 2:
+            raise QuantError(f"FP8 matmul needs one matrix [N, K], got a stacked weight {list(self.shape)}")
+        if x.shape[-1] != self.weight.shape[1]:
+            raise QuantError(f"FP8 matmul: input [..., {x.shape[-1]}] does not match weight {list(self.shape)}")
+        if self.mode not in MODES:
+            raise QuantError(f"FP8 mode {self.mode!r} is not one of {MODES}")
+        if self.mode == "w8a8":
+            if self.input_scale is None:
+                raise QuantError("w8a8 mode needs input_scale (calibrate, or load a checkpoint that has it)")
+            x = fake_quant(x, self.input_scale)
+        w = self.dequantize(x.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+
+    @classmethod
+    def from_float(cls, w, input_scale=None, mode: str = "w8a16", name: str = "weight") -> "FP8Weight":
+        """Quantize a float weight [..., N, K] (one scale per leading index), as ModelOpt exports it in w's dtype;
+        ``input_scale`` (a number or [...]) is broadcast to one per leading index."""
+        check_quantizable(w, name)
+        if mode not in MODES:
+            raise QuantError(f"{name}: FP8 mode {mode!r} is not one of {MODES}")
+        weight, scale = _quantize_jit(jnp.asarray(w))
+        ins = None if input_scale is None else jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32), scale.shape)
+        return cls(weight, scale, ins, mode)
+
+    @classmethod
+    def from_arrays(cls, weight, weight_scale, input_scale=None, mode: str = "w8a16",
+                    name: str = "weight") -> "FP8Weight":
+        """A node from checkpoint arrays (NumPy or jax), checked: e4m3 (or its uint8 bytes) weight [..., N, K]
+        without NaN codes, finite positive scales of shape [...] (a size-1 scale of a matrix is accepted)."""
+        weight = np.asarray(weight)
+        if weight.dtype == np.uint8:
+            weight = weight.view(FP8)
+        if weight.dtype != FP8 or weight.ndim < 2:
+            raise QuantError(f"{name}.weight: FP8 needs float8_e4m3fn [..., out, in], got {weight.dtype} "
+                             f"{list(weight.shape)}")
+        if np.any((weight.view(np.uint8) & 0x7F) == 0x7F):
+            raise QuantError(f"{name}.weight: contains NaN codes (an all-zero tensor exported with scale 0?)")
+        lead = weight.shape[:-2]
+
+        def scale(a, what):
+            a = np.asarray(a, np.float32)
+            if a.shape != lead and not (a.size == 1 and not lead):
+                raise QuantError(f"{name}.{what}: shape {list(a.shape)} does not match weight {list(weight.shape)}")
+            if not np.all(np.isfinite(a) & (a > 0)):
+                raise QuantError(f"{name}.{what}: scales must be finite and positive")
+            return jnp.asarray(a.reshape(lead))
+
+        if mode not in MODES:
+            raise QuantError(f"{name}: FP8 mode {mode!r} is not one of {MODES}")
+        return cls(jnp.asarray(weight), scale(weight_scale, "weight_scale"),
+                   None if input_scale is None else scale(input_scale, "input_scale"), mode)
+
+
+_quantize_jit = jax.jit(quantize, static_argnames=("export_dtype",))
+
+
+def check_quantizable(w, name: str) -> None:
+    """Raise QuantError naming ``name`` for a shape or value FP8 cannot take."""
+    shape = tuple(w.shape)
+    if len(shape) < 2:
+        raise QuantError(f"{name}: FP8 needs a matrix [out, in], got shape {list(shape)}")
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(w, jnp.float32)))):
+        raise QuantError(f"{name}: contains NaN or Inf values; cannot quantize")
