@@ -36,18 +36,19 @@ class Model:
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, attention_mask=None, stop_token_ids=None,
-                 callback=None, expert_cache: int | None = None, policy: str = "ours",
+                 callback=None, expert_cache: int | None = None, policy: str = "adaptive",
                  offload_stats: dict | None = None, **kw) -> np.ndarray:
         """New token ids [B, max_new_tokens] (pad id after a sequence stops).
 
         input_ids: [B, T] array (left-padded, with ``attention_mask``) or a list of token lists of any lengths.
         temperature 0 is greedy; top_k 0 and top_p 1 are off. ``callback(chunk)`` streams [B, n] chunks.
         expert_cache: routed experts stay in host memory with this many device slots per MoE layer
-        (``nemojax.offload``; ``policy`` one of lru, lfu, lfru-tinyserve, lfru-fork, lfru-polarquant, ours);
+        (``nemojax.experts.offload``; ``policy`` one of lru, lfu, lfru-tinyserve, lfru-vllm, lfru-polarquant,
+        adaptive);
         ``offload_stats`` (a dict) then receives hit rate, bytes per token, transfer wait and predictor accuracy.
         """
         if expert_cache is not None:
-            from .offload import OffloadStats, generate_offloaded, offload_experts
+            from .experts.offload import OffloadStats, generate_offloaded, offload_experts
 
             key = (expert_cache, policy)
             if getattr(self, "_offload_key", None) != key:

@@ -43,8 +43,8 @@ def _gen_parser(sub):
                    help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton (GPU + jax-triton)")
     p.add_argument("--expert-cache", type=int, default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
-    p.add_argument("--cache-policy", default="ours", help="expert-cache eviction policy: lru, lfu, "
-                   "lfru-tinyserve, lfru-fork, lfru-polarquant, ours (default)")
+    p.add_argument("--cache-policy", default="adaptive", help="expert-cache eviction policy: lru, lfu, "
+                   "lfru-tinyserve, lfru-vllm, lfru-polarquant, adaptive (default)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -91,7 +91,7 @@ def cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if a.expert_cache is not None:
-        from .policies import POLICIES
+        from .experts.policies import POLICIES
 
         if a.expert_cache < 1:
             raise UsageError(f"--expert-cache must be >= 1 (device slots per MoE layer), got {a.expert_cache}")

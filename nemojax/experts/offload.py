@@ -4,8 +4,8 @@ Routed-expert banks (bf16 arrays, NVFP4 or HLWQ nodes) live in host memory (``pi
 has that memory kind, else NumPy); each MoE layer owns device slot arrays — the bank's leaves with a leading
 axis of N — that :func:`nemojax.layers.moe.grouped_experts` indexes by slot. The forward becomes host-driven
 per MoE layer: a jitted segment up to the router, the expert ids to the host (one sync per layer, as in the
-vLLM PR), the policy (``nemojax.policies``; the batch's experts are pinned before any victim is chosen), one
-batched ``jax.device_put`` of the misses and a donated in-place install, then the experts on the slots. A batch
+vLLM PR), the policy (``nemojax.experts.policies``; the batch's experts are pinned before any victim is chosen),
+one batched ``jax.device_put`` of the misses and a donated in-place install, then the experts on the slots. A batch
 needing more distinct experts than slots is computed in passes of at most N experts, each pass adding the
 assignments of its experts only: the result equals the resident model's (fp32 sums in another order).
 
@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import init_cache
-from .config import Config
-from .layers.mlp import mlp
-from .layers.moe import grouped_experts, route
-from .model import block, compute_dtype, embed, lm_head
-from .ops import rms_norm
-from .policies import SlotTable, make_policy
-from .sampling import SamplingParams, sample
+from ..cache import init_cache
+from ..config import Config
+from ..layers.mlp import mlp
+from ..layers.moe import grouped_experts, route
+from ..model import block, compute_dtype, embed, lm_head
+from ..ops import rms_norm
+from ..sampling import SamplingParams, sample
+from .policies import make_policy
+from .policies.slots import SlotTable
 
 __all__ = ["OffloadStats", "ExpertOffload", "offload_experts", "forward_offloaded", "generate_offloaded"]
 
@@ -159,7 +160,7 @@ class ExpertOffload:
     prefetch: bool = True
 
 
-def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "ours", prefetch: bool = True,
+def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adaptive", prefetch: bool = True,
                     device=None) -> ExpertOffload:
     """Move every MoE layer's routed experts to host memory with a device cache of ``n_slots`` per layer."""
     make_policy(policy, cfg.n_routed_experts)  # validates the name
@@ -303,7 +304,7 @@ def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_token
 
     ``trace`` (optional list) receives, per forward, ``{layer: [expert ids]}`` (routing traces for benchmarks).
     """
-    from .generate import _validate, bucket, pad_prompts, pad_to_bucket
+    from ..generate import _validate, bucket, pad_prompts, pad_to_bucket
 
     sp = SamplingParams.make(temperature, top_k, top_p)
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
