@@ -7,8 +7,8 @@ import pytest
 
 from nemojax import api, quant
 from nemojax.generate import generate
-from nemojax.model import forward_jit
-from nemojax.experts.offload import OffloadStats, forward_offloaded, generate_offloaded, offload_experts
+from nemojax.experts.offload import offload_experts
+from nemojax.model import forward, forward_jit
 from nemojax.params import init_params
 from nemojax.experts.policies import POLICIES, make_policy
 from nemojax.experts.policies.simulate import simulate, synthetic_trace
@@ -37,23 +37,21 @@ def test_logits_equal_resident_any_cache_size(models, slots, policy):
     p = models["float32"]
     ids = np.random.default_rng(1).integers(3, CFG.vocab_size, (3, 10))
     ref = np.asarray(forward_jit(p, CFG, ids, last_only=True))[:, -1]
-    off = offload_experts(p, CFG, slots, policy)
-    st = OffloadStats()
-    got, _ = forward_offloaded(off, CFG, ids, stats=st)
+    params, experts = offload_experts(p, CFG, slots, policy)
+    got = forward(params, CFG, ids, last_only=True, experts=experts)[:, -1]
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
     if slots < 8:
-        assert st.passes > 0  # more distinct experts than slots: computed in passes, never with a wrong expert
+        assert experts.stats.passes > 0  # more distinct experts than slots: computed in passes, never with a wrong expert
 
 
 @pytest.mark.parametrize("fmt,slots", [("float32", 2), ("bfloat16", 4), ("nvfp4", 2), ("hlwq", 3)])
 def test_greedy_tokens_equal_resident(models, fmt, slots):
     p = models[fmt]
     ref = generate(p, CFG, _prompts(), 12)
-    off = offload_experts(p, CFG, slots, "adaptive")
-    st = OffloadStats()
-    got = generate_offloaded(off, CFG, _prompts(), 12, stats=st)
+    params, experts = offload_experts(p, CFG, slots, "adaptive")
+    got = generate(params, CFG, _prompts(), 12, experts=experts)
     np.testing.assert_array_equal(got, ref)
-    s = st.summary()
+    s = experts.stats.summary()
     assert 0 < s["hit_rate"] < 1 and s["bytes_per_token"] > 0 and s["misses"] > 0
     assert s["predictor_precision"] is not None and 0 <= s["predictor_recall"] <= 1
 
@@ -65,9 +63,9 @@ def test_compilations_bounded_over_prompt_lengths(models):
     import jax
 
     p = models["float32"]
-    off = offload_experts(p, CFG, 4, "adaptive")
+    params, experts = offload_experts(p, CFG, 4, "adaptive")
     rng = np.random.default_rng(7)
-    generate_offloaded(off, CFG, [list(rng.integers(3, CFG.vocab_size, 9))], 5)
+    generate(params, CFG, [list(rng.integers(3, CFG.vocab_size, 9))], 5, experts=experts)
     compiles = []
     on = [True]
 
@@ -79,7 +77,7 @@ def test_compilations_bounded_over_prompt_lengths(models):
     try:
         for m, new in ((5, 3), (12, 7), (16, 4), (10, 6)):  # all in bucket 16 (prompt) and 16 (new tokens)
             prompt = [list(rng.integers(3, CFG.vocab_size, m))]
-            got = generate_offloaded(off, CFG, prompt, new)
+            got = generate(params, CFG, prompt, new, experts=experts)
             on[0] = False
             np.testing.assert_array_equal(got, generate(p, CFG, prompt, new))
             on[0] = True
@@ -222,14 +220,23 @@ def test_simulator_and_trace():
 def test_api_and_errors(models, tmp_path):
     m = api.Model(CFG, models["float32"])
     ref = m.generate(_prompts(2), 6)
-    stats: dict = {}
-    got = m.generate(_prompts(2), 6, expert_cache=3, policy="lru", offload_stats=stats)
+    off = m.offload(3, "lru")
+    assert m.experts is None and "experts" in m.params["layers"][CFG.pattern.index("E")]["mixer"]  # m unchanged
+    got = off.generate(_prompts(2), 6)
     np.testing.assert_array_equal(got, ref)
+    stats = off.experts.stats.summary()
     assert stats["hit_rate"] > 0 and stats["tokens"] > 0
+    streamed = list(off.generate_stream(_prompts(2), 6, chunk=1))
+    assert len(streamed) == 6 and all(c.shape == (2, 1) for c in streamed)
+    np.testing.assert_array_equal(np.concatenate(streamed, axis=1), ref)
+    ids = np.asarray([_prompts(1)[0]])
+    np.testing.assert_allclose(np.asarray(off.logits(ids)), np.asarray(m.logits(ids)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="offloaded already"):
+        off.offload(3)
     with pytest.raises(ValueError, match="policy='mru'"):
-        m.generate(_prompts(2), 6, expert_cache=3, policy="mru")
+        m.offload(3, policy="mru")
     with pytest.raises(ValueError, match="expert_cache=0"):
-        m.generate(_prompts(2), 6, expert_cache=0)
+        m.offload(0)
 
 
 def test_cli_expert_cache(capsys):

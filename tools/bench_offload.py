@@ -56,7 +56,6 @@ def recorded_trace(max_new: int, n_prompts: int = 24):
     import numpy as np
 
     from nemojax import api
-    from nemojax.experts.offload import generate_offloaded, offload_experts
     from nemojax.tokenizer import Tokenizer
 
     folder = os.path.join(_REPO, "nemojax", "default_model")
@@ -67,11 +66,13 @@ def recorded_trace(max_new: int, n_prompts: int = 24):
         a, b = (int(v) for v in rng.integers(10, 999, 2))
         qs.append(f"Which is larger, {a} or {b}?" if i % 4 == 3 else f"What is {a} {'+-*'[i % 4]} {b}?")
     per_token = []
-    off = offload_experts(model.params, model.config, model.config.n_routed_experts, "lru", prefetch=False)
+    off = model.offload(model.config.n_routed_experts, "lru", prefetch=False)
     for n, q in enumerate(qs, 1):
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
         rec: list = []
-        generate_offloaded(off, model.config, [ids], max_new, stop_token_ids=tok.stop_token_ids[:8], trace=rec)
+        off.experts.trace = rec  # (layer, expert ids) per MoE block of each forward
+        off.generate([ids], max_new, stop_token_ids=tok.stop_token_ids[:8])
+        off.experts.trace = None
         layers = sorted({i for i, _ in rec})
         for t in range(1, len(rec) // len(layers)):  # skip the prefill forward
             per_token.append([[e for row in rec[t * len(layers) + j][1] for e in row] for j in range(len(layers))])
@@ -86,7 +87,7 @@ def decode_speed(cfg_name: str, slots: list[int], new: int):
     import benchlib
     from nemojax.config import Config
     from nemojax.generate import generate
-    from nemojax.experts.offload import OffloadStats, generate_offloaded, offload_experts
+    from nemojax.experts.offload import offload_experts
     from nemojax.params import init_params
 
     cfg = Config.from_dict(benchlib.CONFIGS[cfg_name])
@@ -98,13 +99,14 @@ def decode_speed(cfg_name: str, slots: list[int], new: int):
     resident = new / (time.perf_counter() - t0)
     rows = [{"slots": "resident", "tok_s": resident}]
     for n in slots:
-        off = offload_experts(params, cfg, n, "adaptive")
-        generate_offloaded(off, cfg, prompt, 4)  # compile the pieces
-        st = OffloadStats()
+        off_params, experts = offload_experts(params, cfg, n, "adaptive")
+        generate(off_params, cfg, prompt, 4, experts=experts)  # compile the pieces
+        experts.reset_stats()
         t0 = time.perf_counter()
-        out = generate_offloaded(off, cfg, prompt, new, stats=st)
+        out = generate(off_params, cfg, prompt, new, experts=experts)
         dt = time.perf_counter() - t0
-        rows.append({"slots": n, "tok_s": new / dt, "same_tokens": bool((out == ref).all()), **st.summary()})
+        rows.append({"slots": n, "tok_s": new / dt, "same_tokens": bool((out == ref).all()),
+                     **experts.stats.summary()})
         log(f"decode with {n} slots: {new / dt:.1f} tok/s")
     del jax
     return rows

@@ -2,16 +2,20 @@
 
 Routed-expert banks (bf16 arrays, NVFP4 or HLWQ nodes) live in host memory (``pinned_host`` where the backend
 has that memory kind, else NumPy); each MoE layer owns device slot arrays — the bank's leaves with a leading
-axis of N — that :func:`nemojax.layers.moe.grouped_experts` indexes by slot. The forward becomes host-driven
-per MoE layer: a jitted segment up to the router, the expert ids to the host (one sync per layer, as in the
-vLLM PR), the policy (``nemojax.experts.policies``; the batch's experts are pinned before any victim is chosen),
-one batched ``jax.device_put`` of the misses and a donated in-place install, then the experts on the slots. A batch
+axis of N — that :func:`nemojax.layers.moe.grouped_experts` indexes by slot. :class:`OffloadedExperts` is a
+host-driven experts strategy: ``nemojax.model.forward(..., experts=...)`` runs its jitted pieces layer by layer and,
+per MoE block, hands the router's choice to the host (one sync per layer, as in the vLLM expert-offload PR): the
+policy (``nemojax.experts.policies``; the batch's experts are pinned before any victim is chosen), one batched
+``jax.device_put`` of the misses and a donated in-place install, then the experts on the slots. A batch
 needing more distinct experts than slots is computed in passes of at most N experts, each pass adding the
 assignments of its experts only: the result equals the resident model's (fp32 sums in another order).
 
 Prefetch: after each MoE layer the next MoE layer's router is applied to the current residual stream; its
 predicted misses are put to the device right away (``device_put`` is asynchronous, so the copy overlaps the
 layers in between) and used when the real routing confirms them. Predictor precision and recall are counted.
+
+Generation: ``nemojax.generate.generate(params, cfg, ..., experts=strategy)`` runs the strategy's prefill and its
+host decode loop (one forward per token) in the same streaming loop as the resident model.
 """
 from __future__ import annotations
 
@@ -23,22 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import init_cache
 from ..config import Config
-from ..layers.mlp import mlp
-from ..layers.moe import grouped_experts, route
-from ..model import block, compute_dtype, embed, lm_head
-from ..ops import rms_norm
-from ..sampling import SamplingParams, sample
+from ..generate import DecodeState, next_token
+from ..layers.moe import RoutedExperts, grouped_experts
+from ..model import STEPWISE, forward
 from .policies import make_policy
 from .policies.slots import SlotTable
 
-__all__ = ["OffloadStats", "ExpertOffload", "offload_experts", "forward_offloaded", "generate_offloaded"]
+__all__ = ["OffloadStats", "OffloadedExperts", "offload_experts"]
 
 
 @dataclasses.dataclass
 class OffloadStats:
-    """Per-run counters: ``hit_rate``, ``bytes_per_token``, ``wait_s`` (blocked on transfers), predictor
+    """Counters: ``hit_rate``, ``bytes_per_token``, ``wait_s`` (blocked on transfers), predictor
     ``precision`` / ``recall`` (prefetched experts that were needed / needed experts that were prefetched)."""
 
     hits: int = 0
@@ -98,7 +99,6 @@ class _Layer:
                                                         for a in self.host]), device)
         self.device = device
         self.pending: dict[int, list] = {}  # expert -> device leaves put ahead of use
-        self.trace_sink: list | None = None
 
     def fetch(self, experts: list[int]) -> list[list]:
         """One batched device_put of the given experts' leaves -> per leaf [m, ...] device arrays."""
@@ -148,21 +148,96 @@ class _Layer:
         self.pending.clear()
 
 
-@dataclasses.dataclass
-class ExpertOffload:
-    """The offloaded model: params without routed-expert banks (``layers[i]["mixer"]["experts"]`` removed) and
-    one :class:`_Layer` per MoE layer."""
+class OffloadedExperts(RoutedExperts):
+    """The host-offloaded routed-expert strategy (``nemojax.layers.moe.RoutedExperts``, host-driven): one
+    :class:`_Layer` (host store, device slots, slot table) per MoE layer, whose banks are not in the params.
 
-    params: dict
-    layers: dict
-    n_slots: int
-    policy: str
-    prefetch: bool = True
+    ``stats`` (:class:`OffloadStats`) accumulates over every forward (``reset_stats`` starts anew); ``trace``: None
+    or a list that receives ``(layer, expert ids [B*T][k])`` per MoE block of each forward (routing traces)."""
+
+    host_driven = True
+
+    def __init__(self, layers: dict, n_slots: int, policy: str, prefetch: bool = True):
+        self.layers = layers
+        self.n_slots = n_slots
+        self.policy = policy
+        self.prefetch = prefetch
+        self.stats = OffloadStats()
+        self.trace: list | None = None
+
+    def reset_stats(self) -> OffloadStats:
+        """Start new counters; returns the previous ones."""
+        old, self.stats = self.stats, OffloadStats()
+        return old
+
+    def __call__(self, x, weights, idx, bank, layer: int):
+        """The routed sum of MoE layer ``layer`` from its device slots, in passes of at most N experts."""
+        if isinstance(idx, jax.core.Tracer):
+            raise TypeError("offloaded experts decide on the host: run model.forward eagerly, not under jit")
+        lay, stats = self.layers[layer], self.stats
+        ids = np.asarray(idx)  # one device -> host sync per MoE layer
+        needed = list(dict.fromkeys(int(e) for e in ids.reshape(-1)))
+        if self.trace is not None:
+            self.trace.append((layer, ids.tolist()))
+        if lay.pending or self.prefetch:
+            stats.pred_correct += sum(1 for e in needed if e in lay.pending)
+            stats.needed_total += len(needed)
+        routed = None
+        parts = lay.table.passes(needed)
+        stats.passes += len(parts) - 1
+        for part in parts:
+            lay.load(part, stats)
+            in_part = np.zeros(lay.E, bool)
+            in_part[part] = True
+            slot_idx = np.where(in_part[ids], lay.table.slot_of[ids], lay.N).astype(np.int32)
+            y = _experts_pass(x, weights, jnp.asarray(slot_idx), lay.slots)
+            routed = y if routed is None else routed + y
+        lay.drop_stale_prefetch(stats)
+        return routed
+
+    def after_moe(self, params: dict, cfg: Config, layer: int, h) -> None:
+        """After MoE block ``layer`` was dispatched (its policy's bookkeeping overlaps the device's work): the policy
+        settles the forward; with ``prefetch`` the next MoE layer's router is applied to the residual stream ``h``
+        and its predicted misses are put to the device."""
+        self.layers[layer].table.policy.step()
+        nxt = [j for j in self.layers if j > layer]
+        if not self.prefetch or not nxt:
+            return
+        _, _, idx = STEPWISE.moe_input(params["layers"][nxt[0]], cfg, h)
+        pred = list(dict.fromkeys(int(e) for e in np.asarray(idx).reshape(-1)))
+        self.stats.pred_total += len(pred)
+        self.layers[nxt[0]].prefetch(pred, self.stats)
+
+    # the generation steps (``nemojax.generate.generate_stream`` runs them in its loop)
+    def prefill(self, params, cfg: Config, tokens, mask, cache):
+        """``nemojax.generate.prefill`` with these experts."""
+        logits, cache = forward(params, cfg, tokens, mask, cache, last_only=True, experts=self)
+        return logits[:, -1], cache
+
+    def decode(self, params, cfg: Config, n_steps: int, cache, state: DecodeState, sp, limit, stop_ids, pad_id):
+        """``nemojax.generate.decode`` as a host loop, one forward per token (the cache decisions happen between
+        layers); no forward once every sequence is done."""
+        B = state.done.shape[0]
+        out = np.full((B, n_steps), int(pad_id), np.int32)
+        for i in range(n_steps):
+            if int(state.step) >= int(limit) or bool(np.all(np.asarray(state.done))):
+                break
+            tok, done = _next_token(state, sp, stop_ids, pad_id)
+            out[:, i] = np.asarray(tok)
+            state = state.replace(done=done, step=state.step + 1)
+            if not np.all(np.asarray(done)):
+                logits, cache = forward(params, cfg, tok[:, None], None, cache, last_only=True, experts=self)
+                state = state.replace(logits=logits[:, -1])
+                self.stats.tokens += B
+        return out, cache, state
 
 
 def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adaptive", prefetch: bool = True,
-                    device=None) -> ExpertOffload:
-    """Move every MoE layer's routed experts to host memory with a device cache of ``n_slots`` per layer."""
+                    device=None) -> tuple[dict, OffloadedExperts]:
+    """Move every MoE layer's routed experts to host memory with a device cache of ``n_slots`` per layer.
+
+    Returns (the params without routed-expert banks (``layers[i]["mixer"]["experts"]`` removed), the strategy):
+    ``forward(params, cfg, ..., experts=strategy)``, ``generate(params, cfg, ..., experts=strategy)``."""
     make_policy(policy, cfg.n_routed_experts)  # validates the name
     if isinstance(n_slots, bool) or not isinstance(n_slots, (int, np.integer)) or n_slots < 1:
         raise ValueError(f"expert_cache={n_slots!r}: the number of device slots per MoE layer must be >= 1")
@@ -174,21 +249,7 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
             layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
         new_layers.append(lp)
-    return ExpertOffload({**params, "layers": new_layers}, layers, int(n_slots), policy, prefetch)
-
-
-# ------------------------------------------------------------------------------------------------ jitted pieces
-@partial(jax.jit, static_argnums=(1, 2))
-def _block(lp, cfg, kind, h, mask, state, pos, kv_mask):
-    return block(lp, cfg, kind, h, mask, state, pos, kv_mask)
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _router(lp, cfg, h):
-    """h [B, T, H] -> (normed x [B, T, H], weights [B*T, k], ids [B*T, k])."""
-    x = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
-    w, idx = route(lp["mixer"]["gate"], lp["mixer"]["e_score_correction_bias"], cfg, x.reshape(-1, x.shape[-1]))
-    return x, w, idx
+    return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch)
 
 
 @jax.jit
@@ -198,144 +259,4 @@ def _experts_pass(x, w, slot_idx, slots):
     return grouped_experts(x.reshape(-1, x.shape[-1]), jnp.where(keep, w, 0.0), slot_idx, slots["up"], slots["down"])
 
 
-@jax.jit
-def _moe_finish(lp, x, h, routed):
-    """The rest of moe_mixer + the residual, exactly as the resident block computes it."""
-    out = routed.astype(x.dtype).reshape(x.shape)
-    if "shared_experts" in lp["mixer"]:
-        out = out + mlp(lp["mixer"]["shared_experts"], x)
-    return h + out.astype(h.dtype)
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _embed(params, cfg, tokens):
-    h = embed(params, tokens)
-    return h.astype(jnp.float32) if cfg.residual_in_fp32 else h
-
-
-@jax.jit
-def _sample(logits, key, sp):
-    """``sample`` compiled once (called eagerly, its ``lax.cond`` over fresh closures compiled on every token)."""
-    return sample(logits, key, sp)
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _head(params, cfg, h):
-    return lm_head(params, cfg, h[:, -1:])[:, -1]
-
-
-def _moe_layer(off: ExpertOffload, i: int, cfg: Config, h, stats: OffloadStats):
-    lp = off.params["layers"][i]
-    layer = off.layers[i]
-    x, w, idx = _router(lp, cfg, h)
-    ids = np.asarray(idx)  # one device -> host sync per MoE layer
-    needed = list(dict.fromkeys(int(e) for e in ids.reshape(-1)))
-    if layer.trace_sink is not None:
-        layer.trace_sink.append((i, ids.tolist()))
-    if layer.pending or off.prefetch:
-        hit = sum(1 for e in needed if e in layer.pending)
-        stats.pred_correct += hit
-        stats.needed_total += len(needed)
-    routed = None
-    parts = layer.table.passes(needed)
-    stats.passes += len(parts) - 1
-    for part in parts:
-        layer.load(part, stats)
-        slot = layer.table.slot_of
-        in_part = np.zeros(layer.E, bool)
-        in_part[part] = True
-        slot_idx = np.where(in_part[ids], slot[ids], layer.N).astype(np.int32)
-        y = _experts_pass(x, w, jnp.asarray(slot_idx), layer.slots)
-        routed = y if routed is None else routed + y
-    layer.drop_stale_prefetch(stats)
-    out = _moe_finish(lp, x, h, routed)  # dispatched: the policy's bookkeeping below overlaps the device's work
-    layer.table.policy.step()
-    return out
-
-
-def _predict_next(off: ExpertOffload, cfg: Config, i: int, h, stats: OffloadStats) -> None:
-    """Apply the next MoE layer's router to the current residual stream; put its predicted misses."""
-    nxt = [j for j in off.layers if j > i]
-    if not nxt:
-        return
-    j = nxt[0]
-    _, _, idx = _router(off.params["layers"][j], cfg, h)
-    pred = list(dict.fromkeys(int(e) for e in np.asarray(idx).reshape(-1)))
-    stats.pred_total += len(pred)
-    off.layers[j].prefetch(pred, stats)
-
-
-def forward_offloaded(off: ExpertOffload, cfg: Config, tokens, mask=None, cache=None,
-                      stats: OffloadStats | None = None):
-    """Like ``model.forward(..., last_only=True)`` with offloaded experts: tokens [B, T] -> (last logits [B, V]
-    float32, new cache)."""
-    stats = stats if stats is not None else OffloadStats()
-    p = off.params
-    tokens = jnp.asarray(tokens, jnp.int32)
-    h = _embed(p, cfg, tokens)
-    pos = kv_mask = None
-    if cache is not None:
-        pos = cache.pos
-        new = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-        kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new, pos, axis=1)
-    states = []
-    for i, kind in enumerate(cfg.pattern):
-        st = cache.layers[i] if cache is not None else None
-        if kind == "E":
-            h = _moe_layer(off, i, cfg, h, stats)
-            if off.prefetch:
-                _predict_next(off, cfg, i, h, stats)
-            states.append({})
-        else:
-            h, st = _block(p["layers"][i], cfg, kind, h, None if mask is None else jnp.asarray(mask), st, pos,
-                           kv_mask)
-            states.append(st)
-    logits = _head(p, cfg, h)
-    if cache is None:
-        return logits, None
-    return logits, cache.replace(layers=tuple(states), mask=kv_mask, pos=pos + tokens.shape[1])
-
-
-def generate_offloaded(off: ExpertOffload, cfg: Config, input_ids, max_new_tokens: int, *, temperature=0.0,
-                       top_k=0, top_p=1.0, seed=0, attention_mask=None, stop_token_ids=None, pad_id=None,
-                       stats: OffloadStats | None = None, trace: list | None = None) -> np.ndarray:
-    """Greedy / sampled generation with offloaded experts (a host loop per token: the cache decisions happen
-    between layers). Same validation and outputs as :func:`nemojax.generate.generate`.
-
-    ``trace`` (optional list) receives, per forward, ``{layer: [expert ids]}`` (routing traces for benchmarks).
-    """
-    from ..generate import _validate, bucket, pad_prompts, pad_to_bucket
-
-    sp = SamplingParams.make(temperature, top_k, top_p)
-    pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    pad_id = 0 if pad_id is None else pad_id
-    ids, mask = pad_prompts(input_ids, attention_mask, pad_id)
-    stops = _validate(cfg, ids, mask, max_new_tokens, seed, stop_token_ids)
-    stops = set(int(s) for s in stops if s >= 0)
-    ids, mask = pad_to_bucket(ids, mask, pad_id)  # as in ``generate``: a bounded number of compilations
-    B, Tb = ids.shape
-    stats = stats if stats is not None else OffloadStats()
-    cache = init_cache(cfg, B, Tb + bucket(max_new_tokens), compute_dtype(off.params))
-    if trace is not None:
-        _trace_hook(off, trace)
-    logits, cache = forward_offloaded(off, cfg, ids, mask, cache, stats)
-    key = jax.random.PRNGKey(seed)
-    out = np.full((B, max_new_tokens), pad_id, np.int32)
-    done = np.zeros(B, bool)
-    for step in range(max_new_tokens):
-        tok = np.asarray(_sample(logits, jax.random.fold_in(key, step), sp))
-        tok = np.where(done, pad_id, tok)
-        out[:, step] = tok
-        done |= np.isin(tok, list(stops)) if stops else False
-        if done.all():
-            break
-        logits, cache = forward_offloaded(off, cfg, tok[:, None], None, cache, stats)
-        stats.tokens += B
-    if trace is not None:
-        _trace_hook(off, None)
-    return out
-
-
-def _trace_hook(off: ExpertOffload, sink):
-    for layer in off.layers.values():
-        layer.trace_sink = sink
+_next_token = jax.jit(next_token)  # eagerly, ``sample``'s ``lax.cond`` over fresh closures compiles every token

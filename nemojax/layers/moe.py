@@ -1,10 +1,16 @@
 """Mixture of experts (``E`` layers): sigmoid router with score-correction bias and group-limited top-k,
 squared-ReLU routed experts (non-gated), plus an unweighted shared expert.
 
-Routed work is proportional to the tokens each expert receives, not to the number of experts: assignments
-are sorted by expert and processed in fixed-size row blocks, one expert per block (``grouped_experts``).
+How the routed experts run is a strategy the MoE block is given (:class:`RoutedExperts`): :data:`GROUPED`
+(``grouped_experts``: routed work proportional to the tokens each expert receives, not to the number of experts;
+assignments sorted by expert and processed in fixed-size row blocks, one expert per block), :data:`DENSE` (every
+expert on every token; differentiable, for training), :class:`ExpertParallel` (grouped under ``shard_map`` over a
+``nemojax.sharding`` mesh), or host-driven strategies such as ``nemojax.experts.offload.OffloadedExperts``.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +22,9 @@ from ..quant.hlwq import HLWQWeight
 from ..quant.nvfp4 import NVFP4Weight
 from .mlp import mlp
 
-__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "block_rows", "expert_parallel_experts"]
+__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "moe_route", "moe_output", "block_rows",
+           "expert_parallel_experts", "RoutedExperts", "Grouped", "Dense", "ExpertParallel", "GROUPED", "DENSE",
+           "resident_experts"]
 
 
 def route(gate_w, bias, cfg: Config, x: jax.Array):
@@ -158,24 +166,79 @@ def expert_parallel_experts(x, weights, idx, up, down, mesh, batch: int) -> jax.
                          out_specs=P(rows, None), check_vma=False)(x, weights, idx, up, down)
 
 
-def moe_mixer(p: dict, cfg: Config, x: jax.Array, impl: str = "grouped", mesh=None) -> jax.Array:
-    """x [B, T, H] (block-normed) -> [B, T, H]: routed experts (weighted, fp32 sum) + shared expert.
+class RoutedExperts:
+    """How an MoE block runs its routed experts: ``experts(x, weights, idx, bank, layer)`` with x [B, T, H] (the
+    block-normed input), weights / idx [B*T, k] (the router's choice), bank the layer's ``{"up_proj",
+    "down_proj"}`` (None where the strategy holds the banks itself) and layer the block's index; returns the
+    weighted sum of the chosen experts [B*T, H] float32.
 
-    impl: "grouped" (sorted row blocks, work proportional to top-k) or "dense" (all experts; differentiable).
-    mesh: a ``nemojax.sharding`` mesh: with an expert or tensor axis > 1 the routed experts run expert-parallel.
-    """
+    ``host_driven = True`` marks a strategy that decides on the host between layers (it reads the routing):
+    ``nemojax.model.forward`` then runs layer by layer, each piece jitted, and calls
+    ``after_moe(params, cfg, layer, h)`` after each MoE block; ``nemojax.generate`` runs it with the strategy's own
+    ``prefill`` / ``decode`` (same signatures and results as ``nemojax.generate.prefill`` / ``decode``).
+    Resident strategies are hashable values, static arguments of the jitted forward."""
+
+    host_driven = False
+
+    def __call__(self, x, weights, idx, bank, layer: int) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouped(RoutedExperts):
+    """:func:`grouped_experts` on the resident bank: work proportional to top-k (inference)."""
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return grouped_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(RoutedExperts):
+    """:func:`dense_experts`: every expert on every token (differentiable, for training)."""
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return dense_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel(RoutedExperts):
+    """:func:`expert_parallel_experts` over ``mesh`` (a ``nemojax.sharding`` mesh the bank is sharded on)."""
+
+    mesh: Any
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return expert_parallel_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"],
+                                       self.mesh, x.shape[0])
+
+
+GROUPED, DENSE = Grouped(), Dense()
+
+
+def resident_experts(cfg: Config, mesh=None) -> RoutedExperts:
+    """The default strategy: expert-parallel where ``mesh`` has an expert or tensor axis > 1, else grouped."""
     from ..sharding import expert_parallel
 
-    shp = x.shape
-    xf = x.reshape(-1, shp[-1])
-    w, idx = route(p["gate"], p["e_score_correction_bias"], cfg, xf)
-    up, down = p["experts"]["up_proj"], p["experts"]["down_proj"]
-    if impl == "grouped" and expert_parallel(mesh, cfg.n_routed_experts):
-        out = expert_parallel_experts(xf, w, idx, up, down, mesh, shp[0]).astype(x.dtype)
-    else:
-        experts = {"grouped": grouped_experts, "dense": dense_experts}[impl]
-        out = experts(xf, w, idx, up, down).astype(x.dtype)
-    out = out.reshape(shp)
+    return ExpertParallel(mesh) if expert_parallel(mesh, cfg.n_routed_experts) else GROUPED
+
+
+def moe_route(p: dict, cfg: Config, x: jax.Array):
+    """x [B, T, H] (block-normed) -> the router's (weights [B*T, k] fp32, expert ids [B*T, k] int32)."""
+    return route(p["gate"], p["e_score_correction_bias"], cfg, x.reshape(-1, x.shape[-1]))
+
+
+def moe_output(p: dict, x: jax.Array, routed: jax.Array) -> jax.Array:
+    """The routed experts' sum [B*T, H] fp32 -> the block's mixer output [B, T, H]: plus the shared expert."""
+    out = routed.astype(x.dtype).reshape(x.shape)
     if "shared_experts" in p:
         out = out + mlp(p["shared_experts"], x)
     return out
+
+
+def moe_mixer(p: dict, cfg: Config, x: jax.Array, experts: RoutedExperts | None = None, layer: int = 0
+              ) -> jax.Array:
+    """x [B, T, H] (block-normed) -> [B, T, H]: routed experts (weighted, fp32 sum) + shared expert.
+
+    experts: how the routed experts run (:class:`RoutedExperts`; default :data:`GROUPED`); layer: the block's index.
+    """
+    weights, idx = moe_route(p, cfg, x)
+    return moe_output(p, x, (experts or GROUPED)(x, weights, idx, p.get("experts"), layer))

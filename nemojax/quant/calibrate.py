@@ -74,6 +74,7 @@ def calibrate(params: dict, cfg, batches, observe: dict) -> dict:
 
     observe: ``{param path: observation name}`` of the weights to watch (see ``nemojax.quant.apply``).
     """
+    from ..layers.moe import DENSE
     from ..model import forward
     from ..params import tree_paths
 
@@ -85,7 +86,7 @@ def calibrate(params: dict, cfg, batches, observe: dict) -> dict:
     @jax.jit
     def run(wp, tokens, mask):
         with tape() as t:
-            forward(wp, cfg, tokens, mask, moe_impl="dense")
+            forward(wp, cfg, tokens, mask, experts=DENSE)
             out: dict = {}
             for name, a in t:
                 out[name] = jnp.maximum(out[name], a) if name in out else a
