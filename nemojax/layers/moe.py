@@ -17,14 +17,13 @@ import jax.numpy as jnp
 
 from ..config import Config
 from ..ops import linear, relu2
-from ..quant.calibrate import Observed, record
 from ..quant.hlwq import HLWQWeight
 from ..quant.nvfp4 import NVFP4Weight
 from .mlp import mlp
 
 __all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "moe_route", "moe_output", "block_rows",
-           "expert_parallel_experts", "RoutedExperts", "Grouped", "Dense", "ExpertParallel", "GROUPED", "DENSE",
-           "resident_experts"]
+           "expert_parallel_experts", "routing_matrix", "dense_hidden", "dense_output", "RoutedExperts", "Grouped",
+           "Dense", "ExpertParallel", "GROUPED", "DENSE", "resident_experts"]
 
 
 def route(gate_w, bias, cfg: Config, x: jax.Array):
@@ -124,16 +123,24 @@ def dense_experts(x: jax.Array, weights, idx, up, down) -> jax.Array:
 
     Same result as :func:`grouped_experts` at E/k times the cost; differentiable (training tiny models).
     """
-    E = up.shape[0]
-    comb = jnp.zeros((x.shape[0], E), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
-    if isinstance(up, Observed):  # calibration: inputs of the routed (token, expert) pairs only
-        record(up.name, x)
-        up = up.w
-    h = relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
-    if isinstance(down, Observed):
-        record(down.name, h, where=(comb > 0)[:, :, None])
-        down = down.w
-    y = jnp.einsum("tef,ehf->teh", h, down.astype(x.dtype), preferred_element_type=jnp.float32)
+    return dense_output(dense_hidden(x, up), down, routing_matrix(weights, idx, up.shape[0]))
+
+
+def routing_matrix(weights, idx, n_experts: int) -> jax.Array:
+    """weights, idx [T, k] -> [T, E] fp32: each token's routing weight per expert (0 where not chosen)."""
+    T = idx.shape[0]
+    return jnp.zeros((T, n_experts), jnp.float32).at[jnp.arange(T)[:, None], idx].add(weights)
+
+
+def dense_hidden(x: jax.Array, up) -> jax.Array:
+    """x [T, H], up [E, F, H] -> every expert's hidden activations ``relu(up_e x)^2`` [T, E, F]."""
+    return relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
+
+
+def dense_output(h: jax.Array, down, comb) -> jax.Array:
+    """h [T, E, F], down [E, H, F], comb [T, E] (:func:`routing_matrix`) -> ``sum_e comb[t,e] down_e h[t,e]``
+    [T, H] fp32."""
+    y = jnp.einsum("tef,ehf->teh", h, down.astype(h.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("teh,te->th", y, comb)
 
 
