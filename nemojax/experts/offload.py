@@ -172,10 +172,11 @@ class OffloadedExperts(RoutedExperts):
 
     def __call__(self, x, weights, idx, bank, layer: int):
         """The routed sum of MoE layer ``layer`` from its device slots, in passes of at most N experts."""
-        if isinstance(idx, jax.core.Tracer):
-            raise TypeError("offloaded experts decide on the host: run model.forward eagerly, not under jit")
+        try:
+            ids = np.asarray(idx)  # one device -> host sync per MoE layer
+        except jax.errors.TracerArrayConversionError:
+            raise TypeError("offloaded experts decide on the host: run model.forward eagerly, not under jit") from None
         lay, stats = self.layers[layer], self.stats
-        ids = np.asarray(idx)  # one device -> host sync per MoE layer
         needed = list(dict.fromkeys(int(e) for e in ids.reshape(-1)))
         if self.trace is not None:
             self.trace.append((layer, ids.tolist()))
