@@ -22,7 +22,7 @@ __all__ = ["Model", "load"]
 class Model:
     """A loaded model: ``config`` (static), ``params`` (the pytree) and ``experts``, how its MoE blocks run their
     routed experts (None: resident on the device; :meth:`offload` returns a model whose routed experts live in
-    host memory behind a device cache, an ``nemojax.experts.offload.OffloadedExperts`` that holds the slots and
+    host memory behind a device cache, a ``nemojax.experts.offload.OffloadedExperts`` that holds the slots and
     their ``stats``). Holds no other state."""
 
     config: Config

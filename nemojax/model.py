@@ -87,7 +87,7 @@ def lm_head(params: dict, cfg: Config, h: jax.Array) -> jax.Array:
 
 def start(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None):
     """The residual stream's start (embeddings, fp32 with ``residual_in_fp32``) and, with a cache, the KV mask:
-    the cache's mask with the new tokens' written at ``cache.pos``. -> (h [B, T, H], kv_mask [B, S] or None)."""
+    the cache's mask with the new tokens written at ``cache.pos``. -> (h [B, T, H], kv_mask [B, S] or None)."""
     h = embed(params, tokens)
     if cfg.residual_in_fp32:
         h = h.astype(jnp.float32)
