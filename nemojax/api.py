@@ -1,4 +1,5 @@
-"""The convenience handle: ``nemojax.load(path) -> Model`` with ``.config``, ``.params`` and ``.logits``."""
+"""The convenience handle: ``nemojax.load(path) -> Model`` with ``.config``, ``.params``, ``.experts`` and
+``.logits`` / ``.generate`` / ``.generate_stream`` / ``.offload``."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,8 @@ import numpy as np
 
 from .config import Config
 from .generate import generate, generate_stream
-from .model import forward_jit
+from .layers.moe import RoutedExperts
+from .model import forward, forward_jit
 from .weights import CheckpointError, load_params, resolve_dtype
 
 __all__ = ["Model", "load"]
@@ -18,10 +20,14 @@ __all__ = ["Model", "load"]
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: ``config`` (static) and ``params`` (the pytree). Holds no other state."""
+    """A loaded model: ``config`` (static), ``params`` (the pytree) and ``experts``, how its MoE blocks run their
+    routed experts (None: resident on the device; :meth:`offload` returns a model whose routed experts live in
+    host memory behind a device cache, a ``nemojax.experts.offload.OffloadedExperts`` that holds the slots and
+    their ``stats``). Holds no other state."""
 
     config: Config
     params: dict
+    experts: RoutedExperts | None = None
 
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """input_ids [B, T] (or [T]), attention_mask [B, T] (1 = token, 0 = left pad) -> float32 [B, T, V]."""
@@ -32,43 +38,38 @@ class Model:
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
             mask = mask.astype(jnp.int32)
-        return forward_jit(self.params, self.config, ids, mask)
+        run = forward if self.experts is not None and self.experts.host_driven else forward_jit
+        return run(self.params, self.config, ids, mask, experts=self.experts)
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, attention_mask=None, stop_token_ids=None,
-                 callback=None, expert_cache: int | None = None, policy: str = "ours",
-                 offload_stats: dict | None = None, **kw) -> np.ndarray:
+                 callback=None, **kw) -> np.ndarray:
         """New token ids [B, max_new_tokens] (pad id after a sequence stops).
 
         input_ids: [B, T] array (left-padded, with ``attention_mask``) or a list of token lists of any lengths.
         temperature 0 is greedy; top_k 0 and top_p 1 are off. ``callback(chunk)`` streams [B, n] chunks.
-        expert_cache: routed experts stay in host memory with this many device slots per MoE layer
-        (``nemojax.offload``; ``policy`` one of lru, lfu, lfru-tinyserve, lfru-fork, lfru-polarquant, ours);
-        ``offload_stats`` (a dict) then receives hit rate, bytes per token, transfer wait and predictor accuracy.
         """
-        if expert_cache is not None:
-            from .offload import OffloadStats, generate_offloaded, offload_experts
-
-            key = (expert_cache, policy)
-            if getattr(self, "_offload_key", None) != key:
-                self._offload = offload_experts(self.params, self.config, expert_cache, policy)
-                self._offload_key = key
-            st = OffloadStats()
-            out = generate_offloaded(self._offload, self.config, input_ids, max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed, attention_mask=attention_mask,
-                                     stop_token_ids=stop_token_ids, stats=st, **kw)
-            if callback is not None:
-                callback(out)
-            if offload_stats is not None:
-                offload_stats.update(st.summary())
-            return out
         return generate(self.params, self.config, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, attention_mask=attention_mask, stop_token_ids=stop_token_ids,
-                        callback=callback, **kw)
+                        callback=callback, experts=self.experts, **kw)
 
     def generate_stream(self, input_ids, max_new_tokens: int, **kw):
         """Iterator over [B, n] chunks of new tokens; keyword arguments as :meth:`generate`."""
-        return generate_stream(self.params, self.config, input_ids, max_new_tokens, **kw)
+        return generate_stream(self.params, self.config, input_ids, max_new_tokens, experts=self.experts, **kw)
+
+    def offload(self, expert_cache: int, policy: str = "adaptive", *, prefetch: bool = True, device=None) -> Model:
+        """This model with its routed experts in host memory and ``expert_cache`` device slots per MoE layer
+        (``nemojax.experts.offload``); this model is left as it is. ``policy``: the slots' eviction policy, one of
+        lru, lfu, lfru-tinyserve, lfru-vllm, lfru-polarquant, adaptive (``nemojax.experts.policies``);
+        ``prefetch``: put the next MoE layer's predicted experts ahead of use. The returned model's
+        ``experts.stats`` (``OffloadStats``; ``.summary()``: hit rate, bytes per token, transfer wait, predictor
+        accuracy) counts over its forwards (``experts.reset_stats()`` starts anew)."""
+        if self.experts is not None and self.experts.host_driven:
+            raise ValueError("the routed experts are offloaded already: offload the resident model")
+        from .experts.offload import offload_experts
+
+        params, experts = offload_experts(self.params, self.config, expert_cache, policy, prefetch, device)
+        return Model(self.config, params, experts)
 
 
 def _as_ids(input_ids, cfg: Config) -> jax.Array:

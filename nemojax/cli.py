@@ -43,26 +43,49 @@ def _gen_parser(sub):
                    help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton (GPU + jax-triton)")
     p.add_argument("--expert-cache", type=int, default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
-    p.add_argument("--cache-policy", default="ours", help="expert-cache eviction policy: lru, lfu, "
-                   "lfru-tinyserve, lfru-fork, lfru-polarquant, ours (default)")
+    p.add_argument("--cache-policy", default="adaptive", help="expert-cache eviction policy: lru, lfu, "
+                   "lfru-tinyserve, lfru-vllm, lfru-polarquant, adaptive (default)")
     p.set_defaults(func=cmd_generate)
 
 
+def _stream_text(a, tok, parts, stops) -> tuple[list[int], str]:
+    """Collect the new tokens of ``parts`` (chunks [1, n]) up to the first stop token; without ``--json`` write the
+    text to stdout as it grows. Returns (tokens, the text written so far)."""
+    new: list[int] = []
+    shown = ""
+    stop_set = set(stops)
+    for part in parts:
+        for t in part[0].tolist():
+            if stop_set and t in stop_set:
+                stop_set = {None}  # stop showing after the first stop token
+            if None not in stop_set:
+                new.append(t)
+        if not a.json:
+            txt = tok.decode(new)
+            if txt.startswith(shown) and not txt.endswith("\ufffd"):
+                sys.stdout.write(txt[len(shown):])
+                sys.stdout.flush()
+                shown = txt
+    return new, shown
+
+
+def _finish_text(out_text: str, shown: str) -> None:
+    if out_text[len(shown):]:
+        sys.stdout.write(out_text[len(shown):])
+    sys.stdout.write("\n")
+
+
 def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int:
-    """``generate --expert-cache N``: host loop per token, experts fetched into N device slots per MoE layer."""
+    """``generate --expert-cache N``: host loop per token, experts fetched into N device slots per MoE layer; the
+    text streams token by token."""
     from .chat import parse_response
 
-    kw = {k: v for k, v in kw.items() if k != "chunk"}
-    ost: dict = {}
+    off = model.offload(a.expert_cache, a.cache_policy)
     t0 = time.perf_counter()
-    out = model.generate([ids], a.max_new_tokens, expert_cache=a.expert_cache, policy=a.cache_policy,
-                         offload_stats=ost, **kw)
+    new, shown = _stream_text(a, tok, off.generate_stream([ids], a.max_new_tokens, **{**kw, "chunk": 1}),
+                              kw["stop_token_ids"])
     dt = time.perf_counter() - t0
-    new = []
-    for t in out[0].tolist():
-        if t in set(kw["stop_token_ids"]):
-            break
-        new.append(t)
+    ost = off.experts.stats.summary()
     text = tok.decode(new)
     stats = {"prompt_tokens": len(ids), "new_tokens": len(new), "load_s": round(load_s, 3),
              "generate_s": round(dt, 3), "expert_cache": a.expert_cache, "cache_policy": a.cache_policy,
@@ -73,7 +96,7 @@ def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int
             res.update(parse_response(text, thinking=thinking))
         print(json.dumps(res, ensure_ascii=False))
     else:
-        print(text)
+        _finish_text(text, shown)
         print(f"[expert cache {a.expert_cache}/layer ({a.cache_policy}): hit rate {ost['hit_rate']:.1%}, "
               f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting | "
               f"{len(new)} tokens in {dt:.1f} s]", file=sys.stderr)
@@ -91,7 +114,7 @@ def cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if a.expert_cache is not None:
-        from .policies import POLICIES
+        from .experts.policies import POLICIES
 
         if a.expert_cache < 1:
             raise UsageError(f"--expert-cache must be >= 1 (device slots per MoE layer), got {a.expert_cache}")
@@ -149,21 +172,7 @@ def cmd_generate(a) -> int:
         pass
     compile_s = time.perf_counter() - t0
     timings: dict = {}
-    new: list[int] = []
-    shown = ""
-    stop_set = set(stops)
-    for part in model.generate_stream([ids], a.max_new_tokens, timings=timings, **kw):
-        for t in part[0].tolist():
-            if stop_set and t in stop_set:
-                stop_set = {None}  # stop showing after the first stop token
-            if None not in stop_set:
-                new.append(t)
-        if not a.json:
-            txt = tok.decode(new)
-            if txt.startswith(shown) and not txt.endswith("\ufffd"):
-                sys.stdout.write(txt[len(shown):])
-                sys.stdout.flush()
-                shown = txt
+    new, shown = _stream_text(a, tok, model.generate_stream([ids], a.max_new_tokens, timings=timings, **kw), stops)
     out_text = tok.decode(new)
     n_new = len(new)
     pre_tps = timings["prompt_tokens"] / max(timings["prefill_s"], 1e-9)
@@ -178,9 +187,7 @@ def cmd_generate(a) -> int:
             res.update(parse_response(out_text, thinking=thinking))
         print(json.dumps(res, ensure_ascii=False))
     else:
-        if out_text[len(shown):]:
-            sys.stdout.write(out_text[len(shown):])
-        sys.stdout.write("\n")
+        _finish_text(out_text, shown)
         print(f"[prefill {len(ids)} tok: {pre_tps:.1f} tok/s | decode {n_new} tok: {dec_tps:.1f} tok/s | "
               f"load {load_s:.1f} s, compile {compile_s:.1f} s]", file=sys.stderr)
     return 0

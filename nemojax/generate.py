@@ -4,6 +4,9 @@ tokens (no retrace and no host round trip per token), with donated cache buffers
 ``generate`` returns new tokens ``[B, max_new_tokens]`` (pad id after a sequence stops); ``generate_stream``
 yields them in chunks. Prompts of different lengths are left-padded to a bucketed length, so the number of
 compilations stays bounded (``TRACE_COUNTS`` counts them).
+
+With a host-driven experts strategy (``experts=``, e.g. ``nemojax.experts.offload``) the same loop runs the
+strategy's own ``prefill`` / ``decode``, which have the signatures and results of :func:`prefill` / :func:`decode`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from .model import compute_dtype, forward
 from .quant.kv import FP8
 from .sampling import SamplingParams, sample
 
-__all__ = ["generate", "generate_stream", "prefill", "decode", "bucket", "pad_prompts", "pad_to_bucket", "TRACE_COUNTS"]
+__all__ = ["generate", "generate_stream", "prefill", "decode", "next_token", "DecodeState", "bucket", "pad_prompts",
+           "pad_to_bucket", "TRACE_COUNTS"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # how many times each jitted function was traced
 _MAX_STOP = 8
@@ -48,17 +52,25 @@ class DecodeState:
     key: jax.Array  # PRNG key
 
 
-@partial(jax.jit, static_argnums=(1,), static_argnames=("mesh",), donate_argnames=("cache",))
-def prefill(params, cfg: Config, tokens, mask, cache: Cache, mesh=None):
+@partial(jax.jit, static_argnums=(1,), static_argnames=("mesh", "experts"), donate_argnames=("cache",))
+def prefill(params, cfg: Config, tokens, mask, cache: Cache, mesh=None, experts=None):
     """tokens, mask [B, T] (left-padded) -> (last-position logits [B, V] float32, filled cache)."""
     TRACE_COUNTS["prefill"] += 1
-    logits, cache = forward(params, cfg, tokens, mask, cache, last_only=True, mesh=mesh)
+    logits, cache = forward(params, cfg, tokens, mask, cache, last_only=True, experts=experts, mesh=mesh)
     return logits[:, -1], cache
 
 
-@partial(jax.jit, static_argnums=(1, 2), static_argnames=("mesh",), donate_argnames=("cache",))
+def next_token(state: DecodeState, sp: SamplingParams, stop_ids, pad_id):
+    """Sample each sequence's next token from ``state.logits`` (pad id once done) -> (tokens [B] int32, done [B]:
+    done before or stopped by this token)."""
+    tok = sample(state.logits, jax.random.fold_in(state.key, state.step), sp)
+    tok = jnp.where(state.done, pad_id, tok)
+    return tok, state.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+
+
+@partial(jax.jit, static_argnums=(1, 2), static_argnames=("mesh", "experts"), donate_argnames=("cache",))
 def decode(params, cfg: Config, n_steps: int, cache: Cache, state: DecodeState, sp: SamplingParams, limit,
-           stop_ids, pad_id, mesh=None):
+           stop_ids, pad_id, mesh=None, experts=None):
     """Up to ``n_steps`` tokens in one ``while_loop``: sample, record, feed back. Stops early when every
     sequence is done or ``limit`` tokens were emitted. Returns (tokens [B, n_steps], cache, state)."""
     TRACE_COUNTS["decode"] += 1
@@ -71,11 +83,9 @@ def decode(params, cfg: Config, n_steps: int, cache: Cache, state: DecodeState, 
 
     def body(c):
         i, out, cache, st = c
-        tok = sample(st.logits, jax.random.fold_in(st.key, st.step), sp)
-        tok = jnp.where(st.done, pad_id, tok)
+        tok, done = next_token(st, sp, stop_ids, pad_id)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-        done = st.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
-        logits, cache = forward(params, cfg, tok[:, None], None, cache, last_only=True, mesh=mesh)
+        logits, cache = forward(params, cfg, tok[:, None], None, cache, last_only=True, experts=experts, mesh=mesh)
         return i + 1, out, cache, DecodeState(logits[:, -1], done, st.step + 1, st.key)
 
     _, out, cache, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, cache, state))
@@ -143,10 +153,12 @@ def _validate(cfg: Config, ids, mask, max_new_tokens, seed, stop_token_ids):
 def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temperature=0.0, top_k=0, top_p=1.0,
                     seed=0, attention_mask=None, stop_token_ids: Sequence[int] | None = None,
                     pad_id: int | None = None, chunk: int = 16, timings: dict | None = None,
-                    kv_dtype=None, warmup: bool = False, mesh=None) -> Iterator[np.ndarray]:
+                    kv_dtype=None, warmup: bool = False, mesh=None, experts=None) -> Iterator[np.ndarray]:
     """Yield new tokens in chunks of up to ``chunk`` columns ([B, n] int32 arrays), pad id after a stop.
 
     ``mesh``: the ``nemojax.sharding`` mesh ``params`` are sharded on; the cache is created sharded on it too.
+    ``experts``: how MoE blocks run their routed experts (``nemojax.model.forward``); a host-driven strategy
+    (``nemojax.experts.offload``) brings its own prefill and decode steps, run by this same loop.
 
     ``timings`` (optional dict) receives prefill/decode seconds and token counts. ``warmup=True`` compiles and
     runs prefill and one decode step with exactly the shapes of the real call, yielding nothing.
@@ -158,6 +170,13 @@ def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temp
     pad_id = 0 if pad_id is None else pad_id
     ids, mask = pad_prompts(input_ids, attention_mask, pad_id)
     stops = _validate(cfg, ids, mask, max_new_tokens, seed, stop_token_ids)
+    if getattr(experts, "host_driven", False):
+        if mesh is not None:
+            raise ValueError("a host-driven experts strategy runs on one device: mesh must be None")
+        run_prefill, run_decode = experts.prefill, experts.decode
+    else:
+        run_prefill, run_decode = partial(prefill, mesh=mesh, experts=experts), partial(decode, mesh=mesh,
+                                                                                         experts=experts)
     B = ids.shape[0]
     ids, mask = pad_to_bucket(ids, mask, pad_id)
     Tb = ids.shape[1]
@@ -172,19 +191,18 @@ def generate_stream(params, cfg: Config, input_ids, max_new_tokens: int, *, temp
 
         cache = shard_cache(cache, cfg, mesh)
     t0 = time.perf_counter()
-    logits, cache = prefill(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache, mesh=mesh)
+    logits, cache = run_prefill(params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
     logits.block_until_ready()
     t1 = time.perf_counter()
     state = DecodeState(logits, jnp.zeros((B,), bool), jnp.int32(0), jax.random.PRNGKey(seed))
     emitted = 0
     stop_arr, pad_arr, limit = jnp.asarray(stops), jnp.int32(pad_id), jnp.int32(max_new_tokens)
     if warmup:
-        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, jnp.int32(1), stop_arr, pad_arr,
-                                   mesh=mesh)
+        out, cache, state = run_decode(params, cfg, n_steps, cache, state, sp, jnp.int32(1), stop_arr, pad_arr)
         jax.block_until_ready(out)
         return
     while emitted < max_new_tokens:
-        out, cache, state = decode(params, cfg, n_steps, cache, state, sp, limit, stop_arr, pad_arr, mesh=mesh)
+        out, cache, state = run_decode(params, cfg, n_steps, cache, state, sp, limit, stop_arr, pad_arr)
         n = min(n_steps, max_new_tokens - emitted)
         emitted += n
         yield np.asarray(out[:, :n])

@@ -1,11 +1,13 @@
 """The functional Nemotron-H forward pass: ``forward(params, config, tokens, ...)``, pure and jittable.
 
 Every layer is a pre-norm residual block with one mixer: ``h = h + mixer(rmsnorm(h))``; then ``norm_f`` and
-the untied ``lm_head``. Logits are returned in float32.
+the untied ``lm_head``. Logits are returned in float32. How MoE blocks run their routed experts is a strategy
+(``experts=``, see ``nemojax.layers.moe.RoutedExperts``); a host-driven one (the host-offloaded expert cache) runs
+the same pieces layer by layer, each jitted on its own (:data:`STEPWISE`).
 """
 from __future__ import annotations
 
-from functools import partial
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +17,27 @@ from .config import Config
 from .layers.attention import attention_mixer
 from .layers.mamba import mamba_mixer
 from .layers.mlp import mlp
-from .layers.moe import moe_mixer
+from .layers.moe import RoutedExperts, moe_mixer, moe_output, moe_route, resident_experts
 from .ops import linear, rms_norm
 from .quant.hlwq import HLWQWeight
 
-__all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype"]
+__all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype", "start", "head", "moe_input",
+           "moe_residual", "pre_norm", "STEPWISE", "Pieces"]
+
+
+def pre_norm(lp: dict, cfg: Config, h: jax.Array) -> jax.Array:
+    """A block's normed input: ``rmsnorm(h)`` in the norm weight's dtype."""
+    return rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
 
 
 def block(lp: dict, cfg: Config, kind: str, h: jax.Array, mask=None, state=None, pos=None, kv_mask=None,
-          moe_impl: str = "grouped", mesh=None):
+          experts: RoutedExperts | None = None, layer: int = 0):
     """One residual block. lp = {"norm", "mixer"}; h [B, T, H] -> (h [B, T, H], new layer state).
 
-    ``state`` is the layer's cache entry (see ``nemojax.cache``) or None for a cache-free forward.
+    ``state`` is the layer's cache entry (see ``nemojax.cache``) or None for a cache-free forward. ``experts``: how an
+    MoE block runs its routed experts (default grouped); ``layer``: the block's index (passed to ``experts``).
     """
-    x = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
+    x = pre_norm(lp, cfg, h)
     p = lp["mixer"]
     new_state = {}
     if kind == "M":
@@ -36,12 +45,23 @@ def block(lp: dict, cfg: Config, kind: str, h: jax.Array, mask=None, state=None,
     elif kind == "*":
         out, new_state = attention_mixer(p, cfg, x, mask, state, pos, kv_mask)
     elif kind == "E":
-        out = moe_mixer(p, cfg, x, moe_impl, mesh)
+        out = moe_mixer(p, cfg, x, experts, layer)
     elif kind == "-":
         out = mlp(p, x)
     else:  # unreachable: Config validates the pattern
         raise ValueError(f"unknown block kind {kind!r}")
     return h + out.astype(h.dtype), new_state
+
+
+def moe_input(lp: dict, cfg: Config, h: jax.Array):
+    """An MoE block up to its routed experts: h [B, T, H] -> (normed x [B, T, H], weights [B*T, k], ids [B*T, k])."""
+    x = pre_norm(lp, cfg, h)
+    return (x, *moe_route(lp["mixer"], cfg, x))
+
+
+def moe_residual(lp: dict, h: jax.Array, x: jax.Array, routed: jax.Array) -> jax.Array:
+    """An MoE block after its routed experts (their sum [B*T, H] fp32): shared expert and residual -> h."""
+    return h + moe_output(lp["mixer"], x, routed).astype(h.dtype)
 
 
 def compute_dtype(params: dict):
@@ -65,8 +85,43 @@ def lm_head(params: dict, cfg: Config, h: jax.Array) -> jax.Array:
     return linear(h, w).astype(jnp.float32)
 
 
+def start(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None):
+    """The residual stream's start (embeddings, fp32 with ``residual_in_fp32``) and, with a cache, the KV mask:
+    the cache's mask with the new tokens written at ``cache.pos``. -> (h [B, T, H], kv_mask [B, S] or None)."""
+    h = embed(params, tokens)
+    if cfg.residual_in_fp32:
+        h = h.astype(jnp.float32)
+    if cache is None:
+        return h, None
+    new = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    return h, jax.lax.dynamic_update_slice_in_dim(cache.mask, new, cache.pos, axis=1)
+
+
+def head(params: dict, cfg: Config, h: jax.Array, last_only: bool = False) -> jax.Array:
+    """Logits [B, T, V] float32 of the final residual stream (of its last position only: [B, 1, V])."""
+    return lm_head(params, cfg, h[:, -1:] if last_only else h)
+
+
+class Pieces(NamedTuple):
+    """The forward's pieces as one host-driven forward runs them, each jitted on its own (static: the config,
+    the block kind, ``last_only``)."""
+
+    start: Callable
+    block: Callable
+    moe_input: Callable
+    moe_residual: Callable
+    head: Callable
+
+
+STEPWISE = Pieces(start=jax.jit(start, static_argnums=(1,)), block=jax.jit(block, static_argnums=(1, 2)),
+                  moe_input=jax.jit(moe_input, static_argnums=(1,)), moe_residual=jax.jit(moe_residual),
+                  head=jax.jit(head, static_argnums=(1, 3)))
+_INLINE = Pieces(start, block, moe_input, moe_residual, head)  # inside the caller's trace
+
+
 def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None, *,
-            return_hidden_states: bool = False, last_only: bool = False, moe_impl: str = "grouped", mesh=None):
+            return_hidden_states: bool = False, last_only: bool = False, experts: RoutedExperts | None = None,
+            mesh=None):
     """Forward over tokens [B, T] (int).
 
     attention_mask [B, T]: 1 = token, 0 = left pad (None: all tokens).
@@ -74,26 +129,37 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     ``return_hidden_states`` also a list of L+1 arrays [B, T, H]: the embeddings, the residual stream after
     blocks 0..L-2, and the final-normed output (transformers' ``output_hidden_states`` convention).
     With a cache: the tokens continue the cached sequences at ``cache.pos``; returns (logits, new cache).
-    moe_impl: "grouped" (inference) or "dense" (every expert on every token; differentiable, for training).
-    mesh: the ``nemojax.sharding`` mesh the params are sharded on (static): routed experts run expert-parallel
-    under ``shard_map`` and the new cache keeps its shardings. Without it the SPMD partitioner still runs
-    sharded inputs, but gathers each expert bank.
+    experts: how MoE blocks run their routed experts (``nemojax.layers.moe``): ``GROUPED`` (inference), ``DENSE``
+    (every expert on every token; differentiable, for training), ``ExpertParallel(mesh)``, or a host-driven
+    strategy (``nemojax.experts.offload``: then ``forward`` runs eagerly, layer by layer, each piece jitted; not
+    inside ``jit``). Default: expert-parallel over ``mesh`` where it splits the experts, else grouped.
+    mesh: the ``nemojax.sharding`` mesh the params are sharded on (static): the new cache keeps its shardings.
+    Without it the SPMD partitioner still runs sharded inputs, but gathers each expert bank.
     """
-    h = embed(params, tokens)
-    if cfg.residual_in_fp32:
-        h = h.astype(jnp.float32)
-    kv_mask = pos = None
-    if cache is not None:
-        pos = cache.pos
-        new = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new, pos, axis=1)
+    experts = resident_experts(cfg, mesh) if experts is None else experts
+    stepwise = experts.host_driven
+    if stepwise and mesh is not None:
+        raise ValueError("a host-driven experts strategy runs on one device: mesh must be None")
+    run = STEPWISE if stepwise else _INLINE
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask)  # once, not per jitted piece
+    h, kv_mask = run.start(params, cfg, tokens, attention_mask, cache)
+    pos = None if cache is None else cache.pos
     hidden, states = [h], []
     for i, kind in enumerate(cfg.pattern):
+        lp = params["layers"][i]
         st = cache.layers[i] if cache is not None else None
-        h, st = block(params["layers"][i], cfg, kind, h, attention_mask, st, pos, kv_mask, moe_impl, mesh)
+        if not stepwise:
+            h, st = block(lp, cfg, kind, h, attention_mask, st, pos, kv_mask, experts, i)
+        elif kind == "E":  # the host decides between the router and the routed experts
+            x, w, idx = run.moe_input(lp, cfg, h)
+            h, st = run.moe_residual(lp, h, x, experts(x, w, idx, lp["mixer"].get("experts"), i)), {}
+            experts.after_moe(params, cfg, i, h)
+        else:
+            h, st = run.block(lp, cfg, kind, h, attention_mask, st, pos, kv_mask)
         hidden.append(h)
         states.append(st)
-    logits = lm_head(params, cfg, h[:, -1:] if last_only else h)
+    logits = run.head(params, cfg, h, last_only)
     if cache is not None:
         cache = Cache(layers=tuple(states), mask=kv_mask, pos=pos + tokens.shape[1])
         if mesh is not None:
@@ -108,4 +174,4 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
 
 
 forward_jit = jax.jit(forward, static_argnums=(1,),
-                      static_argnames=("return_hidden_states", "last_only", "moe_impl", "mesh"))
+                      static_argnames=("return_hidden_states", "last_only", "experts", "mesh"))

@@ -9,8 +9,9 @@ node's codes and scales follow the weight they encode, splitting the input dimen
 quantization blocks (16 for NVFP4, 128 for HLWQ).
 
 The routed-expert computation runs under ``shard_map`` when the expert or tensor axis is > 1
-(:func:`nemojax.layers.moe.moe_mixer` with ``mesh``): each device computes the assignments of its local experts
-on its intermediate-channel slice and one ``psum`` combines them -- the expert bank is never gathered.
+(:class:`nemojax.layers.moe.ExpertParallel`, what ``forward(..., mesh=mesh)`` uses): each device computes the
+assignments of its local experts on its intermediate-channel slice and one ``psum`` combines them -- the expert
+bank is never gathered.
 
     mesh = make_mesh(data=2, expert=2, tensor=2)
     params = shard_params(params, cfg, mesh)                # or load_sharded(path, cfg, mesh)

@@ -1,4 +1,4 @@
-"""Host-offloaded expert cache (nemojax.offload, nemojax.policies): exactness for any cache size and weight
+"""Host-offloaded expert cache (nemojax.experts.offload, nemojax.experts.policies): exactness for any cache size and weight
 format, the pinning rule, each policy's victims, the interface and its statistics."""
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 
 from nemojax import api, quant
 from nemojax.generate import generate
-from nemojax.model import forward_jit
-from nemojax.offload import OffloadStats, forward_offloaded, generate_offloaded, offload_experts
+from nemojax.experts.offload import offload_experts
+from nemojax.model import forward, forward_jit
 from nemojax.params import init_params
-from nemojax.policies import POLICIES, SlotTable, make_policy, simulate, synthetic_trace
+from nemojax.experts.policies import POLICIES, make_policy
+from nemojax.experts.policies.simulate import simulate, synthetic_trace
+from nemojax.experts.policies.slots import SlotTable
 
 from .conftest import tiny_config
 
@@ -29,29 +31,27 @@ def _prompts(n=3):
     return [list(rng.integers(3, CFG.vocab_size, m)) for m in (7, 11, 5)[:n]]
 
 
-@pytest.mark.parametrize("slots,policy", [(1, "ours"), (2, "lru"), (3, "lfru-fork"), (5, "ours"), (8, "lru")])
+@pytest.mark.parametrize("slots,policy", [(1, "adaptive"), (2, "lru"), (3, "lfru-vllm"), (5, "adaptive"), (8, "lru")])
 def test_logits_equal_resident_any_cache_size(models, slots, policy):
     """Prefill of a batch needing all 8 experts with 1..8 slots (fewer than top-k included)."""
     p = models["float32"]
     ids = np.random.default_rng(1).integers(3, CFG.vocab_size, (3, 10))
     ref = np.asarray(forward_jit(p, CFG, ids, last_only=True))[:, -1]
-    off = offload_experts(p, CFG, slots, policy)
-    st = OffloadStats()
-    got, _ = forward_offloaded(off, CFG, ids, stats=st)
+    params, experts = offload_experts(p, CFG, slots, policy)
+    got = forward(params, CFG, ids, last_only=True, experts=experts)[:, -1]
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
     if slots < 8:
-        assert st.passes > 0  # more distinct experts than slots: computed in passes, never with a wrong expert
+        assert experts.stats.passes > 0  # more distinct experts than slots: computed in passes, never with a wrong expert
 
 
 @pytest.mark.parametrize("fmt,slots", [("float32", 2), ("bfloat16", 4), ("nvfp4", 2), ("hlwq", 3)])
 def test_greedy_tokens_equal_resident(models, fmt, slots):
     p = models[fmt]
     ref = generate(p, CFG, _prompts(), 12)
-    off = offload_experts(p, CFG, slots, "ours")
-    st = OffloadStats()
-    got = generate_offloaded(off, CFG, _prompts(), 12, stats=st)
+    params, experts = offload_experts(p, CFG, slots, "adaptive")
+    got = generate(params, CFG, _prompts(), 12, experts=experts)
     np.testing.assert_array_equal(got, ref)
-    s = st.summary()
+    s = experts.stats.summary()
     assert 0 < s["hit_rate"] < 1 and s["bytes_per_token"] > 0 and s["misses"] > 0
     assert s["predictor_precision"] is not None and 0 <= s["predictor_recall"] <= 1
 
@@ -63,9 +63,9 @@ def test_compilations_bounded_over_prompt_lengths(models):
     import jax
 
     p = models["float32"]
-    off = offload_experts(p, CFG, 4, "ours")
+    params, experts = offload_experts(p, CFG, 4, "adaptive")
     rng = np.random.default_rng(7)
-    generate_offloaded(off, CFG, [list(rng.integers(3, CFG.vocab_size, 9))], 5)
+    generate(params, CFG, [list(rng.integers(3, CFG.vocab_size, 9))], 5, experts=experts)
     compiles = []
     on = [True]
 
@@ -77,7 +77,7 @@ def test_compilations_bounded_over_prompt_lengths(models):
     try:
         for m, new in ((5, 3), (12, 7), (16, 4), (10, 6)):  # all in bucket 16 (prompt) and 16 (new tokens)
             prompt = [list(rng.integers(3, CFG.vocab_size, m))]
-            got = generate_offloaded(off, CFG, prompt, new)
+            got = generate(params, CFG, prompt, new, experts=experts)
             on[0] = False
             np.testing.assert_array_equal(got, generate(p, CFG, prompt, new))
             on[0] = True
@@ -86,7 +86,7 @@ def test_compilations_bounded_over_prompt_lengths(models):
     assert compiles == []
 
 
-def test_fork_bug_repro_every_policy():
+def test_pinning_bug_repro_every_policy():
     """capacity 8, experts 0-7 warmed, batch needs {0,1,2,3,8,9,10,11}: all 8 must be resident afterwards."""
     for name in POLICIES:
         t = SlotTable(16, 8, name)
@@ -116,20 +116,20 @@ def test_policy_victims_by_hand():
     assert _victim("lfu", h, [0, 1, 2]) == 2  # freq 0:3, 1:2, 2:1
     # tinyserve: clock 6 after 6 accesses; freq/(clock-last+1): 0: 3/(6-5+1)=1.5, 1: 2/(6-6+1)=2, 2: 1/(6-4+1)=.33
     assert _victim("lfru-tinyserve", h, [0, 1, 2]) == 2
-    # fork: freq 0: ((1*.95+1)*.95+1)=2.8525 last step 4; 1: 1.95 last 4; 2: 1 last 3 -> 2: 1/(1+4-3)=.5
-    assert _victim("lfru-fork", h, [0, 1, 2]) == 2
-    assert _victim("lfru-fork", h, [0, 1]) == 1  # 1.95/1 < 2.8525/1
+    # lfru-vllm: freq 0: ((1*.95+1)*.95+1)=2.8525 last step 4; 1: 1.95 last 4; 2: 1 last 3 -> 2: 1/(1+4-3)=.5
+    assert _victim("lfru-vllm", h, [0, 1, 2]) == 2
+    assert _victim("lfru-vllm", h, [0, 1]) == 1  # 1.95/1 < 2.8525/1
     assert _victim("lfru-polarquant", h, [0, 1, 2]) == 2
     assert _victim("lfru-polarquant", h, [0, 1, 2], pinned=[2]) == 1
     with pytest.raises(RuntimeError, match="every resident is needed"):
         _victim("lru", h, [0, 1], pinned=[0, 1])
 
 
-def test_ours_orders_passes_and_adapts():
-    """ours: with more needed experts than slots the resident ones go first and the one it values most is loaded
+def test_adaptive_orders_passes_and_adapts():
+    """adaptive: with more needed experts than slots the resident ones go first and the one it values most is loaded
     last (so it stays); its shadow caches pick LRU-like scoring on a cyclic-recency trace and the long-memory
     count on an i.i.d. Zipf trace; below top-k it beats every LFRU on a synthetic trace (exact simulator figures)."""
-    t = SlotTable(8, 2, "ours")
+    t = SlotTable(8, 2, "adaptive")
     for _ in range(6):  # experts 5 and 6, every forward
         t.policy.step()
         for part in t.passes([5, 6]):
@@ -146,16 +146,16 @@ def test_ours_orders_passes_and_adapts():
         t.plan(part)
     assert 5 in t.residents
     rng = np.random.default_rng(0)
-    drift = SlotTable(16, 4, "ours")
+    drift = SlotTable(16, 4, "adaptive")
     for step in range(400):  # a working set of 5 that moves by 3 experts every 20 forwards: recency wins
         drift.policy.step()
         ws = [(step // 20 * 3 + j) % 16 for j in range(5)]
         for part in drift.passes([int(e) for e in rng.choice(ws, 2, replace=False)]):
             drift.plan(part)
-    g = drift.policy.gain  # candidates: decayed counts 0 / 0.9 / 1, fork LFRU, Markov
+    g = drift.policy.gain  # candidates: decayed counts 0 / 0.9 / 1, lfru-vllm, Markov
     assert g[0] > g[2] + 50 and drift.policy.leader() != 2
     p = np.arange(1, 17, dtype=float) ** -1.2
-    iid = SlotTable(16, 4, "ours")
+    iid = SlotTable(16, 4, "adaptive")
     for _ in range(400):  # i.i.d. Zipf: the long-memory count wins
         iid.policy.step()
         for part in iid.passes([int(e) for e in rng.choice(16, 2, replace=False, p=p / p.sum())]):
@@ -168,18 +168,18 @@ def test_ours_orders_passes_and_adapts():
         r = np.random.default_rng(seed)
         alt = [[[int(e) for e in r.choice(4, 2, replace=False) + (4 if t % 2 else 0)]] for t in range(400)]
         rates = {pol: simulate(alt, 8, 6, pol)["hit_rate"] for pol in POLICIES}
-        margins.append(rates["ours"] - max(v for k, v in rates.items() if k != "ours"))
+        margins.append(rates["adaptive"] - max(v for k, v in rates.items() if k != "adaptive"))
     assert min(margins) > 0.02 and np.mean(margins) > 0.03, margins  # measured 0.045, 0.062, 0.028
     tr = synthetic_trace(150, n_layers=3, n_experts=32, top_k=4, seed=5)
     rates = {pol: simulate(tr, 32, 2, pol)["hit_rate"] for pol in POLICIES}
-    assert rates["ours"] > max(v for k, v in rates.items() if k.startswith("lfru")) + 0.02, rates
+    assert rates["adaptive"] > max(v for k, v in rates.items() if k.startswith("lfru")) + 0.02, rates
 
 
-def test_ours_batched_shadows_equal_replay():
-    """``ours`` settles a forward's shadow caches in one vectorized step; it must equal replaying the accesses one
+def test_adaptive_batched_shadows_equal_replay():
+    """``adaptive`` settles a forward's shadow caches in one vectorized step; it must equal replaying the accesses one
     by one (each miss evicts the shadow's lowest (score, last access) non-pinned resident, else is streamed)."""
     rng = np.random.default_rng(11)
-    t = SlotTable(24, 5, "ours")
+    t = SlotTable(24, 5, "adaptive")
     pol = t.policy
     for _ in range(150):
         needed = [int(e) for e in rng.choice(24, int(rng.integers(1, 8)), replace=False)]  # 1-7 for 5 slots
@@ -220,14 +220,23 @@ def test_simulator_and_trace():
 def test_api_and_errors(models, tmp_path):
     m = api.Model(CFG, models["float32"])
     ref = m.generate(_prompts(2), 6)
-    stats: dict = {}
-    got = m.generate(_prompts(2), 6, expert_cache=3, policy="lru", offload_stats=stats)
+    off = m.offload(3, "lru")
+    assert m.experts is None and "experts" in m.params["layers"][CFG.pattern.index("E")]["mixer"]  # m unchanged
+    got = off.generate(_prompts(2), 6)
     np.testing.assert_array_equal(got, ref)
+    stats = off.experts.stats.summary()
     assert stats["hit_rate"] > 0 and stats["tokens"] > 0
+    streamed = list(off.generate_stream(_prompts(2), 6, chunk=1))
+    assert len(streamed) == 6 and all(c.shape == (2, 1) for c in streamed)
+    np.testing.assert_array_equal(np.concatenate(streamed, axis=1), ref)
+    ids = np.asarray([_prompts(1)[0]])
+    np.testing.assert_allclose(np.asarray(off.logits(ids)), np.asarray(m.logits(ids)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="offloaded already"):
+        off.offload(3)
     with pytest.raises(ValueError, match="policy='mru'"):
-        m.generate(_prompts(2), 6, expert_cache=3, policy="mru")
+        m.offload(3, policy="mru")
     with pytest.raises(ValueError, match="expert_cache=0"):
-        m.generate(_prompts(2), 6, expert_cache=0)
+        m.offload(0)
 
 
 def test_cli_expert_cache(capsys):

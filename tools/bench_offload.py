@@ -7,10 +7,9 @@ of the real 30B-A3B on a 24 GB GPU.
    * a trace recorded from the bundled trained model (16 experts, top-2, 3 MoE layers) answering chat prompts.
 2. Decode tok/s with the cache vs fully resident (random weights, ``--config medium`` by default).
 3. The 30B model: per-token transfer time = misses/token x bytes/expert / PCIe bandwidth on top of the
-   resident compute time, for vllm-expert-offload's BF16 cache 8 (its LFRU; github
-   caiovicentino/vllm-expert-offload, the implementation behind vLLM PR #37190) and for 4.5-bit (NVFP4) / 5-bit
-   (HLWQ Q5) experts with ``ours`` at the same VRAM; compared with the 16.4 tok/s its model card reports (HF
-   caiovicentino1/Nemotron-Cascade-2-30B-A3B-HLWQ-Q5).
+   resident compute time, for the BF16 cache 8 of the vLLM expert-offload pull request (its LFRU) and for 4.5-bit
+   (NVFP4) / 5-bit (HLWQ Q5) experts with ``adaptive`` at the same VRAM; compared with that pull request's reported
+   16.4 tok/s.
 
     python tools/bench_offload.py [--tokens 400] [--config medium] [--json]
 """
@@ -32,8 +31,8 @@ SIZES = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 # the real model (expert-offload reference §3, §6)
 EXPERT_BYTES = {"bf16": 19.96e6, "nvfp4": 1856 * 2688 * 2 * (0.5 + 1 / 16) + 8, "hlwq-q5": 6.50e6}
 NON_EXPERT_GB = 4.40
-FULL_BF16_TOKS = 54.5  # vllm-expert-offload model card: resident BF16 (92 GB), tok/s
-FORK_CACHE8_TOKS = 16.4  # vllm-expert-offload model card: cache 8, LFRU, BF16 slots
+FULL_BF16_TOKS = 54.5  # vLLM expert-offload PR, resident BF16 (92 GB), tok/s
+VLLM_CACHE8_TOKS = 16.4  # vLLM expert-offload PR, cache 8, LFRU, BF16 slots
 PCIE = {"pcie4": 25e9, "pcie5": 50e9}  # pinned host->device bytes/s (x16, typical achieved)
 
 
@@ -42,7 +41,7 @@ def log(msg):
 
 
 def policy_table(trace, n_experts, sizes, policies):
-    from nemojax.policies import simulate
+    from nemojax.experts.policies.simulate import simulate
 
     rows = []
     for n in sizes:
@@ -57,7 +56,6 @@ def recorded_trace(max_new: int, n_prompts: int = 24):
     import numpy as np
 
     from nemojax import api
-    from nemojax.offload import generate_offloaded, offload_experts
     from nemojax.tokenizer import Tokenizer
 
     folder = os.path.join(_REPO, "nemojax", "default_model")
@@ -68,11 +66,13 @@ def recorded_trace(max_new: int, n_prompts: int = 24):
         a, b = (int(v) for v in rng.integers(10, 999, 2))
         qs.append(f"Which is larger, {a} or {b}?" if i % 4 == 3 else f"What is {a} {'+-*'[i % 4]} {b}?")
     per_token = []
-    off = offload_experts(model.params, model.config, model.config.n_routed_experts, "lru", prefetch=False)
+    off = model.offload(model.config.n_routed_experts, "lru", prefetch=False)
     for n, q in enumerate(qs, 1):
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
         rec: list = []
-        generate_offloaded(off, model.config, [ids], max_new, stop_token_ids=tok.stop_token_ids[:8], trace=rec)
+        off.experts.trace = rec  # (layer, expert ids) per MoE block of each forward
+        off.generate([ids], max_new, stop_token_ids=tok.stop_token_ids[:8])
+        off.experts.trace = None
         layers = sorted({i for i, _ in rec})
         for t in range(1, len(rec) // len(layers)):  # skip the prefill forward
             per_token.append([[e for row in rec[t * len(layers) + j][1] for e in row] for j in range(len(layers))])
@@ -87,7 +87,7 @@ def decode_speed(cfg_name: str, slots: list[int], new: int):
     import benchlib
     from nemojax.config import Config
     from nemojax.generate import generate
-    from nemojax.offload import OffloadStats, generate_offloaded, offload_experts
+    from nemojax.experts.offload import offload_experts
     from nemojax.params import init_params
 
     cfg = Config.from_dict(benchlib.CONFIGS[cfg_name])
@@ -99,13 +99,14 @@ def decode_speed(cfg_name: str, slots: list[int], new: int):
     resident = new / (time.perf_counter() - t0)
     rows = [{"slots": "resident", "tok_s": resident}]
     for n in slots:
-        off = offload_experts(params, cfg, n, "ours")
-        generate_offloaded(off, cfg, prompt, 4)  # compile the pieces
-        st = OffloadStats()
+        off_params, experts = offload_experts(params, cfg, n, "adaptive")
+        generate(off_params, cfg, prompt, 4, experts=experts)  # compile the pieces
+        experts.reset_stats()
         t0 = time.perf_counter()
-        out = generate_offloaded(off, cfg, prompt, new, stats=st)
+        out = generate(off_params, cfg, prompt, new, experts=experts)
         dt = time.perf_counter() - t0
-        rows.append({"slots": n, "tok_s": new / dt, "same_tokens": bool((out == ref).all()), **st.summary()})
+        rows.append({"slots": n, "tok_s": new / dt, "same_tokens": bool((out == ref).all()),
+                     **experts.stats.summary()})
         log(f"decode with {n} slots: {new / dt:.1f} tok/s")
     del jax
     return rows
@@ -135,11 +136,11 @@ def pcie_model(trace, synthetic_rows):
 
     Per token: resident compute + misses x bytes per expert / bandwidth + the policy's host time choosing victims
     (measured by the simulator on this machine; its end-of-forward bookkeeping is assumed to overlap the device).
-    vllm-expert-offload: BF16 slots, cache 8, its LFRU (what it reports 16.4 tok/s with; LRU also given).
-    nemojax (policy ``ours``) at equal VRAM, two ways: ``slots`` — the same 3.67 GB of expert slots (non-expert
-    weights left aside); ``vram`` — the same weight memory as vllm-expert-offload's (non-expert bf16 + 8 BF16
-    slots = 8.08 GB) with the 4-5-bit checkpoint as published, whose non-expert weights are quantized too."""
-    from nemojax.policies import simulate
+    The vLLM expert-offload pull request: BF16 slots, cache 8, its LFRU (what it reports 16.4 tok/s with; LRU also
+    given). ``adaptive`` at equal VRAM, two ways: ``slots`` — the same 3.67 GB of expert slots (non-expert weights
+    left aside); ``vram`` — the same weight memory as the pull request's (non-expert bf16 + 8 BF16 slots = 8.08 GB)
+    with the 4-5-bit checkpoint as published, whose non-expert weights are quantized too."""
+    from nemojax.experts.policies.simulate import simulate
 
     by = {r["slots"]: r for r in synthetic_rows}
 
@@ -155,21 +156,22 @@ def pcie_model(trace, synthetic_rows):
         return t_compute + r["misses_per_token"] * EXPERT_BYTES[fmt] / bw + r["decide_us"] * 1e-6
 
     t_compute = 1.0 / FULL_BF16_TOKS
-    slot_bytes = 8 * 23 * EXPERT_BYTES["bf16"]  # vllm-expert-offload's slot memory at cache 8 (BF16)
+    slot_bytes = 8 * 23 * EXPERT_BYTES["bf16"]  # the vLLM PR's slot memory at cache 8 (BF16)
     weight_bytes = non_expert_bytes("bf16") + slot_bytes
     out = []
     for link, bw in PCIE.items():
-        fork = 1 / seconds(8, "lfru-fork", "bf16", bw)
-        row = {"link": link, "fork_lfru8_bf16_modeled": fork, "fork_lru8_bf16_modeled": 1 / seconds(8, "lru", "bf16", bw)}
+        vllm = 1 / seconds(8, "lfru-vllm", "bf16", bw)
+        row = {"link": link, "vllm_lfru8_bf16_modeled": vllm,
+               "vllm_lru8_bf16_modeled": 1 / seconds(8, "lru", "bf16", bw)}
         for fmt in ("nvfp4", "hlwq-q5"):
             for way, budget in (("slots", slot_bytes), ("vram", weight_bytes - non_expert_bytes(fmt))):
                 n = int(budget // (23 * EXPERT_BYTES[fmt]))
-                tps = {p: 1 / seconds(n, p, fmt, bw) for p in ("ours", "lfru-polarquant")}
-                row[f"{fmt}_{way}"] = {"slots": n, "hit_rate": by[n]["ours"]["hit_rate"], "tok_s": tps["ours"],
-                                       "decide_ms": by[n]["ours"]["decide_us"] / 1e3,
+                tps = {p: 1 / seconds(n, p, fmt, bw) for p in ("adaptive", "lfru-polarquant")}
+                row[f"{fmt}_{way}"] = {"slots": n, "hit_rate": by[n]["adaptive"]["hit_rate"], "tok_s": tps["adaptive"],
+                                       "decide_ms": by[n]["adaptive"]["decide_us"] / 1e3,
                                        "polarquant_lfru_tok_s": tps["lfru-polarquant"],
-                                       "vs_fork_modeled": tps["ours"] / fork,
-                                       "vs_fork_reported": tps["ours"] / FORK_CACHE8_TOKS}
+                                       "vs_vllm_modeled": tps["adaptive"] / vllm,
+                                       "vs_vllm_reported": tps["adaptive"] / VLLM_CACHE8_TOKS}
         out.append(row)
     return out
 
@@ -184,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from nemojax.policies import POLICIES, synthetic_trace
+    from nemojax.experts.policies import POLICIES
+    from nemojax.experts.policies.simulate import synthetic_trace
 
     pols = list(POLICIES)
     log(f"synthetic trace: {a.tokens} tokens x {a.layers} layers, 128 experts top-6 (Zipf 0.8, repeat {a.repeat})")
@@ -217,16 +220,17 @@ def main(argv=None) -> int:
             print(f"  {r['slots']}: {r['tok_s']:.1f} tok/s{extra}")
     print("\n30B-A3B on a 24 GB card (modeled: resident compute 1/54.5 s per token + misses x bytes / PCIe + the "
           "policy's host time choosing victims); "
-          "equal VRAM as the fork's cache 8: 'slots' = same 3.67 GB of slots, 'vram' = same 8.08 GB of weights")
+          "equal VRAM as the vLLM PR's cache 8: 'slots' = same 3.67 GB of slots, 'vram' = same 8.08 GB of weights")
     for r in model:
-        print(f"  {r['link']}: fork BF16 cache 8 LFRU {r['fork_lfru8_bf16_modeled']:.1f} tok/s "
-              f"(LRU {r['fork_lru8_bf16_modeled']:.1f})")
+        print(f"  {r['link']}: vLLM PR BF16 cache 8 LFRU {r['vllm_lfru8_bf16_modeled']:.1f} tok/s "
+              f"(LRU {r['vllm_lru8_bf16_modeled']:.1f})")
         for fmt in ("nvfp4", "hlwq-q5"):
             for way in ("slots", "vram"):
                 m = r[f"{fmt}_{way}"]
                 print(f"    {fmt:8s} {way:5s} {m['slots']:3d} slots hit {m['hit_rate']:.3f}: {m['tok_s']:.1f} tok/s = "
-                      f"{m['vs_fork_modeled']:.2f}x the modeled fork, {m['vs_fork_reported']:.2f}x the reported 16.4 "
-                      f"(policy {m['decide_ms']:.2f} ms/token; polarquant's LFRU here {m['polarquant_lfru_tok_s']:.1f})")
+                      f"{m['vs_vllm_modeled']:.2f}x the modeled vLLM PR, {m['vs_vllm_reported']:.2f}x the reported "
+                      f"16.4 (policy {m['decide_ms']:.2f} ms/token; polarquant's LFRU here "
+                      f"{m['polarquant_lfru_tok_s']:.1f})")
     return 0
 
 

@@ -12,7 +12,7 @@ What it does, all on CPU in about a quarter of an hour:
    initialised by ``nemojax.params.init_params_numpy``, and trains every parameter with optax AdamW (warmup +
    cosine decay, time-aware: the schedule reaches its end when ``--max-minutes`` runs out), fp32, a jitted
    ``value_and_grad`` of the next-token cross-entropy on assistant tokens through
-   ``nemojax.model.forward(..., moe_impl="dense")``; the routers' ``e_score_correction_bias`` is updated
+   ``nemojax.model.forward(..., experts=DENSE)``; the routers' ``e_score_correction_bias`` is updated
    aux-loss-free (towards equal expert load) from the routing of each batch;
 4. writes the Hugging Face layout (config.json, bf16 model.safetensors, tokenizer.json, tokenizer_config.json
    with the chat template, generation_config.json), the held-out problems (heldout.jsonl), training_log.json
@@ -179,7 +179,7 @@ def make_train_step(cfg, tx, bias_rate: float):
     import jax.numpy as jnp
     import optax
 
-    from nemojax.layers.moe import route
+    from nemojax.layers.moe import DENSE, route
     from nemojax.model import forward
     from nemojax.ops import rms_norm
 
@@ -187,7 +187,7 @@ def make_train_step(cfg, tx, bias_rate: float):
 
     def loss_fn(params, x, m):
         inp, tgt, w = x[:, :-1], x[:, 1:], m[:, 1:]
-        logits, hs = forward(params, cfg, inp, moe_impl="dense", return_hidden_states=True)
+        logits, hs = forward(params, cfg, inp, experts=DENSE, return_hidden_states=True)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
         loss = (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
         # expert load per MoE layer over real (non-pad) tokens, for the aux-loss-free bias update

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from ..config import Config
 from ..ops import linear
-from ..quant.calibrate import record_kv
 from ..quant.kv import FP8, fp8_fake_quant, fp8_load, fp8_store
 
 __all__ = ["attention_mixer", "attend"]
@@ -48,7 +47,6 @@ def attention_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, kv=None, pos=
     q = linear(x, p["q_proj"]).reshape(Bsz, T, nq, Dh)
     k = linear(x, p["k_proj"]).reshape(Bsz, T, nkv, Dh)
     v = linear(x, p["v_proj"]).reshape(Bsz, T, nkv, Dh)
-    record_kv(p, k, v)
     fp8 = "k_scale" in p  # FP8 KV cache: K and V pass through e4m3 with per-tensor scales
     if kv is None:
         if fp8:

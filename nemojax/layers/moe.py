@@ -1,22 +1,29 @@
 """Mixture of experts (``E`` layers): sigmoid router with score-correction bias and group-limited top-k,
 squared-ReLU routed experts (non-gated), plus an unweighted shared expert.
 
-Routed work is proportional to the tokens each expert receives, not to the number of experts: assignments
-are sorted by expert and processed in fixed-size row blocks, one expert per block (``grouped_experts``).
+How the routed experts run is a strategy the MoE block is given (:class:`RoutedExperts`): :data:`GROUPED`
+(``grouped_experts``: routed work proportional to the tokens each expert receives, not to the number of experts;
+assignments sorted by expert and processed in fixed-size row blocks, one expert per block), :data:`DENSE` (every
+expert on every token; differentiable, for training), :class:`ExpertParallel` (grouped under ``shard_map`` over a
+``nemojax.sharding`` mesh), or host-driven strategies such as ``nemojax.experts.offload.OffloadedExperts``.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ..config import Config
 from ..ops import linear, relu2
-from ..quant.calibrate import Observed, record
 from ..quant.hlwq import HLWQWeight
 from ..quant.nvfp4 import NVFP4Weight
 from .mlp import mlp
 
-__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "block_rows", "expert_parallel_experts"]
+__all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "moe_route", "moe_output", "block_rows",
+           "expert_parallel_experts", "routing_matrix", "dense_hidden", "dense_output", "RoutedExperts", "Grouped",
+           "Dense", "ExpertParallel", "GROUPED", "DENSE", "resident_experts"]
 
 
 def route(gate_w, bias, cfg: Config, x: jax.Array):
@@ -116,16 +123,24 @@ def dense_experts(x: jax.Array, weights, idx, up, down) -> jax.Array:
 
     Same result as :func:`grouped_experts` at E/k times the cost; differentiable (training tiny models).
     """
-    E = up.shape[0]
-    comb = jnp.zeros((x.shape[0], E), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
-    if isinstance(up, Observed):  # calibration: inputs of the routed (token, expert) pairs only
-        record(up.name, x)
-        up = up.w
-    h = relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
-    if isinstance(down, Observed):
-        record(down.name, h, where=(comb > 0)[:, :, None])
-        down = down.w
-    y = jnp.einsum("tef,ehf->teh", h, down.astype(x.dtype), preferred_element_type=jnp.float32)
+    return dense_output(dense_hidden(x, up), down, routing_matrix(weights, idx, up.shape[0]))
+
+
+def routing_matrix(weights, idx, n_experts: int) -> jax.Array:
+    """weights, idx [T, k] -> [T, E] fp32: each token's routing weight per expert (0 where not chosen)."""
+    T = idx.shape[0]
+    return jnp.zeros((T, n_experts), jnp.float32).at[jnp.arange(T)[:, None], idx].add(weights)
+
+
+def dense_hidden(x: jax.Array, up) -> jax.Array:
+    """x [T, H], up [E, F, H] -> every expert's hidden activations ``relu(up_e x)^2`` [T, E, F]."""
+    return relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
+
+
+def dense_output(h: jax.Array, down, comb) -> jax.Array:
+    """h [T, E, F], down [E, H, F], comb [T, E] (:func:`routing_matrix`) -> ``sum_e comb[t,e] down_e h[t,e]``
+    [T, H] fp32."""
+    y = jnp.einsum("tef,ehf->teh", h, down.astype(h.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("teh,te->th", y, comb)
 
 
@@ -158,24 +173,79 @@ def expert_parallel_experts(x, weights, idx, up, down, mesh, batch: int) -> jax.
                          out_specs=P(rows, None), check_vma=False)(x, weights, idx, up, down)
 
 
-def moe_mixer(p: dict, cfg: Config, x: jax.Array, impl: str = "grouped", mesh=None) -> jax.Array:
-    """x [B, T, H] (block-normed) -> [B, T, H]: routed experts (weighted, fp32 sum) + shared expert.
+class RoutedExperts:
+    """How an MoE block runs its routed experts: ``experts(x, weights, idx, bank, layer)`` with x [B, T, H] (the
+    block-normed input), weights / idx [B*T, k] (the router's choice), bank the layer's ``{"up_proj",
+    "down_proj"}`` (None where the strategy holds the banks itself) and layer the block's index; returns the
+    weighted sum of the chosen experts [B*T, H] float32.
 
-    impl: "grouped" (sorted row blocks, work proportional to top-k) or "dense" (all experts; differentiable).
-    mesh: a ``nemojax.sharding`` mesh: with an expert or tensor axis > 1 the routed experts run expert-parallel.
-    """
+    ``host_driven = True`` marks a strategy that decides on the host between layers (it reads the routing):
+    ``nemojax.model.forward`` then runs layer by layer, each piece jitted, and calls
+    ``after_moe(params, cfg, layer, h)`` after each MoE block; ``nemojax.generate`` runs it with the strategy's own
+    ``prefill`` / ``decode`` (same signatures and results as ``nemojax.generate.prefill`` / ``decode``).
+    Resident strategies are hashable values, static arguments of the jitted forward."""
+
+    host_driven = False
+
+    def __call__(self, x, weights, idx, bank, layer: int) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouped(RoutedExperts):
+    """:func:`grouped_experts` on the resident bank: work proportional to top-k (inference)."""
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return grouped_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(RoutedExperts):
+    """:func:`dense_experts`: every expert on every token (differentiable, for training)."""
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return dense_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel(RoutedExperts):
+    """:func:`expert_parallel_experts` over ``mesh`` (a ``nemojax.sharding`` mesh the bank is sharded on)."""
+
+    mesh: Any
+
+    def __call__(self, x, weights, idx, bank, layer):
+        return expert_parallel_experts(x.reshape(-1, x.shape[-1]), weights, idx, bank["up_proj"], bank["down_proj"],
+                                       self.mesh, x.shape[0])
+
+
+GROUPED, DENSE = Grouped(), Dense()
+
+
+def resident_experts(cfg: Config, mesh=None) -> RoutedExperts:
+    """The default strategy: expert-parallel where ``mesh`` has an expert or tensor axis > 1, else grouped."""
     from ..sharding import expert_parallel
 
-    shp = x.shape
-    xf = x.reshape(-1, shp[-1])
-    w, idx = route(p["gate"], p["e_score_correction_bias"], cfg, xf)
-    up, down = p["experts"]["up_proj"], p["experts"]["down_proj"]
-    if impl == "grouped" and expert_parallel(mesh, cfg.n_routed_experts):
-        out = expert_parallel_experts(xf, w, idx, up, down, mesh, shp[0]).astype(x.dtype)
-    else:
-        experts = {"grouped": grouped_experts, "dense": dense_experts}[impl]
-        out = experts(xf, w, idx, up, down).astype(x.dtype)
-    out = out.reshape(shp)
+    return ExpertParallel(mesh) if expert_parallel(mesh, cfg.n_routed_experts) else GROUPED
+
+
+def moe_route(p: dict, cfg: Config, x: jax.Array):
+    """x [B, T, H] (block-normed) -> the router's (weights [B*T, k] fp32, expert ids [B*T, k] int32)."""
+    return route(p["gate"], p["e_score_correction_bias"], cfg, x.reshape(-1, x.shape[-1]))
+
+
+def moe_output(p: dict, x: jax.Array, routed: jax.Array) -> jax.Array:
+    """The routed experts' sum [B*T, H] fp32 -> the block's mixer output [B, T, H]: plus the shared expert."""
+    out = routed.astype(x.dtype).reshape(x.shape)
     if "shared_experts" in p:
         out = out + mlp(p["shared_experts"], x)
     return out
+
+
+def moe_mixer(p: dict, cfg: Config, x: jax.Array, experts: RoutedExperts | None = None, layer: int = 0
+              ) -> jax.Array:
+    """x [B, T, H] (block-normed) -> [B, T, H]: routed experts (weighted, fp32 sum) + shared expert.
+
+    experts: how the routed experts run (:class:`RoutedExperts`; default :data:`GROUPED`); layer: the block's index.
+    """
+    weights, idx = moe_route(p, cfg, x)
+    return moe_output(p, x, (experts or GROUPED)(x, weights, idx, p.get("experts"), layer))

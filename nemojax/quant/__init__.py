@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from ..config import Config
 from ..params import Spec, param_specs, tree_paths
-from .calibrate import calibrate
 from .hlwq import HLWQWeight, lloyd_max_table
 from .nvfp4 import MODES, NVFP4Weight, QuantError
 
@@ -117,13 +116,19 @@ def quantized_modules(cfg: Config, recipe) -> dict[str, str]:
 
 
 def calibrate_model(params: dict, cfg: Config, batches, recipe="nvfp4") -> dict:
-    """Activation amaxes for ``recipe``: ``{param path: amax}`` for quantized linears' inputs and
-    ``{"layers.i.mixer.k_proj.k" / ".v_proj.v": amax}`` for attention K/V."""
+    """Activation amaxes for ``recipe``: ``{param path: amax}`` for quantized linears' inputs (and every
+    attention ``k_proj``'s) and ``{"layers.i.mixer.k_proj.k" / ".v_proj.v": amax}`` for attention K/V (the outputs
+    of ``k_proj`` / ``v_proj``)."""
+    from .calibrate import calibrate  # it runs the forward: imported on use (the model imports quantized formats)
+
     observe = {p: p for p in quantized_modules(cfg, recipe)}
+    outputs = {}
     for i, c in enumerate(cfg.pattern):
         if c == "*":
             observe[f"layers.{i}.mixer.k_proj"] = f"layers.{i}.mixer.k_proj"
-    return calibrate(params, cfg, batches, observe)
+            outputs[f"layers.{i}.mixer.k_proj"] = f"layers.{i}.mixer.k_proj.k"
+            outputs[f"layers.{i}.mixer.v_proj"] = f"layers.{i}.mixer.v_proj.v"
+    return calibrate(params, cfg, batches, observe, outputs)
 
 
 def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = None, mode: str | None = None

@@ -1,57 +1,58 @@
 """Calibration: activation amax of every linear that will be quantized (-> NVFP4 ``input_scale``) and of K/V
 (-> FP8 ``k_scale`` / ``v_scale``), over calibration batches in one jitted pass per batch shape.
 
-While a calibration forward is traced, :func:`record` appends ``(name, amax)`` pairs to a tape; the traced
-function returns them, so the whole pass stays one jitted computation (no host callbacks).
+Calibration observes the forward from outside: :func:`calibrate` swaps the watched weights for :class:`Observed`
+nodes, whose matmul notes the amax of its input (and, where asked, of its output: the K / V of ``k_proj`` /
+``v_proj``) on a :class:`Tape` owned by that call, and runs the routed experts with its own strategy
+(:class:`ObservedDense`). The traced pass returns the tape's amaxes, so it stays one jitted computation (no host
+callbacks).
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["Observed", "record", "record_kv", "tape", "calibrate"]
+from ..layers.moe import RoutedExperts, dense_hidden, dense_output, routing_matrix
+from ..model import forward
+from ..ops import linear
+from ..params import tree_paths
 
-_TAPE: list | None = None
-
-
-@contextlib.contextmanager
-def tape():
-    global _TAPE
-    prev, _TAPE = _TAPE, []
-    try:
-        yield _TAPE
-    finally:
-        _TAPE = prev
+__all__ = ["Tape", "Observed", "ObservedDense", "calibrate"]
 
 
-def record(name: str, x: jax.Array, where=None) -> None:
-    """During a calibration trace, note ``max |x|`` (over entries where ``where`` is true) under ``name``."""
-    if _TAPE is None:
-        return
-    a = jnp.abs(x.astype(jnp.float32))
-    if where is not None:
-        a = jnp.where(where, a, 0.0)
-    _TAPE.append((name, jnp.max(a)))
+class Tape:
+    """``(name, amax)`` pairs noted while one calibration forward is traced (compared by identity)."""
 
+    def __init__(self):
+        self.entries: list = []
 
-def record_kv(p: dict, k: jax.Array, v: jax.Array) -> None:
-    """Attention hook: K/V amax, keyed by the mixer's q_proj observation name."""
-    if _TAPE is None or not isinstance(p.get("k_proj"), Observed):
-        return
-    base = p["k_proj"].name.rsplit(".", 1)[0]
-    record(base + ".k_proj.k", k)
-    record(base + ".v_proj.v", v)
+    def note(self, name: str, x: jax.Array, where=None) -> None:
+        """Note ``max |x|`` (over entries where ``where`` is true) under ``name``."""
+        a = jnp.abs(x.astype(jnp.float32))
+        if where is not None:
+            a = jnp.where(where, a, 0.0)
+        self.entries.append((name, jnp.max(a)))
+
+    def amaxes(self) -> dict:
+        """``{name: amax}``, the maximum over every note of a name."""
+        out: dict = {}
+        for name, a in self.entries:
+            out[name] = jnp.maximum(out[name], a) if name in out else a
+        return out
 
 
 @struct.dataclass
 class Observed:
-    """A float weight that records the amax of its inputs when used in a calibration forward."""
+    """A float weight whose matmul notes the amax of its input under ``name`` and, with ``out_name``, of its
+    output under ``out_name`` (either None: not noted) on ``tape``."""
 
     w: jax.Array
-    name: str = struct.field(pytree_node=False)
+    name: str | None = struct.field(pytree_node=False)
+    out_name: str | None = struct.field(pytree_node=False, default=None)
+    tape: Tape | None = struct.field(pytree_node=False, default=None)
 
     @property
     def shape(self):
@@ -62,41 +63,61 @@ class Observed:
         return self.w.dtype
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        record(self.name, x)
-        from ..ops import linear
+        if self.name is not None:
+            self.tape.note(self.name, x)
+        y = linear(x, self.w)
+        if self.out_name is not None:
+            self.tape.note(self.out_name, y)
+        return y
 
-        return linear(x, self.w)
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ObservedDense(RoutedExperts):
+    """The dense routed experts (``nemojax.layers.moe.DENSE``), noting for observed banks the amax of the inputs of
+    the routed (token, expert) pairs only: every token for ``up_proj``, the chosen experts' hidden activations for
+    ``down_proj``."""
+
+    tape: Tape
+
+    def __call__(self, x, weights, idx, bank, layer):
+        xf = x.reshape(-1, x.shape[-1])
+        up, down = bank["up_proj"], bank["down_proj"]
+        comb = routing_matrix(weights, idx, up.shape[0])
+        if isinstance(up, Observed):
+            self.tape.note(up.name, xf)
+            up = up.w
+        h = dense_hidden(xf, up)
+        if isinstance(down, Observed):
+            self.tape.note(down.name, h, where=(comb > 0)[:, :, None])
+            down = down.w
+        return dense_output(h, down, comb)
 
 
-def calibrate(params: dict, cfg, batches, observe: dict) -> dict:
+def calibrate(params: dict, cfg, batches, observe: dict, outputs: dict | None = None) -> dict:
     """Run ``batches`` (iterable of int token arrays [B, T], or (tokens, mask) pairs) through the model and
-    return ``{name: amax}`` (float32 scalars) for every observed linear input and every attention K/V.
+    return ``{name: amax}`` (float32 scalars) for every observed linear input and output.
 
-    observe: ``{param path: observation name}`` of the weights to watch (see ``nemojax.quant.apply``).
+    observe: ``{param path: observation name}`` of the weights whose inputs to watch (see ``nemojax.quant.apply``);
+    outputs: ``{param path: observation name}`` of the weights whose outputs to watch (K / V of attention).
     """
-    from ..model import forward
-    from ..params import tree_paths
-
-    flat, treedef = jax.tree_util.tree_flatten(params)
+    outputs = outputs or {}
     names = [n for n, _ in tree_paths(params)]
-    wrapped = [Observed(leaf, observe[n]) if n in observe else leaf for n, leaf in zip(names, flat)]
-    wparams = jax.tree_util.tree_unflatten(treedef, wrapped)
 
     @jax.jit
-    def run(wp, tokens, mask):
-        with tape() as t:
-            forward(wp, cfg, tokens, mask, moe_impl="dense")
-            out: dict = {}
-            for name, a in t:
-                out[name] = jnp.maximum(out[name], a) if name in out else a
-        return out
+    def run(p, tokens, mask):
+        tape = Tape()  # this trace's: the observed nodes and the experts strategy note on it
+        leaves, treedef = jax.tree_util.tree_flatten(p)
+        wrapped = [Observed(leaf, observe.get(n), outputs.get(n), tape) if n in observe or n in outputs else leaf
+                   for n, leaf in zip(names, leaves)]
+        forward(jax.tree_util.tree_unflatten(treedef, wrapped), cfg, tokens, mask, experts=ObservedDense(tape))
+        return tape.amaxes()
 
     result: dict = {}
     for b in batches:
         tokens, mask = b if isinstance(b, tuple) else (b, None)
         tokens = jnp.asarray(tokens, jnp.int32)
         mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-        got = run(wparams, tokens, mask)
+        got = run(params, tokens, mask)
         for k, v in got.items():
             result[k] = jnp.maximum(result[k], v) if k in result else v
     if not result:
