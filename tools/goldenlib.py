@@ -1,18 +1,21 @@
 """Shared pieces of the golden-data generators (``tools/make_{nvfp4,fp8,hlwq}_golden.py``).
 
 What does not depend on the quantized format: the tiny Nemotron-H they quantize (its config, the BF16 source
-checkpoint nemojax writes, transformers' model on it), the verification report, reproducible .npz / manifest /
-report output, checkpoint manifests, small tensor helpers, a stand-in for what ``from_pretrained`` hands a
-checkpoint writer, and -- for the two ModelOpt generators (NVFP4, FP8) -- ModelOpt's run on a bf16 nn.Sequential
-with per-module export, the Nano-style BF16 exceptions of a recipe, the checks of an ``export_hf_checkpoint`` that
-do not depend on the format, and a run-time patch of ModelOpt's exclude_modules name mapper. Heavy packages
-(torch, NumPy, ModelOpt, transformers, JAX) are imported inside the functions that need them.
+checkpoint nemojax writes, transformers' model and logits on it), the verification report, reproducible .npz /
+index / manifest / report output, small tensor helpers; for a third-party quantizer run offline (HLWQ): a quiet
+context, stand-ins for transformers' Auto classes and for the hub's snapshot_download; for the two ModelOpt
+generators (NVFP4, FP8): ModelOpt's run on a bf16 nn.Sequential with per-module export, the Nano-style BF16
+exceptions of a recipe, the checks of an ``export_hf_checkpoint`` that do not depend on the format, and a
+run-time patch of ModelOpt's exclude_modules name mapper. Heavy packages (torch, NumPy, ModelOpt, transformers,
+JAX) are imported inside the functions that need them.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
+import logging
 import re
 import struct
 import sys
@@ -66,6 +69,15 @@ def save_npz(path, arrays):
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, buf.getvalue())
+
+
+def sort_weight_map(folder):
+    """Rewrite ``folder``/model.safetensors.index.json (indent 2) with its weight_map in name order, so a writer
+    that lists the tensors in set order gives identical bytes on every run (same JSON content)."""
+    idx = folder / "model.safetensors.index.json"
+    index = json.loads(idx.read_text())
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    idx.write_text(json.dumps(index, indent=2))
 
 
 def safetensors_table(path):
@@ -154,7 +166,8 @@ def compact_table(tab):
     for key, members in groups.items():
         if "{e}" in key and len({(d, s) for _, d, s in members}) == 1:
             e = sorted(int(re.search(r"\.experts\.(\d+)\.", n).group(1)) for n, _, _ in members)
-            lines.append(f"{key.replace('{e}', '{' + f'{e[0]}..{e[-1]}' + '}')}\t{members[0][1]}\t{list(members[0][2])}")
+            folded = key.replace("{e}", "{" + f"{e[0]}..{e[-1]}" + "}")
+            lines.append(f"{folded}\t{members[0][1]}\t{list(members[0][2])}")
         else:
             lines += [f"{n}\t{d}\t{list(s)}" for n, d, s in members]
     return lines
@@ -227,6 +240,45 @@ def load_nemotronh(folder, dtype):
     return model, info, n_mamba
 
 
+def nemotronh_logits_f32(folder, input_ids):
+    """load_nemotronh(folder, float32)'s logits on ``input_ids`` as a NumPy array (transformers' progress bars
+    switched off); returns (logits, loading info, number of Mamba layers)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model, info, n_mamba = load_nemotronh(folder, torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids, use_cache=False).logits
+    return f32(logits), info, n_mamba
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a third-party quantizer run offline on the tiny Nemotron-H
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet(logger):
+    """Swallow prints, and the warnings of the logging logger ``logger`` (errors still show)."""
+    lg = logging.getLogger(logger)
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        lg.setLevel(old)
+
+
+def module_from_path(name, path):
+    """The Python file ``path`` imported as a module ``name`` (for a module that a sibling package shadows)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def standin_model(tensors, dtype):
     """An nn.Module tree with the checkpoint's (hub) names, what from_pretrained(dtype=...) would hand a checkpoint
     writer: weights as parameters, e_score_correction_bias (BUFFERS) as buffers, all cast to ``dtype``."""
@@ -248,16 +300,54 @@ def standin_model(tensors, dtype):
     return root
 
 
-def write_hub_copy(src_dir, folder):
-    """``folder``: a copy of the single-file checkpoint ``src_dir/model.safetensors`` with the
-    model.safetensors.index.json of the hub's layout."""
-    import shutil
+@contextlib.contextmanager
+def standin_auto_classes(src_dir, tensors, model_dtype):
+    """Inside the ``with`` block transformers' AutoModelForCausalLM.from_pretrained(src_dir, dtype=model_dtype)
+    returns standin_model(tensors, model_dtype) (another name or dtype fails) and AutoTokenizer.from_pretrained
+    raises OSError (the tiny model has no tokenizer)."""
+    import transformers
 
-    folder.mkdir()
-    shutil.copy(src_dir / "model.safetensors", folder / "model.safetensors")
-    names = [n for n, _, _ in safetensors_table(folder / "model.safetensors")]
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    class StandInAuto:
+        @staticmethod
+        def from_pretrained(name, dtype=None, **kw):
+            assert Path(name) == Path(src_dir) and dtype == model_dtype, (name, dtype)
+            return standin_model(tensors, dtype)
+
+    class NoTokenizer:
+        @staticmethod
+        def from_pretrained(*a, **kw):
+            raise OSError("the tiny model has no tokenizer")
+
+    with patched(transformers, "AutoModelForCausalLM", StandInAuto), \
+            patched(transformers, "AutoTokenizer", NoTokenizer):
+        yield
+
+
+@contextlib.contextmanager
+def offline_hub(repo_id, src_dir):
+    """Inside the ``with`` block huggingface_hub.snapshot_download(repo_id) returns a temporary hub-style copy of
+    the single-file checkpoint ``src_dir`` (model.safetensors plus its model.safetensors.index.json); any other
+    repository raises OSError."""
+    import shutil
+    import tempfile
+
+    import huggingface_hub
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        shutil.copy(src_dir / "model.safetensors", base / "model.safetensors")
+        names = [n for n, _, _ in safetensors_table(base / "model.safetensors")]
+        (base / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+
+        def snapshot_download(name, **kw):
+            if name == repo_id:
+                return str(base)
+            raise OSError(f"offline: {name}")
+
+        with patched(huggingface_hub, "snapshot_download", snapshot_download):
+            yield
 
 
 # ----------------------------------------------------------------------------------------------------------------

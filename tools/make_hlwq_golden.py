@@ -77,43 +77,40 @@ projections; kept: norms, A_log, D, dt_bias, conv1d.*, mixer.gate.weight (router
 Layouts A and C quantize the bf16 weights (notebook path), layout B the fp16 copy quantize_model makes, so B may
 differ from A/C in a few codes/norms (verify.txt counts them).
 
-Things the 0.6.0 wheel cannot do as shipped, handled here at run time (nothing on disk is patched):
+Things the 0.6.0 wheel cannot do as shipped, handled at run time (nothing on disk is patched; helpers: goldenlib):
   * ``polarengine_vllm/cli.py`` (polarquant-convert) is shadowed by the sibling package ``cli/``: loaded by path.
   * quantize_model() loads the model with AutoModelForCausalLM; transformers 5 would hand it *fused* 3-D expert
     tensors (which it skips as non-2-D) under "model.*" names, not the per-expert "backbone.*" hub names of the
     published checkpoints. We give it a stand-in module tree built from the source safetensors (hub names,
-    parameters + the e_score_correction_bias buffers, cast to the requested dtype), so the package's own loop,
-    rules, packing, sharding and polar_config writing run unchanged. There is no tokenizer (its save is skipped
-    with a warning, as the package does) and config.json is copied from source/.
+    parameters + the e_score_correction_bias buffers, cast to the requested dtype; ``standin_auto_classes``), so
+    the package's own loop, rules, packing, sharding and polar_config writing run unchanged. There is no tokenizer
+    (its save is skipped with a warning, as the package does) and config.json is copied from source/.
   * convert() recovers missing buffers with huggingface_hub.snapshot_download(base_model); we point it at a temp
-    copy of source/ with an index file (the hub layout it expects).
+    copy of source/ with an index file (the hub layout it expects; ``offline_hub``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import importlib.util
-import io
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from goldenlib import (  # noqa: E402
-    BUFFERS, NEMOTRONH_CONFIG, REPO, Report, checkpoint_manifest, f32, load_nemotronh, load_safetensors, patched,
-    rel_err, save_npz, standin_model, u8, write_hub_copy, write_nemotronh_source, write_outputs)
+    BUFFERS, NEMOTRONH_CONFIG, REPO, Report, checkpoint_manifest, f32, load_safetensors, module_from_path,
+    nemotronh_logits_f32, offline_hub, quiet, rel_err, save_npz, sort_weight_map, standin_auto_classes, standin_model,
+    u8, write_nemotronh_source, write_outputs)
 
 DEFAULT_OUT = REPO / "tests" / "data" / "hlwq"
 NEMOTRONH_SEED = 4321
+LOGGER = "polarengine_vllm"  # the package's logger: quiet(LOGGER) swallows it and its prints (convert's report)
 BS = 128
 Q5_SHA256 = "f303a6b12f99e9c2fdf8a7a7a73e8e12a5881bb023ceccbe20c0ac0cfeb5d859"  # hlwq.md section 2
 
@@ -132,6 +129,8 @@ class PQ:
     """The polarquant modules we use, imported once (importing utils pre-computes the 2..6 bit tables)."""
 
     def __init__(self):
+        from importlib.metadata import version
+
         import polarengine_vllm
         from polarengine_vllm import hf_integration, loader, packing, quantizer, utils, weight_converter
 
@@ -139,28 +138,9 @@ class PQ:
         self.hf, self.loader, self.wc = hf_integration, loader, weight_converter
         # polarquant-convert lives in polarengine_vllm/cli.py, which the sibling package cli/ shadows
         path = os.path.join(os.path.dirname(polarengine_vllm.__file__), "cli.py")
-        spec = importlib.util.spec_from_file_location("polarquant_convert_cli", path)
-        self.cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(self.cli)
+        self.cli = module_from_path("polarquant_convert_cli", path)
         self.q5_assignment = {k: 5 for k in utils.DEFAULT_BIT_ASSIGNMENT}  # uniform Q5, same patterns
-
-    def version(self):
-        from importlib.metadata import version
-
-        return version("polarquant")
-
-
-@contextlib.contextmanager
-def quiet():
-    """Swallow the package's prints and warnings (convert() prints a progress report)."""
-    lg = logging.getLogger("polarengine_vllm")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        lg.setLevel(old)
+        self.version = version("polarquant")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,22 +330,9 @@ def make_matrices(pq, out, rep):
 def write_layout_b(pq, src_dir, src, folder):
     """Run PolarQuantizer.quantize_model(pack_q5=True) with the stand-in model (loaded "in fp16")."""
     import torch
-    import transformers
-
-    class StandInAuto:
-        @staticmethod
-        def from_pretrained(name, dtype=None, **kw):
-            assert Path(name) == Path(src_dir) and dtype == torch.float16, (name, dtype)
-            return standin_model(src, dtype)
-
-    class NoTokenizer:
-        @staticmethod
-        def from_pretrained(*a, **kw):
-            raise OSError("the tiny model has no tokenizer")
 
     q = pq.quantizer.PolarQuantizer(block_size=BS, bit_assignment=dict(pq.q5_assignment))
-    with patched(transformers, "AutoModelForCausalLM", StandInAuto), \
-            patched(transformers, "AutoTokenizer", NoTokenizer), quiet():
+    with standin_auto_classes(src_dir, src, torch.float16), quiet(LOGGER):
         q.quantize_model(str(src_dir), str(folder), pack_int4=True, pack_q5=True)
     shutil.copy(src_dir / "config.json", folder / "config.json")
 
@@ -434,7 +401,7 @@ def write_layout_c(pq, src_dir, quant, passthrough, meta, folder):
         layers[prefix] = {"in_features": m["in_features"], "out_features": m["out_features"],
                           "in_features_padded": m["in_f_padded"], "n_blocks": m["n_blocks"], "bits": 5,
                           "block_size": BS}
-    with quiet():
+    with quiet(LOGGER):
         pq.quantizer._save_sharded_safetensors(state, str(folder))
     (folder / "polar_config.json").write_text(json.dumps({
         "format": "hlwq-q5", "quantization": "polarengine", "block_size": BS, "bits": 5, "layers": layers},
@@ -444,38 +411,12 @@ def write_layout_c(pq, src_dir, quant, passthrough, meta, folder):
 
 def write_dequant(pq, src_dir, layout_a, folder):
     """polarquant-convert on layout A; base_model ("../source") resolved to a hub-style copy of source/."""
-    import huggingface_hub
-
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        write_hub_copy(src_dir, base)
-
-        def snapshot_download(repo_id, **kw):
-            if repo_id == "../source":
-                return str(base)
-            raise OSError(f"offline: {repo_id}")
-
-        if folder.exists():
-            shutil.rmtree(folder)
-        with patched(huggingface_hub, "snapshot_download", snapshot_download), quiet():
-            pq.cli.convert(str(layout_a), str(folder))
-    # convert() lists the recovered buffers in set order (varies with the string hash seed): sort the weight_map
-    # so re-running gives identical bytes (same JSON content otherwise)
-    idx = folder / "model.safetensors.index.json"
-    index = json.loads(idx.read_text())
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
-    idx.write_text(json.dumps(index, indent=2))
-
-
-def hf_logits(folder, input_ids):
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model, info, n_mamba = load_nemotronh(folder, torch.float32)
-    with torch.no_grad():
-        logits = model(input_ids, use_cache=False).logits
-    return f32(logits), info, n_mamba
+    if folder.exists():
+        shutil.rmtree(folder)
+    with offline_hub("../source", src_dir), quiet(LOGGER):
+        pq.cli.convert(str(layout_a), str(folder))
+    # convert() lists the recovered buffers in set order (varies with the string hash seed)
+    sort_weight_map(folder)
 
 
 def make_nemotronh(pq, out, rep):
@@ -588,8 +529,8 @@ def make_nemotronh(pq, out, rep):
     # reference logits
     gen = torch.Generator().manual_seed(NEMOTRONH_SEED)
     input_ids = torch.randint(3, NEMOTRONH_CONFIG["vocab_size"], (2, 20), generator=gen)
-    ld, info_d, n_m = hf_logits(dq, input_ids)
-    ls, info_s, _ = hf_logits(src_dir, input_ids)
+    ld, info_d, n_m = nemotronh_logits_f32(dq, input_ids)
+    ls, info_s, _ = nemotronh_logits_f32(src_dir, input_ids)
     miss = {k: v for k, v in info_d.items() if v} | {f"source.{k}": v for k, v in info_s.items() if v}
     rep.add(f"transformers loading info (missing/unexpected/mismatched keys): {miss or 'none'}; "
             f"mamba layers with time_step_limit=(0,inf): {n_m}", not miss)
@@ -640,19 +581,19 @@ def main(argv=None):
     import torch
 
     torch.manual_seed(0)
-    with quiet():
+    with quiet(LOGGER):
         pq = PQ()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     rep = Report()
-    rep.add(f"# polarquant {pq.version()}, torch {torch.__version__}")
+    rep.add(f"# polarquant {pq.version}, torch {torch.__version__}")
     if not args.skip_matrices:
         make_matrices(pq, out, rep)
     manifest, summary = None, []
     if not args.skip_nemotronh:
         nh = make_nemotronh(pq, out, rep)
         manifest, summary = checkpoint_manifest(nh, ("source", "layout_a", "layout_b", "layout_c", "dequant_bf16"))
-    return write_outputs(out, manifest, README.format(version=pq.version()), rep, summary, list_files=True)
+    return write_outputs(out, manifest, README.format(version=pq.version), rep, summary, list_files=True)
 
 
 if __name__ == "__main__":
