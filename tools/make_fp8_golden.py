@@ -57,7 +57,7 @@ ModelOpt 0.47's FP8 math, as checked here (the tool exits non-zero if a check fa
     every input quantizer, compared element by element on a few captured ones).
 
 One thing ModelOpt 0.47 gets wrong with transformers 5 + nemotron_h is patched at run time, as for NVFP4:
-``patch_exclude_name_mapper`` (from ``make_nvfp4_golden.py``) keeps junk out of ``exclude_modules``.
+``patch_exclude_name_mapper`` (from ``goldenlib.py``) keeps junk out of ``exclude_modules``.
 """
 from __future__ import annotations
 
@@ -69,16 +69,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_nvfp4_golden import (  # noqa: E402
-    Report, check_exclude_modules, check_exported_linears, check_kv_scales, check_unquantized, exact, f32,
-    in_memory_name, load_safetensors, manifest_lines, patch_exclude_name_mapper, quantize_export_seq,
-    quantized_weights, rel, save_npz, seq_model, write_outputs)
+from goldenlib import (  # noqa: E402
+    E4M3_MAX, REPO, bf16_attention_rules, check_exclude_modules, check_exported_linears, check_kv_scales,
+    check_unquantized, exact, f32, in_memory_name, load_nemotronh, load_safetensors, patch_exclude_name_mapper,
+    quantize_export_seq, quantized_weights, rel, save_npz, seq_model, write_seq_and_nemotronh)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "tests" / "data" / "fp8"
 DEFAULT_SOURCE = REPO / "tests" / "data" / "nvfp4" / "nemotronh" / "source"
 
-E4M3_MAX = 448.0
 SEQ_AMAX = 77 / 256  # layer 0's pinned weight amax: bf16-exact, and amax / 448 = 11 / 16384 exactly in float32
 # modules whose input quantizer calls are stored (in-memory names; the first call of each)
 CAPTURE_INPUTS = ("model.layers.0.mixer.in_proj", "model.layers.0.mixer.out_proj", "model.layers.5.mixer.down_proj",
@@ -331,26 +329,10 @@ def fp8_recipe(pattern):
 
     cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
     rules = list(cfg["quant_cfg"])
-    first = pattern.index("*")
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append({"quantizer_name": f"*.layers.{first}.mixer.{proj}.*", "enable": False})
-    if first > 0 and pattern[first - 1] == "M":
-        for proj in ("in_proj", "out_proj"):
-            rules.append({"quantizer_name": f"*.layers.{first - 1}.mixer.{proj}.*", "enable": False})
+    rules += bf16_attention_rules(pattern, [pattern.index("*")])
     rules.extend(copy.deepcopy(mtq.FP8_KV_CFG)["quant_cfg"])
     cfg["quant_cfg"] = rules
     return cfg
-
-
-def load_nemotronh(src, dtype):
-    import torch  # noqa: F401
-    from transformers import NemotronHForCausalLM
-
-    m = NemotronHForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
-    for layer in m.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = (0.0, float("inf"))  # canonical: no dt floor
-    return m
 
 
 def input_quantizer_path(model, name):
@@ -389,14 +371,14 @@ def make_nemotronh(out, src, rep):
     exp_dir = out / "export"
     conf_src = json.loads((src / "config.json").read_text())
     pattern = conf_src["hybrid_override_pattern"]
-    model = load_nemotronh(src, torch.bfloat16)
+    model = load_nemotronh(src, torch.bfloat16)[0]
     gen = torch.Generator().manual_seed(4321)  # the NVFP4 golden data's draws: same calibration batches
     vocab = conf_src["vocab_size"]
     calib_ids = torch.randint(3, vocab, (4, 2, 32), generator=gen)
     input_ids = torch.randint(3, vocab, (2, 20), generator=gen)[:, :8]
     with torch.no_grad():
         logits_bf16 = model(input_ids, use_cache=False).logits
-        logits_f32 = load_nemotronh(src, torch.float32)(input_ids, use_cache=False).logits
+        logits_f32 = load_nemotronh(src, torch.float32)[0](input_ids, use_cache=False).logits
 
     def forward_loop(m):
         with torch.no_grad():
@@ -544,18 +526,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     patch_exclude_name_mapper()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rep = Report()
-    manifest = []
-    if not args.skip_seq:
-        make_seq(out / "seq", rep)
-        manifest += manifest_lines(out, out / "seq" / "model.safetensors")
-    if not args.skip_nemotronh:
-        make_nemotronh(out / "nemotronh", args.source.resolve(), rep)
-        for p in sorted((out / "nemotronh" / "export").glob("*.safetensors")):
-            manifest += manifest_lines(out, p)
-    return write_outputs(out, manifest, README, rep)
+    src = args.source.resolve()
+    return write_seq_and_nemotronh(args.out, README, None if args.skip_seq else make_seq,
+                                   None if args.skip_nemotronh else lambda out, rep: make_nemotronh(out, src, rep))
 
 
 if __name__ == "__main__":

@@ -77,53 +77,40 @@ projections; kept: norms, A_log, D, dt_bias, conv1d.*, mixer.gate.weight (router
 Layouts A and C quantize the bf16 weights (notebook path), layout B the fp16 copy quantize_model makes, so B may
 differ from A/C in a few codes/norms (verify.txt counts them).
 
-Things the 0.6.0 wheel cannot do as shipped, handled here at run time (nothing on disk is patched):
+Things the 0.6.0 wheel cannot do as shipped, handled at run time (nothing on disk is patched; helpers: goldenlib):
   * ``polarengine_vllm/cli.py`` (polarquant-convert) is shadowed by the sibling package ``cli/``: loaded by path.
   * quantize_model() loads the model with AutoModelForCausalLM; transformers 5 would hand it *fused* 3-D expert
     tensors (which it skips as non-2-D) under "model.*" names, not the per-expert "backbone.*" hub names of the
     published checkpoints. We give it a stand-in module tree built from the source safetensors (hub names,
-    parameters + the e_score_correction_bias buffers, cast to the requested dtype), so the package's own loop,
-    rules, packing, sharding and polar_config writing run unchanged. There is no tokenizer (its save is skipped
-    with a warning, as the package does) and config.json is copied from source/.
+    parameters + the e_score_correction_bias buffers, cast to the requested dtype; ``standin_auto_classes``), so
+    the package's own loop, rules, packing, sharding and polar_config writing run unchanged. There is no tokenizer
+    (its save is skipped with a warning, as the package does) and config.json is copied from source/.
   * convert() recovers missing buffers with huggingface_hub.snapshot_download(base_model); we point it at a temp
-    copy of source/ with an index file (the hub layout it expects).
+    copy of source/ with an index file (the hub layout it expects; ``offline_hub``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import importlib.util
-import io
 import json
-import logging
 import math
 import os
 import re
 import shutil
-import struct
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "tests" / "data" / "hlwq"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from goldenlib import (  # noqa: E402
+    BUFFERS, NEMOTRONH_CONFIG, REPO, Report, checkpoint_manifest, f32, load_safetensors, module_from_path,
+    nemotronh_logits_f32, offline_hub, quiet, rel_err, save_npz, sort_weight_map, standin_auto_classes, standin_model,
+    u8, write_nemotronh_source, write_outputs)
 
-# the tiny Nemotron-H (original NVIDIA config.json field names); layers: 0 M, 1 E, 2 M, 3 *, 4 E, 5 -, 6 M, 7 *, 8 E
-NEMOTRONH_CONFIG = dict(
-    model_type="nemotron_h", vocab_size=512, hidden_size=64, hybrid_override_pattern="MEM*E-M*E",
-    num_hidden_layers=9, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
-    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, intermediate_size=96,
-    layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="bfloat16",
-)
+DEFAULT_OUT = REPO / "tests" / "data" / "hlwq"
 NEMOTRONH_SEED = 4321
-KEEP_FP32 = ("A_log", "D", "e_score_correction_bias")  # leaves the source checkpoint keeps in float32
-BUFFERS = ("e_score_correction_bias",)                  # registered buffers in the HF model -> not parameters
+LOGGER = "polarengine_vllm"  # the package's logger: quiet(LOGGER) swallows it and its prints (convert's report)
 BS = 128
 Q5_SHA256 = "f303a6b12f99e9c2fdf8a7a7a73e8e12a5881bb023ceccbe20c0ac0cfeb5d859"  # hlwq.md section 2
 
@@ -142,6 +129,8 @@ class PQ:
     """The polarquant modules we use, imported once (importing utils pre-computes the 2..6 bit tables)."""
 
     def __init__(self):
+        from importlib.metadata import version
+
         import polarengine_vllm
         from polarengine_vllm import hf_integration, loader, packing, quantizer, utils, weight_converter
 
@@ -149,15 +138,9 @@ class PQ:
         self.hf, self.loader, self.wc = hf_integration, loader, weight_converter
         # polarquant-convert lives in polarengine_vllm/cli.py, which the sibling package cli/ shadows
         path = os.path.join(os.path.dirname(polarengine_vllm.__file__), "cli.py")
-        spec = importlib.util.spec_from_file_location("polarquant_convert_cli", path)
-        self.cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(self.cli)
+        self.cli = module_from_path("polarquant_convert_cli", path)
         self.q5_assignment = {k: 5 for k in utils.DEFAULT_BIT_ASSIGNMENT}  # uniform Q5, same patterns
-
-    def version(self):
-        from importlib.metadata import version
-
-        return version("polarquant")
+        self.version = version("polarquant")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,93 +220,6 @@ def kl_to_lloyd_max(codes, ct):
     h = np.bincount(codes.reshape(-1), minlength=len(ct))[: len(ct)] / codes.size
     m = h > 0
     return float((h[m] * np.log(h[m] / p[m])).sum())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# small helpers
-# ----------------------------------------------------------------------------------------------------------------
-class Report:
-    def __init__(self):
-        self.lines, self.failures = [], 0
-
-    def add(self, line, ok=True):
-        if not ok:
-            self.failures += 1
-        self.lines.append(("" if ok else "FAIL ") + line)
-
-
-def save_npz(path, arrays):
-    """np.savez_compressed with fixed zip timestamps, so re-running the tool gives identical bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, a in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
-
-
-def safetensors_table(path):
-    """[(name, dtype as stored, shape)] from a safetensors header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [(k, v["dtype"], v["shape"]) for k, v in sorted(header.items()) if k != "__metadata__"]
-
-
-def compact_table(tab):
-    """Manifest lines "name<TAB>dtype<TAB>shape", the routed experts of a layer folded into one line
-    (experts.{0..E-1}) when they all have the same dtype and shape."""
-    groups = {}
-    for n, d, s in tab:
-        key = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", n)
-        groups.setdefault(key, []).append((n, d, tuple(s)))
-    lines = []
-    for key, members in groups.items():
-        if "{e}" in key and len({(d, s) for _, d, s in members}) == 1:
-            e = sorted(int(re.search(r"\.experts\.(\d+)\.", n).group(1)) for n, _, _ in members)
-            lines.append(f"{key.replace('{e}', '{' + f'{e[0]}..{e[-1]}' + '}')}\t{members[0][1]}\t{list(members[0][2])}")
-        else:
-            lines += [f"{n}\t{d}\t{list(s)}" for n, d, s in members]
-    return lines
-
-
-def load_dir(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(p)))
-    return out
-
-
-def u8(t):
-    """The bytes of an int8/uint8 torch tensor as a uint8 NumPy array (int8 code 200 is stored as -56)."""
-    import torch
-
-    return t.contiguous().view(torch.uint8).numpy()
-
-
-def f32(t):
-    return t.detach().float().cpu().numpy()
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@contextlib.contextmanager
-def quiet():
-    """Swallow the package's prints and warnings (convert() prints a progress report)."""
-    lg = logging.getLogger("polarengine_vllm")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        lg.setLevel(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,79 +327,12 @@ def make_matrices(pq, out, rep):
 # ----------------------------------------------------------------------------------------------------------------
 # part 2: tiny Nemotron-H
 # ----------------------------------------------------------------------------------------------------------------
-def write_nemotronh_source(folder):
-    """The BF16 source checkpoint, built by nemojax so a test can rebuild it exactly."""
-    sys.path.insert(0, str(REPO))
-    import jax
-    import ml_dtypes
-
-    from nemojax import Config
-    from nemojax.params import init_params_numpy
-    from nemojax.weights import save_params
-
-    cfg = Config.from_dict(NEMOTRONH_CONFIG)
-    params = init_params_numpy(cfg, seed=NEMOTRONH_SEED, dtype="float32")
-
-    def cast(path, leaf):
-        key = getattr(path[-1], "key", None)
-        return leaf if key in KEEP_FP32 else leaf.astype(ml_dtypes.bfloat16)
-
-    params = jax.tree_util.tree_map_with_path(cast, params)
-    save_params(params, cfg, folder, naming="original")
-    return cfg
-
-
-def standin_model(tensors, dtype):
-    """An nn.Module tree with the checkpoint's (hub) names, what from_pretrained(dtype=...) would hand the writers:
-    weights as parameters, e_score_correction_bias as buffers, all cast to ``dtype``."""
-    import torch
-    from torch import nn
-
-    root = nn.Module()
-    for name, t in tensors.items():
-        *path, leaf = name.split(".")
-        m = root
-        for p in path:
-            if p not in m._modules:
-                m.add_module(p, nn.Module())
-            m = m._modules[p]
-        t = t.to(dtype)
-        if any(b in name for b in BUFFERS):
-            m.register_buffer(leaf, t)
-        else:
-            m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
-    return root
-
-
-@contextlib.contextmanager
-def patched(obj, attr, value):
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
-
-
 def write_layout_b(pq, src_dir, src, folder):
     """Run PolarQuantizer.quantize_model(pack_q5=True) with the stand-in model (loaded "in fp16")."""
     import torch
-    import transformers
-
-    class StandInAuto:
-        @staticmethod
-        def from_pretrained(name, dtype=None, **kw):
-            assert Path(name) == Path(src_dir) and dtype == torch.float16, (name, dtype)
-            return standin_model(src, dtype)
-
-    class NoTokenizer:
-        @staticmethod
-        def from_pretrained(*a, **kw):
-            raise OSError("the tiny model has no tokenizer")
 
     q = pq.quantizer.PolarQuantizer(block_size=BS, bit_assignment=dict(pq.q5_assignment))
-    with patched(transformers, "AutoModelForCausalLM", StandInAuto), \
-            patched(transformers, "AutoTokenizer", NoTokenizer), quiet():
+    with standin_auto_classes(src_dir, src, torch.float16), quiet(LOGGER):
         q.quantize_model(str(src_dir), str(folder), pack_int4=True, pack_q5=True)
     shutil.copy(src_dir / "config.json", folder / "config.json")
 
@@ -572,7 +401,7 @@ def write_layout_c(pq, src_dir, quant, passthrough, meta, folder):
         layers[prefix] = {"in_features": m["in_features"], "out_features": m["out_features"],
                           "in_features_padded": m["in_f_padded"], "n_blocks": m["n_blocks"], "bits": 5,
                           "block_size": BS}
-    with quiet():
+    with quiet(LOGGER):
         pq.quantizer._save_sharded_safetensors(state, str(folder))
     (folder / "polar_config.json").write_text(json.dumps({
         "format": "hlwq-q5", "quantization": "polarengine", "block_size": BS, "bits": 5, "layers": layers},
@@ -582,49 +411,12 @@ def write_layout_c(pq, src_dir, quant, passthrough, meta, folder):
 
 def write_dequant(pq, src_dir, layout_a, folder):
     """polarquant-convert on layout A; base_model ("../source") resolved to a hub-style copy of source/."""
-    import huggingface_hub
-
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        base.mkdir()
-        shutil.copy(src_dir / "model.safetensors", base / "model.safetensors")
-        names = [n for n, _, _ in safetensors_table(base / "model.safetensors")]
-        (base / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
-
-        def snapshot_download(repo_id, **kw):
-            if repo_id == "../source":
-                return str(base)
-            raise OSError(f"offline: {repo_id}")
-
-        if folder.exists():
-            shutil.rmtree(folder)
-        with patched(huggingface_hub, "snapshot_download", snapshot_download), quiet():
-            pq.cli.convert(str(layout_a), str(folder))
-    # convert() lists the recovered buffers in set order (varies with the string hash seed): sort the weight_map
-    # so re-running gives identical bytes (same JSON content otherwise)
-    idx = folder / "model.safetensors.index.json"
-    index = json.loads(idx.read_text())
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
-    idx.write_text(json.dumps(index, indent=2))
-
-
-def hf_logits(folder, input_ids):
-    import torch
-    from transformers import NemotronHForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model, info = NemotronHForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
-    model.eval()
-    n_mamba = 0
-    for layer in model.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = (0.0, float("inf"))  # canonical: no dt floor
-            n_mamba += 1
-    with torch.no_grad():
-        logits = model(input_ids, use_cache=False).logits
-    return f32(logits), info, n_mamba
+    if folder.exists():
+        shutil.rmtree(folder)
+    with offline_hub("../source", src_dir), quiet(LOGGER):
+        pq.cli.convert(str(layout_a), str(folder))
+    # convert() lists the recovered buffers in set order (varies with the string hash seed)
+    sort_weight_map(folder)
 
 
 def make_nemotronh(pq, out, rep):
@@ -634,8 +426,8 @@ def make_nemotronh(pq, out, rep):
     if nh.exists():
         shutil.rmtree(nh)
     src_dir, la, lb, lc, dq = (nh / d for d in ("source", "layout_a", "layout_b", "layout_c", "dequant_bf16"))
-    cfg = write_nemotronh_source(src_dir)
-    src = load_dir(src_dir)
+    cfg = write_nemotronh_source(src_dir, NEMOTRONH_SEED)
+    src = load_safetensors(src_dir)
 
     write_layout_b(pq, src_dir, src, lb)
     quant, passthrough, meta = quantize_notebook_style(pq, src)
@@ -644,7 +436,7 @@ def make_nemotronh(pq, out, rep):
     write_dequant(pq, src_dir, la, dq)
 
     rep.add("# nemotronh")
-    A, B, C, D = load_dir(la), load_dir(lb), load_dir(lc), load_dir(dq)
+    A, B, C, D = load_safetensors(la), load_safetensors(lb), load_safetensors(lc), load_safetensors(dq)
     pcb = json.loads((lb / "polar_config.json").read_text())
     qa = sorted(k[:-6] for k in A if k.endswith(".codes"))
     qb = sorted(k[:-6] for k in B if k.endswith(".codes"))
@@ -737,8 +529,8 @@ def make_nemotronh(pq, out, rep):
     # reference logits
     gen = torch.Generator().manual_seed(NEMOTRONH_SEED)
     input_ids = torch.randint(3, NEMOTRONH_CONFIG["vocab_size"], (2, 20), generator=gen)
-    ld, info_d, n_m = hf_logits(dq, input_ids)
-    ls, info_s, _ = hf_logits(src_dir, input_ids)
+    ld, info_d, n_m = nemotronh_logits_f32(dq, input_ids)
+    ls, info_s, _ = nemotronh_logits_f32(src_dir, input_ids)
     miss = {k: v for k, v in info_d.items() if v} | {f"source.{k}": v for k, v in info_s.items() if v}
     rep.add(f"transformers loading info (missing/unexpected/mismatched keys): {miss or 'none'}; "
             f"mamba layers with time_step_limit=(0,inf): {n_m}", not miss)
@@ -789,42 +581,19 @@ def main(argv=None):
     import torch
 
     torch.manual_seed(0)
-    with quiet():
+    with quiet(LOGGER):
         pq = PQ()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     rep = Report()
-    rep.add(f"# polarquant {pq.version()}, torch {torch.__version__}")
+    rep.add(f"# polarquant {pq.version}, torch {torch.__version__}")
     if not args.skip_matrices:
         make_matrices(pq, out, rep)
-    manifest, summary = [], []
+    manifest, summary = None, []
     if not args.skip_nemotronh:
         nh = make_nemotronh(pq, out, rep)
-        for sub in ("source", "layout_a", "layout_b", "layout_c", "dequant_bf16"):
-            files = sorted((nh / sub).glob("*.safetensors"))
-            kinds = {}
-            for p in files:
-                tab = safetensors_table(p)
-                manifest += [f"# nemotronh/{sub}/{p.name}"] + compact_table(tab)
-                for n, d, _ in tab:
-                    key = (n.rsplit(".", 1)[-1], d)
-                    kinds[key] = kinds.get(key, 0) + 1
-            size = sum(f.stat().st_size for f in (nh / sub).iterdir())
-            summary.append(f"{sub}: {len(files)} shard(s), {size / 1024:.0f} KiB; suffix/dtype counts "
-                           + ", ".join(f"{k}:{d}x{c}" for (k, d), c in sorted(kinds.items())))
-        (out / "manifest.txt").write_text("\n".join(manifest) + "\n")
-    (out / "README.md").write_text(README.format(version=pq.version()))
-    (out / "verify.txt").write_text("\n".join(rep.lines) + "\n")
-    print("\n".join(rep.lines))
-    if summary:
-        print("\n# summary\n" + "\n".join(summary))
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    print("\n# files")
-    for p in files:
-        print(f"{p.relative_to(out)}\t{p.stat().st_size}")
-    print(f"total {sum(p.stat().st_size for p in files) / 1e6:.2f} MB")
-    print(f"\n{rep.failures} failed checks; wrote {out}")
-    return 1 if rep.failures else 0
+        manifest, summary = checkpoint_manifest(nh, ("source", "layout_a", "layout_b", "layout_c", "dequant_bf16"))
+    return write_outputs(out, manifest, README.format(version=pq.version), rep, summary, list_files=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ Two things ModelOpt 0.47 cannot do on CPU out of the box, patched here at run ti
      follows the export path's IEEE arithmetic.
   2. With transformers 5 + nemotron_h the export's name mapper (``build_reverse_name_mapper``) rewrites
      ModelOpt's private sentinel suffix ".\\x00modelopt_name_sentinel" ("model" -> "backbone"), leaving junk in
-     every exclude_modules entry. We replace the mapper by one whose sentinel contains no letters.
+     every exclude_modules entry. We replace the mapper by one whose sentinel contains no letters
+     (``goldenlib.patch_exclude_name_mapper``, shared with the FP8 tool).
 """
 from __future__ import annotations
 
@@ -62,26 +63,19 @@ import argparse
 import copy
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from goldenlib import (  # noqa: E402
+    E4M3_MAX, NEMOTRONH_CONFIG, REPO, bf16_attention_rules, check_exclude_modules, check_exported_linears,
+    check_kv_scales, check_unquantized, exact, f32, load_nemotronh, load_safetensors, patch_exclude_name_mapper,
+    quantize_export_seq, quantized_weights, rel, save_npz, seq_model, write_nemotronh_source, write_seq_and_nemotronh)
+
 DEFAULT_OUT = REPO / "tests" / "data" / "nvfp4"
-
-# the tiny Nemotron-H (original NVIDIA config.json field names); layers: 0 M, 1 E, 2 M, 3 *, 4 E, 5 -, 6 M, 7 *, 8 E
-NEMOTRONH_CONFIG = dict(
-    model_type="nemotron_h", vocab_size=512, hidden_size=64, hybrid_override_pattern="MEM*E-M*E",
-    num_hidden_layers=9, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
-    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, intermediate_size=96,
-    layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="bfloat16",
-)
 NEMOTRONH_SEED = 1234
-KEEP_FP32 = ("A_log", "D", "e_score_correction_bias")  # leaves the source checkpoint keeps in float32
 
-E2M1_MAX, E4M3_MAX = 6.0, 448.0
+E2M1_MAX = 6.0
 NVFP4_DIV = E2M1_MAX * E4M3_MAX  # 2688: global scale = amax / 2688
 BLOCK = 16
 
@@ -166,7 +160,7 @@ def dequant_export(packed, scale, scale_2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ModelOpt run-time patches
+# ModelOpt run-time patch (the other one, patch_exclude_name_mapper, is in goldenlib)
 # ----------------------------------------------------------------------------------------------------------------
 def patch_modelopt_for_cpu():
     """Route ModelOpt's dynamic-block (NVFP4) fake-quant op to fake_quant_nvfp4; other formats are untouched."""
@@ -186,112 +180,9 @@ def patch_modelopt_for_cpu():
     tq.dynamic_block_quantize_op = dynamic_block_quantize_cpu  # looked up as a module global at call time
 
 
-def patch_exclude_name_mapper():
-    """Replace ModelOpt's reverse name mapper for quant-config module names by one with a letter-free sentinel.
-
-    The original appends ".\\x00modelopt_name_sentinel" before applying the checkpoint rename rules, and the
-    nemotron_h rule "model." -> "backbone." also matches inside "modelopt" (its "." matches any character)."""
-    import modelopt.torch.export.quant_aware_conversion as qac
-    import modelopt.torch.export.unified_export_hf as ueh
-
-    sentinel = ".\x00\x01\x00"
-
-    def build_reverse_name_mapper(model):
-        _, rename_rules, _ = qac._build_reverse_rules(model)
-        if not rename_rules:
-            return None
-        compiled = qac._compile_rename_rules(rename_rules)
-
-        def mapper(name: str) -> str:
-            suffix = ".*" if name.endswith(".*") else ("*" if name.endswith("*") else "")
-            base = name[: len(name) - len(suffix)]
-            mapped = qac._apply_rename_rules(base + sentinel, compiled)
-            if not mapped.endswith(sentinel):
-                raise RuntimeError(f"rename rules consumed the sentinel of {name!r}: {mapped!r}")
-            return mapped[: -len(sentinel)] + suffix
-
-        return mapper
-
-    ueh.build_reverse_name_mapper = build_reverse_name_mapper
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# small helpers
+# NVFP4 checks of one exported linear
 # ----------------------------------------------------------------------------------------------------------------
-def f32(t):
-    return t.detach().float().cpu().numpy()
-
-
-def save_npz(path, arrays):
-    """np.savez_compressed with fixed zip timestamps, so re-running the tool gives identical bytes."""
-    import io
-    import zipfile
-
-    import numpy as np
-
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, a in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
-
-
-def safetensors_table(path):
-    """[(name, dtype string as stored, shape)] from a safetensors header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [(k, v["dtype"], v["shape"]) for k, v in sorted(header.items()) if k != "__metadata__"]
-
-
-def load_safetensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(p)))
-    return out
-
-
-def rel(a, b):
-    """||a - b|| / ||b|| in float32."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm())
-
-
-def exact(a, b):
-    import torch
-
-    return bool(torch.equal(a.float().reshape(()), b.float().reshape(())))
-
-
-def manifest_lines(out, path):
-    """``# <path relative to out>`` then ``name\tdtype\tshape`` per tensor of a safetensors file."""
-    return [f"# {path.relative_to(out)}"] + [f"{n}\t{d}\t{s}" for n, d, s in safetensors_table(path)]
-
-
-def write_outputs(out, manifest, readme, rep):
-    """manifest.txt, README.md and verify.txt under ``out``; prints the report; exit status (1 if a check
-    failed)."""
-    (out / "manifest.txt").write_text("\n".join(manifest) + "\n")
-    (out / "README.md").write_text(readme)
-    (out / "verify.txt").write_text("\n".join(rep.lines) + "\n")
-    print("\n".join(rep.lines))
-    print(f"\n{rep.failures} failed checks; wrote {out}")
-    return 1 if rep.failures else 0
-
-
-class Report:
-    def __init__(self):
-        self.lines, self.failures = [], 0
-
-    def add(self, line, ok=True):
-        self.lines.append(("" if ok else "FAIL ") + line)
-        self.failures += 0 if ok else 1
-
-
 def check_linear(rep, name, exp, w_bf16, w_amax, in_amax, weight_fq):
     """All per-linear checks of one exported NVFP4 linear ``name`` (export key prefix). Returns block counts."""
     import numpy as np
@@ -345,79 +236,6 @@ def seq_first_weight(gen):
     return w.to(torch.bfloat16)
 
 
-def seq_model(w0, b0, w2):
-    """nn.Sequential(Linear(64, 128, bias), ReLU, Linear(128, 48)) in bf16 with these weights."""
-    import torch
-
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=True), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 48, bias=False)).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        model[0].weight.copy_(w0)
-        model[0].bias.copy_(b0)
-        model[2].weight.copy_(w2)
-    return model
-
-
-def quantize_export_seq(model, quant_cfg, calib, x_test, linears, out, keep_inputs=False):
-    """Quantize the bf16 nn.Sequential ``model`` with ``quant_cfg`` (max calibration on ``calib``), run
-    ``x_test`` through it, export the quantized ``linears`` with ModelOpt's per-module export and write
-    ``out``/{model.safetensors, hf_quant_config.json, reference.npz} (see the module docstring). Captures per
-    linear ``<i>.input_fq`` / ``<i>.weight_fq`` (and ``<i>.input`` with ``keep_inputs``).
-
-    Returns (bf16 state dict, captured tensors, calibrated amaxes, y_bf16, y_fakequant)."""
-    import modelopt.torch.quantization as mtq
-    import torch
-    from modelopt.torch.export.quant_utils import get_quant_config, postprocess_state_dict
-    from modelopt.torch.export.unified_export_hf import _export_quantized_weight
-    from safetensors.torch import save_file
-
-    w_bf16 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        y_bf16 = model(x_test)
-
-    def forward_loop(m):
-        with torch.no_grad():
-            for batch in calib:
-                m(batch)
-
-    model = mtq.quantize(model, copy.deepcopy(quant_cfg), forward_loop)
-    captured = {}
-
-    def capture(name):
-        def hook(mod, args, output):
-            if keep_inputs:
-                captured[f"{name}.input"] = args[0].detach().clone()
-            captured[f"{name}.input_fq"] = mod.input_quantizer(args[0]).detach().clone()
-            captured[f"{name}.weight_fq"] = mod.weight_quantizer(mod.weight).detach().clone()
-
-        return hook
-
-    handles = [model[int(i)].register_forward_hook(capture(i)) for i in linears]
-    with torch.no_grad():
-        y_fq = model(x_test)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        y_fq32 = copy.deepcopy(model).float()(x_test.float())  # same quantizers, float32 arithmetic
-    amax = {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("._amax")}
-
-    hf_quant_config = get_quant_config(model)
-    with torch.no_grad():
-        for i in linears:
-            _export_quantized_weight(model[int(i)], torch.bfloat16)
-    sd = {k: v.detach().contiguous() for k, v in postprocess_state_dict(model.state_dict(), E4M3_MAX, None).items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=4) + "\n")
-
-    arrays = dict(x_test=f32(x_test), calib=f32(calib), y_bf16=f32(y_bf16), y_fakequant=f32(y_fq),
-                  y_fakequant_f32=f32(y_fq32))
-    arrays.update({f"w_bf16.{k}": f32(v) for k, v in w_bf16.items()})
-    arrays.update({k: f32(v) for k, v in captured.items()})
-    arrays.update({k: f32(v) for k, v in amax.items()})
-    save_npz(out / "reference.npz", arrays)
-    return w_bf16, captured, amax, y_bf16, y_fq
-
-
 def make_seq(out, rep):
     import modelopt.torch.quantization as mtq
     import torch
@@ -462,28 +280,6 @@ def make_seq(out, rep):
 # ----------------------------------------------------------------------------------------------------------------
 # part 2: tiny Nemotron-H
 # ----------------------------------------------------------------------------------------------------------------
-def write_nemotronh_source(folder):
-    """The BF16 source checkpoint, built by nemojax so a test can rebuild it exactly."""
-    sys.path.insert(0, str(REPO))
-    import jax
-    import ml_dtypes
-
-    from nemojax import Config
-    from nemojax.params import init_params_numpy
-    from nemojax.weights import save_params
-
-    cfg = Config.from_dict(NEMOTRONH_CONFIG)
-    params = init_params_numpy(cfg, seed=NEMOTRONH_SEED, dtype="float32")
-
-    def cast(path, leaf):
-        key = getattr(path[-1], "key", None)
-        return leaf if key in KEEP_FP32 else leaf.astype(ml_dtypes.bfloat16)
-
-    params = jax.tree_util.tree_map_with_path(cast, params)
-    save_params(params, cfg, folder, naming="original")
-    return cfg
-
-
 def nano_style_recipe(pattern):
     """NVFP4 W4A4 (dynamic 16-blocks, max calibration) on routed experts, shared experts, dense MLPs and Mamba
     in/out projections; BF16 for every attention projection and for the Mamba layer right before each attention
@@ -494,105 +290,10 @@ def nano_style_recipe(pattern):
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     rules = list(cfg["quant_cfg"])
     rules.append({"quantizer_name": "*mixer.gate.*", "enable": False})
-    for i, kind in enumerate(pattern):
-        if kind != "*":
-            continue
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            rules.append({"quantizer_name": f"*.layers.{i}.mixer.{proj}.*", "enable": False})
-        if i > 0 and pattern[i - 1] == "M":
-            for proj in ("in_proj", "out_proj"):
-                rules.append({"quantizer_name": f"*.layers.{i - 1}.mixer.{proj}.*", "enable": False})
+    rules += bf16_attention_rules(pattern, [i for i, kind in enumerate(pattern) if kind == "*"])
     rules.extend(copy.deepcopy(mtq.FP8_KV_CFG)["quant_cfg"])
     cfg["quant_cfg"] = rules
     return cfg
-
-
-def quantized_weights(model):
-    """{export-style module name: (bf16 weight, weight quantizer, input quantizer)} for every enabled NVFP4
-    weight quantizer, with fused transformers-5 experts split per expert. Names use in-memory prefixes."""
-    out = {}
-    for name, mod in model.named_modules():
-        wq = getattr(mod, "weight_quantizer", None)
-        if wq is not None and getattr(wq, "is_enabled", False):
-            out[name] = (mod.weight, wq, mod.input_quantizer)
-        for proj in ("up_proj", "down_proj", "gate_up_proj"):
-            wqs = getattr(mod, f"{proj}_weight_quantizers", None)
-            if wqs is None:
-                continue
-            for e, q in enumerate(wqs):
-                if q.is_enabled:
-                    out[f"{name}.{e}.{proj}"] = (getattr(mod, proj)[e], q, getattr(mod, f"{proj}_input_quantizer"))
-    return out
-
-
-def in_memory_name(export_name):
-    """backbone.layers.L.mixer.experts.E.up_proj -> model.layers.L.mixer.experts.E.up_proj (quantized_weights'
-    naming: transformers' in-memory prefix)."""
-    return "model." + export_name.removeprefix("backbone.")
-
-
-def check_exported_linears(rep, exp, source, exported_q, fq, check, fmt):
-    """``check(rep, name, exp, w_bf16, w_amax, in_amax, weight_fq) -> counts`` for every exported quantized
-    linear (``fq``: quantized_weights' tensors by in-memory name), after checking its in-memory weight is the
-    source's; returns the counts summed over the linears."""
-    import torch
-
-    totals = None
-    for name in exported_q:
-        key = in_memory_name(name)
-        if key not in fq:
-            rep.add(f"{name}: exported as {fmt} but no enabled weight quantizer {key}", False)
-            continue
-        w, w_amax, in_amax, w_fq = fq[key]
-        src_w = source.get(name + ".weight")
-        if src_w is None or not torch.equal(src_w.to(torch.bfloat16), w):
-            rep.add(f"{name}: in-memory bf16 weight differs from the source checkpoint", False)
-        counts = check(rep, name, exp, w, w_amax, in_amax, w_fq)
-        totals = counts if totals is None else tuple(a + b for a, b in zip(totals, counts))
-    return totals
-
-
-def check_unquantized(rep, exp, source, exported_q, fq):
-    """The export's unquantized tensors equal the source cast to the export dtype; every exported quantized
-    linear ``exported_q`` has an enabled weight quantizer in ``fq`` and vice versa."""
-    import torch
-
-    changed, cast_only = [], []
-    for k, t in sorted(exp.items()):
-        if k.rsplit(".", 1)[0] in exported_q or k.endswith((".k_scale", ".v_scale")):
-            continue
-        s = source.get(k)
-        if s is None:
-            changed.append(f"{k} (not in source)")
-        elif not torch.equal(s.to(t.dtype), t):
-            changed.append(k)
-        elif s.dtype != t.dtype:
-            cast_only.append(f"{k.rsplit('.', 1)[1]} {str(s.dtype)[6:]}->{str(t.dtype)[6:]}")
-    rep.add(f"unquantized tensors == source cast to the export dtype: {not changed} {changed}", not changed)
-    rep.add(f"note: unquantized tensors whose dtype changed in the export: {sorted(set(cast_only))}")
-    missing = sorted(set(in_memory_name(n) for n in exported_q) ^ set(fq))
-    rep.add(f"quantized linears: {len(exported_q)} exported, {len(fq)} enabled weight quantizers; "
-            f"unmatched: {missing}", not missing)
-
-
-def check_kv_scales(rep, exp, kv):
-    """k_scale / v_scale == the k/v_bmm quantizer's amax / 448, one pair per calibrated attention layer."""
-    for k in sorted(exp):
-        if k.endswith((".k_scale", ".v_scale")):
-            letter = k[-7]
-            buf = in_memory_name(k.rsplit(".", 2)[0]) + f".{letter}_bmm_quantizer._amax"
-            ok = buf in kv and exact(exp[k], kv[buf].float() / E4M3_MAX)
-            rep.add(f"{k} = {exp[k].item():.6g} == {letter}_bmm amax/448: {ok}", ok)
-    n_kv_exp = sum(k.endswith((".k_scale", ".v_scale")) for k in exp)
-    rep.add(f"kv scales exported {n_kv_exp}, kv quantizers calibrated {len(kv)}", n_kv_exp == len(kv))
-
-
-def check_exclude_modules(rep, hf_quant_config):
-    """exclude_modules holds no junk left by the name mapper (see patch_exclude_name_mapper)."""
-    excl = hf_quant_config["quantization"].get("exclude_modules") or []
-    rep.add(f"exclude_modules clean (no control chars / 'sentinel'): "
-            f"{all(ch.isprintable() for e in excl for ch in e) and not any('sentinel' in e for e in excl)}",
-            all(ch.isprintable() for e in excl for ch in e) and not any("sentinel" in e for e in excl))
 
 
 def make_nemotronh(out, rep):
@@ -600,18 +301,12 @@ def make_nemotronh(out, rep):
     import numpy as np
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import NemotronHForCausalLM
 
     src, exp_dir = out / "source", out / "export"
-    cfg = write_nemotronh_source(src)
+    cfg = write_nemotronh_source(src, NEMOTRONH_SEED)
 
     def load_hf(dtype):
-        m = NemotronHForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
-        n_mamba = 0
-        for layer in m.model.layers:
-            if layer.block_type == "linear_attention":
-                layer.mixer.time_step_limit = (0.0, float("inf"))  # canonical: no dt floor
-                n_mamba += 1
+        m, _, n_mamba = load_nemotronh(src, dtype)
         assert n_mamba == cfg.pattern.count("M")
         return m
 
@@ -734,18 +429,8 @@ def main(argv=None):
     torch.manual_seed(0)
     patch_modelopt_for_cpu()
     patch_exclude_name_mapper()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rep = Report()
-    manifest = []
-    if not args.skip_seq:
-        make_seq(out / "seq", rep)
-        manifest += manifest_lines(out, out / "seq" / "model.safetensors")
-    if not args.skip_nemotronh:
-        make_nemotronh(out / "nemotronh", rep)
-        for p in sorted((out / "nemotronh" / "export").glob("*.safetensors")):
-            manifest += manifest_lines(out, p)
-    return write_outputs(out, manifest, README, rep)
+    return write_seq_and_nemotronh(args.out, README, None if args.skip_seq else make_seq,
+                                   None if args.skip_nemotronh else make_nemotronh)
 
 
 if __name__ == "__main__":
