@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from nemojax import quant
+from nemojax.formats import is_quantized
+from nemojax.formats.hlwq import HLWQWeight
+from nemojax.formats.nvfp4 import NVFP4Weight
 from nemojax.generate import generate
 from nemojax.model import forward_jit
 from nemojax.params import init_params
-from nemojax.quant.hlwq import HLWQWeight
-from nemojax.quant.nvfp4 import NVFP4Weight
 from pallas_kernels import common as C
 from pallas_kernels import hlwq as HK
 from pallas_kernels import nvfp4 as NK
@@ -258,10 +259,10 @@ def test_kernels_take_the_checkpoint_bytes_as_they_are():
     # the whole model on the pallas backend: every bank and matrix the kernels take reaches them untouched
     cfg = _model_cfg()
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, 5)))
-    is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
     for recipe in ("nvfp4-all", "hlwq-q5"):
         qp = quant.set_backend(quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe), "pallas")
-        owner = {id(a): nd for nd in jax.tree.leaves(qp, is_leaf=is_q) if is_q(nd)  # codes / scales -> their node
+        owner = {id(a): nd for nd in jax.tree.leaves(qp, is_leaf=is_quantized)  # codes / scales -> their node
+                 if is_quantized(nd)
                  for a in (nd.packed, getattr(nd, "scale", None), getattr(nd, "norms", None)) if a is not None}
         leaves, treedef = jax.tree.flatten(qp)
         uses = _uses(lambda *ls, td=treedef: forward_jit(jax.tree.unflatten(td, ls), cfg, ids), leaves)
@@ -338,8 +339,7 @@ def test_backend_switch_model(recipe):
     cfg = _model_cfg()
     q = quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe)
     qp = quant.set_backend(q, "pallas")
-    is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
-    assert {x.backend for x in jax.tree.leaves(qp, is_leaf=is_q) if is_q(x)} == {"pallas"}
+    assert {x.backend for x in jax.tree.leaves(qp, is_leaf=is_quantized) if is_quantized(x)} == {"pallas"}
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 7))
     got, ref = np.asarray(forward_jit(qp, cfg, ids)), np.asarray(forward_jit(q, cfg, ids))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
