@@ -144,6 +144,25 @@ def test_group_plan_covers_every_row_once():
         assert sorted(owner) == list(range(int(sizes.sum())))
 
 
+def test_reference_decoders_match_the_formats():
+    """pallas_kernels writes its own decoders (it imports nothing from nemojax): LSB-first unpacking at every width,
+    the scaled level table, the Hadamard matrix, the FWHT and the NVFP4 dequantization equal the formats' bit for
+    bit."""
+    from nemojax.formats import hlwq as H
+    from nemojax.formats.hlwq.codes import scaled_table
+
+    for bits in range(2, 9):
+        h = HLWQWeight.from_float(_rand((16, 300), bits), bits)
+        np.testing.assert_array_equal(np.asarray(HK.unpack_lsb(h.packed, bits)), np.asarray(h.codes()))
+        np.testing.assert_array_equal(np.asarray(HK.scaled_table(h.table)), np.asarray(scaled_table(h.table)))
+    np.testing.assert_array_equal(HK.hadamard_matrix(), H.hadamard(128).astype(np.float32))
+    x = _rand((3, 384), 1)
+    np.testing.assert_array_equal(np.asarray(HK.fwht_reference(x)), np.asarray(H.fwht(x)))
+    node = NVFP4Weight.from_float(_rand((2, 32, 64), 2))
+    np.testing.assert_array_equal(np.asarray(NK.dequantize_reference(node.packed, node.scale, node.scale_2, BF)),
+                                  np.asarray(node.dequantize(BF)))
+
+
 @pytest.mark.parametrize("k", [1920, 4096])
 def test_fwht_interpret(k):
     x = _rand((5, k), k)

@@ -30,6 +30,13 @@ defaults: ``check_options(**run_options)``, ``leaf_names()``, ``from_description
 suffix`` (``mod``: the checkpoint module name without ``.weight``, e.g. ``backbone.layers.0.mixer.in_proj``; one
 name per expert for a bank stored one expert per module). Errors are :class:`QuantError` naming the tensor (and
 the file); the checkpoint layer turns them into its own error type with the same message.
+
+A format whose leaves are a module's tensors as stored -- e.g. ModelOpt FP8 (``quant_algo`` "FP8": ``M.weight``
+F8_E4M3 [N, K], ``M.weight_scale`` F32 [], optional ``M.input_scale`` F32 [], one module per expert) -- defines
+``stored_fields`` and gets ``read``, sharded loading (each device reads its slice), orbax and the checkpoint writer
+from the defaults; its ``stored_in`` must not claim a module of an earlier format (NVFP4's have
+``weight_scale_2``), and ``quant_config`` returns ``("modelopt", {"quant_algo": "FP8", "group_size": None, ...})``.
+Static fields must be JSON-able (:meth:`QuantFormat.describe`).
 """
 from __future__ import annotations
 
