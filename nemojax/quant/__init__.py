@@ -49,7 +49,8 @@ class Recipe:
 
 
 RECIPES = {
-    # the published Nemotron-3-Nano NVFP4 layout ("the seeds' selective recipe")
+    # the published Nemotron-3-Nano NVFP4 layout (selective: attention, router, conv1d, lm_head and the Mamba layer
+    # before each attention layer stay in high precision)
     "nvfp4": Recipe(
         name="nvfp4",
         quantize=("*.mixer.experts.*", "*.mixer.shared_experts.*", "*.mixer.in_proj", "*.mixer.out_proj",
