@@ -109,11 +109,11 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
     if hlwq_path not in ("dequant", "rotated"):
         raise ValueError(f"hlwq_path={hlwq_path!r}: expected 'dequant' or 'rotated'")
     if backend != "xla":
-        from .quant import set_backend
+        from . import quant
 
-        set_backend({}, backend)  # a bad or unavailable backend fails before the weights are read
+        quant.set_backend({}, backend)  # a bad or unavailable backend fails before the weights are read
     params = load_params(path, cfg, dt, progress=progress, nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path, base=base,
                          dequantize=dequantize)
     if backend != "xla":
-        params = set_backend(params, backend)
+        params = quant.set_backend(params, backend)
     return Model(cfg, params)

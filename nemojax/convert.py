@@ -10,12 +10,11 @@ import errno
 import json
 import math
 import struct
-import types
 
 import numpy as np
 
 from .config import Config
-from .weights import load_params, save_params
+from .weights import kind_format, load_params, save_params
 
 __all__ = ["dequantize_checkpoint", "atomic_output", "convert_checkpoint", "ConvertError", "TARGETS",
            "DEFAULT_MAX_SHARD_BYTES", "checkpoint_format"]
@@ -83,9 +82,9 @@ class ConvertError(ValueError):
 
 
 def checkpoint_format(items) -> str:
-    """'bf16' (plain floats), 'nvfp4', 'hlwq' or 'mixed' from ``weights.plan`` items."""
-    kinds = {k.split("_")[0] for _, _, k, _ in items}
-    q = kinds & {"nvfp4", "hlwq"}
+    """'bf16' (plain floats), a quantized format's name ('nvfp4', 'hlwq', ...) or 'mixed' from ``weights.plan``
+    items."""
+    q = {kind_format(k).name for _, _, k, _ in items if kind_format(k) is not None}
     if len(q) > 1:
         return "mixed"
     return q.pop() if q else "bf16"
@@ -225,12 +224,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
     import jax.numpy as jnp
 
     from . import quant as qlib
+    from .formats import FORMATS
     from .params import leaf_dtype
-    from .quant.hlwq import HLWQWeight, lloyd_max_table
-    from .quant.modelopt import config_quantization, hf_quant_config, linear_modules
-    from .quant.nvfp4 import NVFP4Weight
-    from .quant.polar import hlwq_tensors, polar_config, read_hlwq, read_polar_config
-    from .weights import CheckpointError, _progress, _read, _read_nvfp4, checkpoint_tensors
+    from .weights import _progress, _read, checkpoint_tensors, read_node, read_quant_configs, write_quant_configs
 
     if to not in TARGETS:
         raise ConvertError(f"--to {to!r}: unknown target; supported: {', '.join(TARGETS)} ({SUPPORTED})")
@@ -240,28 +236,20 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
     if (to == "bf16") == (fmt == "bf16") or fmt == "mixed":
         raise ConvertError(f"{src}: cannot convert a {fmt} checkpoint to {to}; supported conversions: {SUPPORTED}")
     bf16 = jnp.dtype(jnp.bfloat16)
-    pc = read_polar_config(src) if fmt == "hlwq" else None
-    recipe = qlib._resolve(to) if to != "bf16" else None
+    configs = read_quant_configs(src) if fmt != "bf16" else {}
+    recipe = qlib.resolve_recipe(to) if to != "bf16" else None
     targets = qlib.quantized_modules(cfg, recipe) if recipe is not None else {}
-    table = (lloyd_max_table(recipe.bits, 100 if recipe.codebook == "compatible" else None)
-             if recipe is not None and recipe.format == "hlwq" else None)
-    nvfp4_mods: set[str] = set()
-    hlwq_mods: dict[str, types.SimpleNamespace] = {}
+    options = qlib.format_options(recipe) if recipe is not None else {}
+    entries: dict = {}  # the quantized modules' config entries, by format
     dst_abs = os.path.abspath(os.fspath(dst))
+
     def read_float(spec, kind, names, e):
         """One parameter (``e`` None) or one expert ``e`` of a bank, as a float NumPy array (bf16 weights)."""
         dt = np.dtype(leaf_dtype(spec, bf16))
         if kind == "base":
             return _read(base_ck, spec, "whole", names, dt)
-        if kind.startswith("hlwq"):
-            shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
-            try:
-                node = read_hlwq(ck, names[0 if e is None else e], shape, pc, "dequant")
-            except ValueError as ex:
-                raise CheckpointError(str(ex)) from None
-            return np.asarray(node.dequantize(bf16))
-        if kind.startswith("nvfp4"):
-            return np.asarray(_read_nvfp4(ck, [names[0 if e is None else e]], False, "w4a16").dequantize(bf16))
+        if kind_format(kind) is not None:
+            return np.asarray(read_node(ck, kind_format(kind), spec, kind, names, configs, {}, e).dequantize(bf16))
         if e is None:
             return _read(ck, spec, kind, names, dt)
         if kind == "experts":
@@ -272,14 +260,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         """``(name, array)`` pairs of one 2-D weight ``w`` of module ``mod``: quantized when ``path`` is a target."""
         if path not in targets:
             return [(mod + ".weight", w)]
-        if recipe.format == "hlwq":
-            node = HLWQWeight.from_float(jnp.asarray(w), recipe.bits, table, recipe.path, name=what)
-            hlwq_mods[mod] = types.SimpleNamespace(shape=node.shape, in_features=node.in_features, bits=recipe.bits)
-            return list(hlwq_tensors(mod, node, "B"))
-        node = NVFP4Weight.from_float(jnp.asarray(w), None, "w4a16", name=what)
-        nvfp4_mods.add(mod)
-        return [(mod + ".weight", np.asarray(node.packed)), (mod + ".weight_scale", np.asarray(node.scale)),
-                (mod + ".weight_scale_2", np.asarray(node.scale_2).astype(np.float32).reshape(()))]
+        node = FORMATS[recipe.format].from_float(jnp.asarray(w), name=what, **options)
+        entries.setdefault(type(node), {})[mod] = node.config_entry()
+        return list(node.checkpoint_tensors(mod))
 
     n_in = sum(1 for _ in items)
     try:
@@ -315,15 +298,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
                 writer.abort()
                 raise
             conf = cfg.to_dict()
-            if nvfp4_mods:
-                exclude = [m for m in linear_modules(cfg) if m not in nvfp4_mods]
-                conf["quantization_config"] = config_quantization(exclude, False, False)
-                with open(os.path.join(tmp, "hf_quant_config.json"), "w") as f:
-                    json.dump(hf_quant_config(exclude, False, False), f, indent=4)
-            if hlwq_mods:
-                pcfg = polar_config(hlwq_mods, "B")
-                with open(os.path.join(tmp, "polar_config.json"), "w") as f:
-                    json.dump(pcfg, f, indent=2)
+            write_quant_configs(tmp, conf, cfg, entries, kv_fp8=False)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(conf, f, indent=2)
             _copy_side_files(src, tmp)

@@ -95,8 +95,8 @@ def _need_folder(d: str, what: str = "") -> None:
 def cmd_convert(a) -> int:
     from .config import ConfigError
     from .convert import ConvertError, convert_checkpoint
+    from .formats import QuantError
     from .quant.modelopt import QuantConfigError
-    from .quant.nvfp4 import QuantError
     from .weights import CheckpointError
 
     _need_folder(a.src)
@@ -157,22 +157,25 @@ def inspect_checkpoint(d: str) -> dict:
     import math
 
     from .config import Config
-    from .weights import Checkpoint
-
+    from .formats import FORMATS
     from .orbax_io import is_orbax_checkpoint
+    from .weights import Checkpoint, stored_format
 
     if is_orbax_checkpoint(d):
         return inspect_orbax(d)
     ck = Checkpoint(d)
     names = ck.names
-    nvfp4 = [n for n in names if n.endswith(".weight_scale_2")]
-    layouts = set()
+    modules = {name: 0 for name in FORMATS}  # quantized modules by format
+    for mod in {n.rsplit(".", 1)[0] for n in names}:
+        fmt = stored_format(ck, mod)
+        if fmt is not None:
+            modules[fmt.name] += 1
+    layouts = set()  # polarengine layouts
     for n in names:
         if n.endswith(".codes"):
             layouts.add("A" if ck.dtype(n) == "int8" else "B")
         elif n.endswith(".weight__packed"):
             layouts.add("C")
-    hlwq_n = sum(1 for n in names if n.endswith((".codes", ".weight__packed")))
     cfg = None
     try:
         cfg = Config.from_json(d)
@@ -181,12 +184,9 @@ def inspect_checkpoint(d: str) -> dict:
     pattern = cfg.pattern if cfg is not None else None
     float_dts = sorted({ck.dtype(n).name for n in names if ck.dtype(n).kind == "f" or ck.dtype(n).name ==
                         "bfloat16"} - {"float8_e4m3fn"})
-    if nvfp4 and layouts:
-        fmt = "mixed"
-    elif nvfp4:
-        fmt = "nvfp4"
-    elif layouts:
-        fmt = "hlwq"
+    present = [name for name, n in modules.items() if n]
+    if present:
+        fmt = present[0] if len(present) == 1 else "mixed"
     else:
         main = max(float_dts, key=lambda t: sum(1 for n in names if ck.dtype(n).name == t)) if float_dts else "?"
         fmt = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(main, main)
@@ -205,7 +205,7 @@ def inspect_checkpoint(d: str) -> dict:
         t["bytes"] += nb
     out = {"path": os.path.abspath(d), "format": fmt, "hlwq_layout": "/".join(sorted(layouts)) or None,
            "tensors": len(names), "files": len({ck.file_of(n) for n in names}), "bytes": total,
-           "nvfp4_modules": len(nvfp4), "hlwq_modules": hlwq_n, "components": comps, "dtypes": dtypes}
+           **{f"{name}_modules": n for name, n in modules.items()}, "components": comps, "dtypes": dtypes}
     qfile = os.path.join(d, "hf_quant_config.json")
     if os.path.exists(qfile):
         with open(qfile) as f:
@@ -251,6 +251,8 @@ def inspect_orbax(d: str) -> dict:
         meta = read_meta(d)
     except OrbaxError as e:
         raise CheckpointError(str(e)) from None
+    from .formats import FORMATS
+
     cfg = Config.from_json(d)
     kinds = {n["type"] for n in meta["nodes"].values()}
     fmt = "orbax " + ("+".join(sorted(kinds)) if kinds else "float")
@@ -267,9 +269,9 @@ def inspect_orbax(d: str) -> dict:
             c["tensors"] += 1
             c["bytes"] += nb
     return {"path": os.path.abspath(d), "format": fmt, "hlwq_layout": None, "tensors": len(meta["leaves"]),
-            "files": 1, "bytes": total, "nvfp4_modules": sum(n["type"] == "nvfp4" for n in meta["nodes"].values()),
-            "hlwq_modules": sum(n["type"] == "hlwq" for n in meta["nodes"].values()), "components": comps,
-            "dtypes": dtypes, "config": _config_summary(cfg)}
+            "files": 1, "bytes": total,
+            **{f"{name}_modules": sum(n["type"] == name for n in meta["nodes"].values()) for name in FORMATS},
+            "components": comps, "dtypes": dtypes, "config": _config_summary(cfg)}
 
 
 def _fmt_bytes(b: int) -> str:
@@ -346,8 +348,8 @@ def verify_checkpoint(d: str, base: str | None = None, tokens: int = 8) -> dict:
 
 def cmd_verify(a) -> int:
     from .config import ConfigError
+    from .formats import QuantError
     from .quant.modelopt import QuantConfigError
-    from .quant.nvfp4 import QuantError
     from .weights import CheckpointError
 
     _need_folder(a.dir)

@@ -23,7 +23,7 @@ from flax import struct
 from .cache import Cache, init_cache
 from .config import Config
 from .model import compute_dtype, forward
-from .quant.kv import FP8
+from .formats.kv import FP8
 from .sampling import SamplingParams, sample
 
 __all__ = ["generate", "generate_stream", "prefill", "decode", "next_token", "DecodeState", "bucket", "pad_prompts",

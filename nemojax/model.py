@@ -14,12 +14,12 @@ import jax.numpy as jnp
 
 from .cache import Cache
 from .config import Config
+from .formats import is_quantized
 from .layers.attention import attention_mixer
 from .layers.mamba import mamba_mixer
 from .layers.mlp import mlp
 from .layers.moe import RoutedExperts, moe_mixer, moe_output, moe_route, resident_experts
 from .ops import linear, rms_norm
-from .quant.hlwq import HLWQWeight
 
 __all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype", "start", "head", "moe_input",
            "moe_residual", "pre_norm", "STEPWISE", "Pieces"]
@@ -72,9 +72,8 @@ def compute_dtype(params: dict):
 def embed(params: dict, tokens: jax.Array) -> jax.Array:
     """Embedding rows [B, T, H] in the compute dtype (a quantized table dequantizes only the rows taken)."""
     w = params["embeddings"]
-    if isinstance(w, HLWQWeight):  # gather the packed rows and their norms, dequantize only those
-        rows = w.replace(packed=jnp.take(w.packed, tokens, axis=0), norms=jnp.take(w.norms, tokens, axis=0))
-        return rows.dequantize(compute_dtype(params))
+    if is_quantized(w):  # gather the stored rows, dequantize only those
+        return w.take_rows(tokens).dequantize(compute_dtype(params))
     return jnp.take(w, tokens, axis=0).astype(compute_dtype(params))
 
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import kernels
+from .formats import is_quantized
+
 __all__ = ["linear", "rms_norm", "relu2"]
 
 
 def linear(x: jax.Array, w) -> jax.Array:
     """``x [..., K] @ w[N, K]^T -> [..., N]`` in x's dtype, accumulated in fp32.
 
-    ``w`` is a plain array in checkpoint layout ``[out, in]``; quantized weight nodes (later issues)
-    dispatch here on their type.
+    ``w`` is a plain array in checkpoint layout ``[out, in]`` or a quantized weight node (``nemojax.formats``),
+    whose matmul runs on its backend's kernel where ``nemojax.kernels`` has one, else its XLA reference.
     """
-    if hasattr(w, "matmul"):  # quantized weight node
+    if is_quantized(w):
+        return kernels.linear(x, w)
+    if hasattr(w, "matmul"):  # a wrapper computing its own product (calibration's Observed)
         return w.matmul(x)
     y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)

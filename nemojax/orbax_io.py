@@ -18,15 +18,14 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 names with NumPy)
 import numpy as np
 
 from .config import Config
+from .formats import FORMATS, QuantError, is_quantized
+from .formats.base import check_run_options
 from .params import _key_str, leaf_dtype, param_specs, tree_paths
-from .quant.hlwq import HLWQWeight
-from .quant.nvfp4 import MODES, NVFP4Weight
 
 __all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "convert_to_orbax", "OrbaxError"]
 
 META = "nemojax_orbax.json"
 FORMAT_VERSION = 1
-_NODE_TYPES = {"nvfp4": NVFP4Weight, "hlwq": HLWQWeight}
 
 
 class OrbaxError(ValueError):
@@ -37,25 +36,15 @@ def is_orbax_checkpoint(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), META))
 
 
-def _is_node(x) -> bool:
-    return isinstance(x, (NVFP4Weight, HLWQWeight))
-
-
-def _node_info(node) -> dict:
-    if isinstance(node, NVFP4Weight):
-        return {"type": "nvfp4", "mode": node.mode}
-    return {"type": "hlwq", "bits": node.bits, "in_features": node.in_features, "path": node.path}
-
-
 def _describe(params: dict) -> dict:
     """``{"leaves": {path: [shape, dtype]}, "nodes": {path: static fields}}`` of a params pytree."""
     leaves, nodes = {}, {}
-    for kpath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]:
+    for kpath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         path = ".".join(_key_str(k) for k in kpath)
-        if _is_node(leaf):
-            nodes[path] = _node_info(leaf)
-            for field in ("packed", "scale", "scale_2", "input_scale", "norms", "table"):
-                a = getattr(leaf, field, None)
+        if is_quantized(leaf):
+            nodes[path] = leaf.describe()
+            for field in leaf.leaf_names():
+                a = getattr(leaf, field)
                 if a is not None:
                     leaves[f"{path}.{field}"] = [list(a.shape), jnp.dtype(a.dtype).name]
         else:
@@ -95,12 +84,7 @@ def _build(meta: dict, make) -> dict:
         else:
             flat[path] = make(path, tuple(shape), dtype)
     for owner, info in nodes.items():
-        f = fields.get(owner, {})
-        if info["type"] == "nvfp4":
-            flat[owner] = NVFP4Weight(f["packed"], f["scale"], f["scale_2"], f.get("input_scale"), info["mode"])
-        else:
-            flat[owner] = HLWQWeight(f["packed"], f["norms"], f["table"], info["bits"], info["in_features"],
-                                     info["path"])
+        flat[owner] = FORMATS[info["type"]].from_description(fields.get(owner, {}), info)
     return _nest(flat)
 
 
@@ -170,7 +154,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta.get("leaves"), dict) or not isinstance(meta.get("nodes"), dict):
         raise OrbaxError(f"{f}: missing 'leaves' / 'nodes'")
     for path, info in meta["nodes"].items():
-        if not isinstance(info, dict) or info.get("type") not in _NODE_TYPES:
+        if not isinstance(info, dict) or info.get("type") not in FORMATS:
             raise OrbaxError(f"{f}: node {path!r} has unknown type {info.get('type') if isinstance(info, dict) else info!r}")
     return meta
 
@@ -184,10 +168,11 @@ def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_m
     arrays with ``dequantize``. Every leaf's shape is checked against ``cfg`` first.
     """
     path = os.path.abspath(os.fspath(path))
-    if nvfp4_mode not in MODES:
-        raise ValueError(f"nvfp4_mode={nvfp4_mode!r}: expected one of {MODES}")
+    check_run_options(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
     meta = read_meta(path)
     specs = dict(tree_paths(param_specs(cfg)))
+    # a node's main array (its first leaf) has the leading shape of the parameter
+    main_leaf = {o: f"{o}.{FORMATS[i['type']].leaf_names()[0]}" for o, i in meta["nodes"].items()}
     seen = set()
     for leaf_path, (shape, _) in meta["leaves"].items():
         owner = leaf_path.rpartition(".")[0] if leaf_path.rpartition(".")[0] in meta["nodes"] else leaf_path
@@ -199,7 +184,7 @@ def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_m
             raise OrbaxError(f"{path}: tensor {leaf_path!r} is not a parameter of pattern {cfg.pattern!r}")
         if owner == leaf_path and tuple(shape) != tuple(spec.shape):
             raise OrbaxError(f"{path}: tensor {leaf_path!r} has shape {list(shape)}, expected {list(spec.shape)}")
-        if owner != leaf_path and leaf_path.endswith(".packed") and tuple(shape[:-1]) != tuple(spec.shape[:-1]):
+        if leaf_path == main_leaf.get(owner) and tuple(shape[:-1]) != tuple(spec.shape[:-1]):
             raise OrbaxError(f"{path}: quantized {owner!r} codes have shape {list(shape)}, the parameter is "
                              f"{list(spec.shape)}")
     missing = [p for p in specs if p not in seen]
@@ -225,13 +210,16 @@ def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_m
     params = jax.tree.map(lambda a: jax.device_put(np.asarray(a)), tree)
 
     def finish(x):
-        if isinstance(x, NVFP4Weight):
-            return x.dequantize(dtype) if dequantize else x.replace(mode=nvfp4_mode)
-        if isinstance(x, HLWQWeight):
-            return x.dequantize(dtype) if dequantize else x.replace(path=hlwq_path)
-        return x
+        if not is_quantized(x):
+            return x
+        if dequantize:
+            return x.dequantize(dtype)
+        try:
+            return x.configure(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
+        except QuantError as e:
+            raise OrbaxError(f"{path}: {e}") from None
 
-    return jax.tree.map(finish, params, is_leaf=_is_node)
+    return jax.tree.map(finish, params, is_leaf=is_quantized)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -284,40 +272,30 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
     """
     from . import quant as q
     from .convert import ConvertError, _copy_side_files, atomic_output, open_source
-    from .quant.hlwq import lloyd_max_table
-    from .quant.polar import read_hlwq, read_polar_config
-    from .weights import CheckpointError, _progress, _read, _read_nvfp4
+    from .weights import _progress, _read, kind_format, read_node, read_quant_configs
 
     src, cfg, ck, base_ck, items, fmt = open_source(src, dst, base)
     recipe = None
     if quant is not None:
         try:
-            recipe = q._resolve(quant)
+            recipe = q.resolve_recipe(quant)
         except ValueError as e:
             raise ConvertError(f"--quant: {e}") from None
         if fmt != "bf16":
             raise ConvertError(f"{src}: --quant needs a BF16 checkpoint, this one is {fmt} (convert it to bf16 first)")
     targets = q.quantized_modules(cfg, recipe) if recipe is not None else {}
-    table = (lloyd_max_table(recipe.bits, 100 if recipe.codebook == "compatible" else None)
-             if recipe is not None and recipe.format == "hlwq" else None)
-    pc = read_polar_config(src) if fmt in ("hlwq", "mixed") else None
+    options = q.format_options(recipe) if recipe is not None else {}
+    configs = read_quant_configs(src) if fmt != "bf16" else {}
     bf16 = jnp.dtype(jnp.bfloat16)
 
     def quantize(w, what):
-        if recipe.format == "hlwq":
-            return HLWQWeight.from_float(jnp.asarray(w), recipe.bits, table, recipe.path, name=what)
-        return NVFP4Weight.from_float(jnp.asarray(w), None, "w4a16", name=what)
+        return FORMATS[recipe.format].from_float(jnp.asarray(w), name=what, **options)
 
     def one(path, spec, kind, names, e):
-        """Parameter ``path`` (or expert ``e`` of it) as an array or a quantized node."""
-        if kind.startswith("hlwq"):
-            shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
-            try:
-                return read_hlwq(ck, names[0 if e is None else e], shape, pc, "dequant")
-            except ValueError as ex:
-                raise CheckpointError(str(ex)) from None
-        if kind.startswith("nvfp4"):
-            return _read_nvfp4(ck, [names[0 if e is None else e]], False, "w4a16")
+        """Parameter ``path`` (or expert ``e`` of it) as an array or a quantized node (as stored: default run
+        options, set when the orbax checkpoint is loaded)."""
+        if kind_format(kind) is not None:
+            return read_node(ck, kind_format(kind), spec, kind, names, configs, {}, e)
         dt = np.dtype(leaf_dtype(spec, bf16))
         if kind == "base":
             w = _read(base_ck, spec, "whole", names, dt)

@@ -29,15 +29,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import Config
+from .formats import QuantError, is_quantized
 from .params import _key_str, is_spec, leaf_dtype, param_specs
-from .quant.hlwq import BLOCK as HLWQ_BLOCK
-from .quant.hlwq import HLWQWeight
-from .quant.nvfp4 import BLOCK as NVFP4_BLOCK
-from .quant.nvfp4 import NVFP4Weight
 
 __all__ = ["AXES", "RULES", "ShardingError", "make_mesh", "logical_axes", "param_shardings", "shard_params",
            "cache_shardings", "shard_cache", "load_sharded", "mesh_axis_size", "expert_parallel",
-           "parameter_bytes_per_device", "cache_bytes_per_device", "cache_specs"]
+           "parameter_bytes_per_device", "cache_bytes_per_device", "cache_specs", "leading_spec"]
 
 AXES = ("data", "expert", "tensor")
 RULES = {
@@ -113,38 +110,30 @@ def _spec(shape, logical, mesh: Mesh, block_dims: dict | None = None) -> P:
 
 def _node_specs(node, logical, mesh: Mesh):
     """PartitionSpecs for a quantized node's leaves from the logical axes of the float weight it encodes."""
-    lead, k_axis = logical[:-2], len(logical) - 1
-    if isinstance(node, NVFP4Weight):
-        blocks = node.scale.shape[-1]  # K / 16
-        s = _spec(node.packed.shape, logical, mesh, {k_axis: blocks})
-        return node.replace(packed=s, scale=_spec(node.scale.shape, logical, mesh, {k_axis: blocks}),
-                            scale_2=P(*s[:len(lead)]) if node.scale_2.ndim else P(),
-                            input_scale=None if node.input_scale is None else
-                            (P(*s[:len(lead)]) if node.input_scale.ndim else P()))
-    blocks = node.norms.shape[-1]  # K_pad / 128
-    s = _spec(node.packed.shape, logical, mesh, {k_axis: blocks})
-    return node.replace(packed=s, norms=_spec(node.norms.shape, logical, mesh, {k_axis: blocks}),
-                        table=P(*s[:len(lead)], None))
-
-
-_is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
+    return node.partition_specs(logical, lambda shape, lg, blocks=None: _spec(shape, lg, mesh, blocks))
 
 
 def _no_mlp_split(logical):
     return tuple(None if a == "mlp" else a for a in logical)
 
 
+def _bank_logical(node, logical):
+    """A routed-expert bank's logical axes: its intermediate channels whole when the format cannot split its input
+    dimension inside the MoE's shard_map (both banks then keep them whole, see bank_specs)."""
+    return logical if node.input_split_in_shard_map else _no_mlp_split(logical)
+
+
 def _pspecs(params, mesh: Mesh):
     def one(kpath, leaf):
         path = ".".join(_key_str(k) for k in kpath)
-        if _is_q(leaf):
+        if is_quantized(leaf):
             logical = logical_axes(path, len(leaf.shape))
-            if isinstance(leaf, HLWQWeight) and ".mixer.experts." in path:
-                logical = _no_mlp_split(logical)  # see bank_specs
+            if ".mixer.experts." in path:
+                logical = _bank_logical(leaf, logical)  # see bank_specs
             return _node_specs(leaf, logical, mesh)
         return _spec(np.shape(leaf), logical_axes(path, len(np.shape(leaf))), mesh)
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_q)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
 
 
 def param_shardings(params, mesh: Mesh):
@@ -165,13 +154,15 @@ def expert_parallel(mesh: Mesh | None, n_experts: int) -> bool:
 
 
 def _bank_specs(bank, logical, mesh):
-    if isinstance(bank, HLWQWeight):  # intermediate channels whole: the static in_features describes the row
-        return _node_specs(bank, _no_mlp_split(logical), mesh)
-    return _node_specs(bank, logical, mesh) if _is_q(bank) else _spec(bank.shape, logical, mesh)
+    if is_quantized(bank):
+        return _node_specs(bank, _bank_logical(bank, logical), mesh)
+    return _spec(bank.shape, logical, mesh)
 
 
-def _first(spec):
-    return tuple(spec.packed if _is_q(spec) else spec)
+def leading_spec(spec) -> tuple:
+    """The PartitionSpec (as a tuple) of a bank's main array: the spec itself for a plain array, the first leaf's
+    for a node of specs (its bank and row axes are the float weight's)."""
+    return tuple(jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, P))[0] if is_quantized(spec) else spec)
 
 
 def bank_specs(up, down, mesh: Mesh):
@@ -179,7 +170,8 @@ def bank_specs(up, down, mesh: Mesh):
     ``expert``; the intermediate channels over ``tensor`` only when both banks can split them."""
     lu, ld = ("expert", "mlp", "embed"), ("expert", "embed", "mlp")
     su, sd = _bank_specs(up, lu, mesh), _bank_specs(down, ld, mesh)
-    if (_first(su)[1] == "tensor") != (_first(sd)[2] == "tensor") or _first(su)[0] != _first(sd)[0]:
+    fu, fd = leading_spec(su), leading_spec(sd)
+    if (fu[1] == "tensor") != (fd[2] == "tensor") or fu[0] != fd[0]:
         su, sd = _bank_specs(up, _no_mlp_split(lu), mesh), _bank_specs(down, _no_mlp_split(ld), mesh)
     return su, sd
 
@@ -219,27 +211,27 @@ def constrain_cache(cache, cfg: Config, mesh: Mesh):
 # ------------------------------------------------------------------------------------------------ loading
 def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat16", *, progress: bool = False,
                  nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant", base=None, read_log: list | None = None):
-    """Load a safetensors checkpoint straight into shards: every device's slice of a float or NVFP4 parameter is
-    read from the memory-mapped file by ``jax.make_array_from_callback`` (a device reads only its rows / its
-    experts). HLWQ nodes (packed layouts differ per checkpoint) are read whole on the host, then placed.
+    """Load a safetensors checkpoint straight into shards: every device's slice of a float parameter, or of a
+    quantized node whose leaves are its tensors as stored (NVFP4; ``QuantFormat.stored_fields``), is read from the
+    memory-mapped file by ``jax.make_array_from_callback`` (a device reads only its rows / its experts). Other
+    quantized nodes (HLWQ: packed layouts differ per checkpoint) are read whole on the host, then placed.
 
     ``read_log`` (optional list) receives ``(path, index)`` for every slice read (for tests and diagnostics).
     """
-    from .quant.modelopt import read_quant_config
-    from .quant.polar import read_polar_config
-    from .weights import Checkpoint, _progress, plan, read_hlwq_param, resolve_dtype
+    from .weights import (Checkpoint, CheckpointError, _progress, kind_format, plan, read_node, read_quant_configs,
+                          resolve_dtype)
 
     dtype = resolve_dtype(dtype)
     ck = Checkpoint(path)
-    read_quant_config(ck.path)
-    pc = read_polar_config(ck.path)
+    configs = read_quant_configs(ck.path)
+    run = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path}
     base_ck = Checkpoint(base) if base is not None else None
     items = plan(ck, cfg, base_ck)
     flat: dict = {}
 
-    def sliced(leaf_path, shape, np_dtype, get, logical, block_dims=None):
+    def sliced(leaf_path, shape, np_dtype, get, pspec):
         """A global array from ``get(index) -> np.ndarray`` (index: a tuple of slices of ``shape``)."""
-        sharding = NamedSharding(mesh, _spec(shape, logical, mesh, block_dims))
+        sharding = NamedSharding(mesh, pspec)
 
         def cb(index):
             if read_log is not None:
@@ -261,38 +253,31 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
         if kind == "scalar":
             flat[path] = jax.device_put(np.array(ck.get(names[0]), np.float32).reshape(()),
                                         NamedSharding(mesh, P()))
-        elif kind.startswith("hlwq"):
-            node = jax.tree.map(np.asarray, read_hlwq_param(ck, spec, kind, names, pc, hlwq_path, np.stack))
-            flat[path] = jax.device_put(node, jax.tree.map(lambda s: NamedSharding(mesh, s),
-                                                           _node_specs(node, logical_axes(path, len(spec.shape)),
-                                                                       mesh),
-                                                           is_leaf=lambda x: isinstance(x, P)))
-        elif kind.startswith("nvfp4"):
-            logical = logical_axes(path, len(spec.shape))
-            stacked = kind == "nvfp4_experts"
-            N, K = spec.shape[-2:]
-            lead = spec.shape[:-2]
-            blocks = {len(logical) - 1: K // NVFP4_BLOCK}
-
-            def part(sfx, shape, np_dtype, lg, bd):
-                get = (expert_reader(names, ck.get, sfx) if stacked else (lambda idx, n=names[0] + sfx:
-                                                                          ck.get(n)[idx]))
-                if not shape[len(lead):]:  # per-tensor scalars: stacked per expert
-                    get = (lambda idx: np.array([np.asarray(ck.get(names[e] + sfx)).reshape(())
-                                                 for e in range(*idx[0].indices(len(names)))])) if stacked else \
-                        (lambda idx: np.asarray(ck.get(names[0] + sfx)).reshape(()))
-                return sliced(f"{path}{sfx}", shape, np_dtype, get, lg, bd)
-
-            import ml_dtypes
-
-            node = NVFP4Weight(
-                part(".weight", (*lead, N, K // 2), np.uint8, logical, blocks),
-                part(".weight_scale", (*lead, N, K // NVFP4_BLOCK), ml_dtypes.float8_e4m3fn, logical, blocks),
-                part(".weight_scale_2", tuple(lead), np.float32, logical[:len(lead)], None),
-                part(".input_scale", tuple(lead), np.float32, logical[:len(lead)], None)
-                if all(m + ".input_scale" in ck for m in names) else None,
-                nvfp4_mode)
-            flat[path] = node
+        elif kind_format(kind) is not None:
+            fmt, logical = kind_format(kind), logical_axes(path, len(spec.shape))
+            stacked = kind.endswith("_experts")
+            shape = spec.shape[1:] if stacked else spec.shape
+            fields = fmt.stored_fields(ck, names, shape)
+            if fields is None:  # built by converting the tensors: read whole on the host, then placed
+                node = read_node(ck, fmt, spec, kind, names, configs, run)
+                flat[path] = jax.device_put(node, jax.tree.map(lambda s: NamedSharding(mesh, s),
+                                                               _node_specs(node, logical, mesh),
+                                                               is_leaf=lambda x: isinstance(x, P)))
+            else:  # leaves = the tensors as stored: every device reads its slice of each
+                lead = tuple(spec.shape[:-2])
+                try:
+                    node = fmt(**{f: jax.ShapeDtypeStruct((*lead, *shp), ck.dtype(names[0] + sfx))
+                                  for f, (sfx, shp) in fields.items()}).configure(**run)
+                except QuantError as e:
+                    raise CheckpointError(f"{ck.path}: {e}") from None
+                specs = _node_specs(node, logical, mesh)
+                leaves = {}
+                for f, (sfx, shp) in fields.items():
+                    get = (expert_reader(names, lambda n, shp=shp: ck.get(n).reshape(shp), sfx) if stacked else
+                           (lambda idx, n=names[0] + sfx, shp=shp: ck.get(n).reshape(shp)[idx]))
+                    a = getattr(node, f)
+                    leaves[f] = sliced(f"{path}{sfx}", a.shape, a.dtype, get, getattr(specs, f))
+                flat[path] = node.replace(**leaves)
         else:
             np_dtype = np.dtype(leaf_dtype(spec, dtype))
             src = base_ck if kind == "base" else ck
@@ -301,7 +286,7 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
                 get = expert_reader(names, src.get)
             else:  # one tensor (an hf5 stacked bank too); conv1d is stored [C, 1, K]
                 get = (lambda idx, n=names[0], shape=spec.shape: src.get(n).reshape(shape)[idx])
-            flat[path] = sliced(path, spec.shape, np_dtype, get, logical)
+            flat[path] = sliced(path, spec.shape, np_dtype, get, _spec(spec.shape, logical, mesh))
         bar.update(1)
     bar.close()
     from .orbax_io import _nest

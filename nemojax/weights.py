@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
+from .formats import FORMATS, QuantError, QuantFormat, is_quantized
+from .formats.base import check_run_options, check_tensor
 from .params import Spec, is_spec, leaf_dtype, param_specs, tree_paths
-from .quant.modelopt import NVFP4_SUFFIXES, config_quantization, hf_quant_config, linear_modules, read_quant_config
-from .quant.hlwq import HLWQWeight
-from .quant.nvfp4 import MODES, NVFP4Weight
-from .quant.polar import hlwq_kind, hlwq_names, hlwq_tensors, polar_config, read_hlwq, read_polar_config
+from .quant.modelopt import config_quantization, hf_quant_config, linear_modules, read_quant_config
+from .quant.polar import read_polar_config
 from .safetensors_io import SafeFile, SafetensorsError
 
-__all__ = ["CheckpointError", "Checkpoint", "load_params", "resolve_dtype"]
+__all__ = ["CheckpointError", "Checkpoint", "load_params", "resolve_dtype", "kind_format", "stored_format",
+           "read_node", "read_quant_configs", "quant_modules", "write_quant_configs"]
 
 _IGNORED = re.compile(r"^(mtp\.|backbone\.mtp\.|model\.mtp\.)")  # multi-token-prediction heads: not used
 _FLOAT_KINDS = ("f",)
@@ -131,8 +132,8 @@ def _sources(ck: Checkpoint, spec: Spec) -> tuple[str, list[str]]:
     """How one parameter is stored and under which names:
 
     * ('whole', [name]) / ('experts', [name per expert]): a float tensor (experts one per expert);
-    * ('nvfp4', [module]) / ('nvfp4_experts', [module per expert]): a ModelOpt NVFP4 linear (the module has
-      ``weight_scale_2``).
+    * (format, [module]) / (format + '_experts', [module per expert]): a linear stored in a quantized format
+      (``nemojax.formats.FORMATS``, the first whose ``stored_in`` claims the module; see :func:`kind_format`).
     """
     conv = (lambda n: n) if ck.naming == "original" else _hf5
     if spec.stacked:
@@ -141,50 +142,33 @@ def _sources(ck: Checkpoint, spec: Spec) -> tuple[str, list[str]]:
             return "whole", [stacked]
         names = [conv(spec.ckpt.format(e=e)) for e in range(spec.shape[0])]
         mods = [n.removesuffix(".weight") for n in names]
-        if mods[0] + ".weight_scale_2" in ck:
-            return "nvfp4_experts", mods
-        if hlwq_kind(ck, mods[0]):
-            return "hlwq_experts", mods
-        return "experts", names
+        fmt = stored_format(ck, mods[0])
+        return (fmt.name + "_experts", mods) if fmt else ("experts", names)
     name = conv(spec.ckpt)
-    mod = name.removesuffix(".weight")
-    if name.endswith(".weight") and mod + ".weight_scale_2" in ck:
-        return "nvfp4", [mod]
-    if name.endswith(".weight") and len(spec.shape) == 2 and hlwq_kind(ck, mod):
-        return "hlwq", [mod]
-    return "whole", [name]
+    fmt = stored_format(ck, name.removesuffix(".weight")) if name.endswith(".weight") and len(spec.shape) == 2 \
+        else None
+    return (fmt.name, [name.removesuffix(".weight")]) if fmt else ("whole", [name])
+
+
+def stored_format(ck: Checkpoint, mod: str) -> type[QuantFormat] | None:
+    """The quantized format checkpoint module ``mod`` is stored in (the first that claims it), or None."""
+    return next((f for f in FORMATS.values() if f.stored_in(ck, mod)), None)
+
+
+def kind_format(kind: str) -> type[QuantFormat] | None:
+    """The quantized format of a :func:`plan` item's kind ("nvfp4", "hlwq_experts", ...); None for float kinds."""
+    return FORMATS.get(kind.removesuffix("_experts"))
+
+
+_TENSOR_KINDS = {"float": (lambda dt: dt.kind == "f" or dt.name == "bfloat16", "a floating-point weight"),
+                 "float32": (lambda dt: dt == np.float32, "an F32 scale")}
 
 
 def _check(ck: Checkpoint, name: str, want: tuple[int, ...], dtype: str = "float") -> None:
-    got = ck.shape(name)
-    if tuple(got) != tuple(want) and not (want == () and tuple(got) == (1,)):
-        raise CheckpointError(f"{ck.file_of(name)}: tensor {name!r} has shape {list(got)}, expected {list(want)}")
-    dt = ck.dtype(name)
-    ok = {"float": dt.kind == "f" or dt.name == "bfloat16", "uint8": dt == np.uint8,
-          "float32": dt == np.float32, "e4m3": dt.name == "float8_e4m3fn"}[dtype]
-    if not ok:
-        what = {"float": "a floating-point weight", "uint8": "packed NVFP4 codes (U8)", "float32": "an F32 scale",
-                "e4m3": "F8_E4M3 block scales"}[dtype]
-        raise CheckpointError(f"{ck.file_of(name)}: tensor {name!r} has dtype {dt}; expected {what}")
-
-
-def _nvfp4_names(ck: Checkpoint, mod: str, shape: tuple[int, ...]) -> list[str]:
-    """Check one NVFP4 linear (shape [N, K] logical) and return the tensor names it uses."""
-    N, K = shape
-    if K % 16:
-        raise CheckpointError(f"{ck.path}: {mod}: input dimension {K} is not divisible by 16 (NVFP4)")
-    names = {k: mod + sfx for k, sfx in NVFP4_SUFFIXES.items()}
-    for k in ("packed", "scale", "scale_2"):
-        if names[k] not in ck:
-            raise CheckpointError(f"{ck.path}: quantized tensor {mod!r} has weight_scale_2 but no {names[k]!r}")
-    _check(ck, names["packed"], (N, K // 2), "uint8")
-    _check(ck, names["scale"], (N, K // 16), "e4m3")
-    _check(ck, names["scale_2"], (), "float32")
-    used = [names["packed"], names["scale"], names["scale_2"]]
-    if names["input_scale"] in ck:
-        _check(ck, names["input_scale"], (), "float32")
-        used.append(names["input_scale"])
-    return used
+    try:
+        check_tensor(ck, name, want, *_TENSOR_KINDS[dtype])
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def plan(ck: Checkpoint, cfg: Config, base: Checkpoint | None = None) -> list[tuple[str, Spec, str, list[str]]]:
@@ -197,18 +181,14 @@ def plan(ck: Checkpoint, cfg: Config, base: Checkpoint | None = None) -> list[tu
     out, used, missing = [], set(), []
     for path, spec in specs:
         kind, names = _sources(ck, spec)
-        if kind.startswith("nvfp4"):
-            shape = spec.shape[1:] if kind == "nvfp4_experts" else spec.shape
+        fmt = kind_format(kind)
+        if fmt is not None:
+            shape = spec.shape[1:] if spec.stacked else spec.shape
             for mod in names:
-                used.update(_nvfp4_names(ck, mod, shape))
-            out.append((path, spec, kind, names))
-            continue
-        if kind.startswith("hlwq"):
-            for mod in names:
-                got = hlwq_names(ck, mod)
-                if not any(n.endswith(("norms", "weight__norms")) for n in got) or len(got) < 2:
-                    raise CheckpointError(f"{ck.file_of(got[0])}: HLWQ tensor {mod!r} has codes but no norms")
-                used.update(got)
+                try:
+                    used.update(fmt.tensor_names(ck, mod, shape))
+                except QuantError as e:
+                    raise CheckpointError(str(e)) from None
             out.append((path, spec, kind, names))
             continue
         if kind == "whole" and names[0].endswith(".e_score_correction_bias") and names[0] not in ck and base:
@@ -265,27 +245,25 @@ def _read(ck: Checkpoint, spec: Spec, kind: str, names: list[str], np_dtype) -> 
     return np.array(ck.get(names[0]), dtype=np_dtype, copy=True).reshape(spec.shape)  # owned, never the map
 
 
-def read_hlwq_param(ck: Checkpoint, spec: Spec, kind: str, names: list[str], pc, hlwq_path: str, stack):
-    """An HLWQ parameter (one module, or a bank stacked with ``stack``) as an ``HLWQWeight``."""
-    shape = spec.shape[1:] if kind == "hlwq_experts" else spec.shape
+def read_quant_configs(folder: str) -> dict:
+    """The parsed quantization configs of a checkpoint folder (validated; None where absent), as the formats'
+    ``read`` takes them: ``{"modelopt": hf_quant_config.json or config.json's quantization_config, "polar":
+    polar_config.json}``."""
+    return {"modelopt": read_quant_config(folder), "polar": read_polar_config(folder)}
+
+
+def read_node(ck: Checkpoint, fmt: type[QuantFormat], spec: Spec, kind: str, names: list[str], configs: dict,
+              run_options: dict, expert: int | None = None) -> QuantFormat:
+    """A quantized parameter (:func:`plan` item of format ``fmt``: one module, or a bank stacked over its
+    experts; only expert ``expert`` of it when given) as a node with NumPy leaves; ``configs``: from
+    :func:`read_quant_configs`."""
+    stacked = kind.endswith("_experts")
+    shape = spec.shape[1:] if stacked else spec.shape
+    mods = names if expert is None else [names[expert]]
     try:
-        nodes = [read_hlwq(ck, m, shape, pc, hlwq_path) for m in names]
-    except ValueError as e:
+        return fmt.read(ck, mods, shape, stacked=stacked and expert is None, configs=configs, **run_options)
+    except ValueError as e:  # QuantError, or an array that does not fit
         raise CheckpointError(str(e)) from None
-    return nodes[0] if kind == "hlwq" else jax.tree.map(lambda *a: stack(a), *nodes)
-
-
-def _read_nvfp4(ck: Checkpoint, mods: list[str], stacked: bool, mode: str) -> NVFP4Weight:
-    """An NVFP4 node from one module or a per-expert list (stacked along a new leading axis)."""
-    def get(sfx):
-        arrs = [np.array(ck.get(m + sfx)).reshape(ck.shape(m + sfx) if sfx in (".weight", ".weight_scale") else ())
-                for m in mods]
-        return np.stack(arrs) if stacked else arrs[0]
-
-    has_in = all(m + ".input_scale" in ck for m in mods)
-    return NVFP4Weight(packed=_to_device(get(".weight")), scale=_to_device(get(".weight_scale")),
-                       scale_2=_to_device(get(".weight_scale_2").astype(np.float32)),
-                       input_scale=_to_device(get(".input_scale").astype(np.float32)) if has_in else None, mode=mode)
 
 
 def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress: bool = False,
@@ -296,16 +274,14 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
     Safetensors folders (below) and nemojax orbax folders (``nemojax_orbax.json``; see ``nemojax.orbax_io``).
 
     Float weights are cast to ``dtype``; ``A_log``, ``D`` and ``e_score_correction_bias`` stay float32.
-    ModelOpt NVFP4 linears (those with ``weight_scale_2``) become ``NVFP4Weight`` nodes run in ``nvfp4_mode``;
-    FP8 KV scales (``k_proj.k_scale``, ``v_proj.v_scale``) become mixer leaves ``k_scale`` / ``v_scale``.
-    polarengine HLWQ linears (any layout, detected from the tensors) become ``HLWQWeight`` nodes run on
-    ``hlwq_path`` ("dequant" | "rotated"); the ``e_score_correction_bias`` those checkpoints lack is read from
-    ``base`` (a BF16 checkpoint folder). ``dequantize=True`` turns every quantized weight into a plain array of
-    ``dtype``.
+    Quantized linears (``nemojax.formats``, detected from the tensors) become nodes: ModelOpt NVFP4 (those with
+    ``weight_scale_2``) run in ``nvfp4_mode``; polarengine HLWQ (any layout) run on ``hlwq_path`` ("dequant" |
+    "rotated"), with the ``e_score_correction_bias`` those checkpoints lack read from ``base`` (a BF16 checkpoint
+    folder). FP8 KV scales (``k_proj.k_scale``, ``v_proj.v_scale``) become mixer leaves ``k_scale`` /
+    ``v_scale``. ``dequantize=True`` turns every quantized weight into a plain array of ``dtype``.
     """
     dtype = resolve_dtype(dtype)
-    if nvfp4_mode not in MODES:
-        raise ValueError(f"nvfp4_mode={nvfp4_mode!r}: expected one of {MODES}")
+    check_run_options(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
     from .orbax_io import OrbaxError, is_orbax_checkpoint, load_orbax
 
     if is_orbax_checkpoint(path):  # nemojax's own orbax format (``nemojax convert --to orbax``)
@@ -314,8 +290,8 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
         except OrbaxError as e:
             raise CheckpointError(str(e)) from None
     ck = Checkpoint(path)
-    read_quant_config(ck.path)  # validates an hf_quant_config.json / quantization_config when present
-    pc = read_polar_config(ck.path)
+    configs = read_quant_configs(ck.path)
+    run = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path}
     base_ck = Checkpoint(base) if base is not None else None
     specs = param_specs(cfg)
     flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
@@ -329,13 +305,8 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
             extras[path] = _to_device(np.array(ck.get(names[0]), np.float32).reshape(()))
         elif kind == "base":
             leaves[order[path]] = _to_device(_read(base_ck, spec, "whole", names, np.dtype(leaf_dtype(spec, dtype))))
-        elif kind.startswith("hlwq"):
-            node = read_hlwq_param(ck, spec, kind, names, pc, hlwq_path, jnp.stack)
-            leaves[order[path]] = node.dequantize(dtype) if dequantize else node
-        elif kind.startswith("nvfp4"):
-            if nvfp4_mode == "w4a4" and not all(m + ".input_scale" in ck for m in names):
-                raise CheckpointError(f"{ck.path}: nvfp4_mode='w4a4' needs {names[0] + '.input_scale'!r}")
-            node = _read_nvfp4(ck, names, kind == "nvfp4_experts", nvfp4_mode)
+        elif kind_format(kind) is not None:
+            node = jax.tree.map(_to_device, read_node(ck, kind_format(kind), spec, kind, names, configs, run))
             leaves[order[path]] = node.dequantize(dtype) if dequantize else node
         else:
             arr = _read(ck, spec, kind, names, np.dtype(leaf_dtype(spec, dtype)))
@@ -371,35 +342,23 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def checkpoint_tensors(params: dict, cfg: Config, naming: str = "original") -> Iterator[tuple[str, np.ndarray]]:
     """The parameter pytree as ``(checkpoint name, array)`` pairs: per-expert tensors for 'original' naming,
-    stacked ``mixer.experts.*`` for 'hf5'; conv1d gets its [C, 1, K] checkpoint shape back. NVFP4 nodes
-    become ModelOpt's ``weight`` / ``weight_scale`` / ``weight_scale_2`` / ``input_scale`` tensors (always per
-    expert), FP8 KV scales ``k_proj.k_scale`` / ``v_proj.v_scale``."""
+    stacked ``mixer.experts.*`` for 'hf5'; conv1d gets its [C, 1, K] checkpoint shape back. Quantized nodes
+    become their format's tensors (``QuantFormat.checkpoint_tensors``, always per expert), FP8 KV scales
+    ``k_proj.k_scale`` / ``v_proj.v_scale``."""
     if naming not in ("original", "hf5"):
         raise ValueError(f"naming={naming!r}: expected 'original' or 'hf5'")
     conv = (lambda n: n) if naming == "original" else _hf5
     specs = dict(tree_paths(param_specs(cfg)))
-    is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         if path.endswith((".k_scale", ".v_scale")):
             i, key = path.split(".")[1], path.rsplit(".", 1)[1]
             yield conv(f"backbone.layers.{i}.mixer.{key[0]}_proj.{key}"), np.asarray(leaf, np.float32).reshape(())
             continue
         spec = specs[path]
-        if isinstance(leaf, HLWQWeight):
-            for mod, node in _hlwq_modules(spec, leaf, conv):
-                yield from hlwq_tensors(mod, node, "B")
-            continue
-        if isinstance(leaf, NVFP4Weight):
-            mods = [spec.ckpt.format(e=e) for e in range(spec.shape[0])] if spec.stacked else [spec.ckpt]
-            for e, mod in enumerate(mods):
-                mod = conv(mod.removesuffix(".weight"))
-                part = (lambda a: np.asarray(a)[e]) if spec.stacked else np.asarray  # noqa: E731
-                yield mod + ".weight", part(leaf.packed)
-                yield mod + ".weight_scale", part(leaf.scale)
-                yield mod + ".weight_scale_2", part(leaf.scale_2).astype(np.float32).reshape(())
-                if leaf.input_scale is not None:
-                    yield mod + ".input_scale", part(leaf.input_scale).astype(np.float32).reshape(())
+        if is_quantized(leaf):
+            for mod, node in _modules(spec, leaf, conv):
+                yield from node.checkpoint_tensors(mod)
             continue
         a = np.asarray(leaf)
         if spec.stacked:
@@ -412,63 +371,63 @@ def checkpoint_tensors(params: dict, cfg: Config, naming: str = "original") -> I
         yield conv(spec.ckpt), a.reshape(spec.ckpt_shape) if spec.ckpt_shape else a
 
 
-def _hlwq_modules(spec: Spec, node: HLWQWeight, conv=lambda n: n):
-    """``(module name, 2-D node)`` pairs of an HLWQ leaf (one per expert for a stacked bank)."""
+def _modules(spec: Spec, node: QuantFormat, conv=lambda n: n) -> list[tuple[str, QuantFormat]]:
+    """``(module name, 2-D node with NumPy leaves)`` pairs of a quantized leaf (one per expert for a bank)."""
+    host = jax.tree.map(np.asarray, node)
     if not spec.stacked:
-        return [(conv(spec.ckpt.removesuffix(".weight")), node)]
-    return [(conv(spec.ckpt.format(e=e).removesuffix(".weight")), jax.tree.map(lambda a: a[e], node))
+        return [(conv(spec.ckpt.removesuffix(".weight")), host)]
+    return [(conv(spec.ckpt.format(e=e).removesuffix(".weight")), jax.tree.map(lambda a: a[e], host))
             for e in range(spec.shape[0])]
 
 
-def _hlwq_layers(params: dict, cfg: Config) -> dict:
-    """``{module name: 2-D HLWQ node}`` of a pytree (empty when nothing is HLWQ-quantized)."""
+def quant_modules(params: dict, cfg: Config) -> Iterator[tuple[str, QuantFormat]]:
+    """``(module name, 2-D node)`` of every quantized module of a pytree (experts one by one), original naming."""
     specs = dict(tree_paths(param_specs(cfg)))
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, HLWQWeight))[0]:
-        if isinstance(leaf, HLWQWeight):
-            out.update(_hlwq_modules(specs[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)],
-                                     leaf))
-    return out
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+        if is_quantized(leaf):
+            yield from _modules(specs[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)], leaf)
 
 
-def _quant_summary(params: dict, cfg: Config) -> dict | None:
-    """(exclude_modules, kv_fp8, w4a4) of a quantized pytree, or None when nothing is quantized."""
-    specs = dict(tree_paths(param_specs(cfg)))
-    quantized, w4a4 = set(), True
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-            params, is_leaf=lambda x: isinstance(x, NVFP4Weight))[0]:
-        if isinstance(leaf, NVFP4Weight):
-            spec = specs[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)]
-            mods = [spec.ckpt.format(e=e) for e in range(spec.shape[0])] if spec.stacked else [spec.ckpt]
-            quantized.update(m.removesuffix(".weight") for m in mods)
-            w4a4 &= leaf.input_scale is not None
-    if not quantized:
-        return None
-    kv = any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*"))
-    exclude = [m for m in linear_modules(cfg) if m not in quantized]
-    return {"exclude": exclude, "kv_fp8": kv, "w4a4": w4a4}
+def write_quant_configs(folder: str, conf: dict, cfg: Config, entries: dict, kv_fp8: bool) -> None:
+    """The quantization configs of a checkpoint whose quantized modules are ``entries`` (``{format: {module:
+    QuantFormat.config_entry()}}``): ModelOpt formats write ``hf_quant_config.json`` and set ``conf``'s (config.json)
+    ``quantization_config`` (every other linear excluded; ``kv_fp8``: the FP8 KV-cache scales), polarengine
+    writes ``polar_config.json``."""
+    modelopt = None
+    for fmt, mods in entries.items():
+        family, qc = fmt.quant_config(mods)
+        if family == "modelopt":
+            if modelopt is not None:
+                raise ValueError(f"a checkpoint holds one ModelOpt format, got {modelopt} and {fmt.name}")
+            modelopt = fmt.name
+            exclude = [m for m in linear_modules(cfg) if m not in mods]
+            conf["quantization_config"] = config_quantization(qc, exclude, kv_fp8)
+            with open(os.path.join(folder, "hf_quant_config.json"), "w") as f:
+                json.dump(hf_quant_config(qc, exclude, kv_fp8), f, indent=4)
+        elif family == "polar":
+            with open(os.path.join(folder, "polar_config.json"), "w") as f:
+                json.dump(qc, f, indent=2)
+        else:
+            raise ValueError(f"{fmt.name}: unknown quantization config family {family!r}")
 
 
 def save_params(params: dict, cfg: Config, folder: str | os.PathLike, *, naming: str = "original",
                 max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors (sharded with an index when ``max_shard_bytes`` is set).
 
-    A quantized pytree is written in ModelOpt's NVFP4 layout with ``hf_quant_config.json`` and a
-    ``quantization_config`` in config.json, so vLLM / SGLang / transformers+ModelOpt read it."""
+    A quantized pytree is written in its formats' layouts with their configs (NVFP4: ModelOpt's
+    ``hf_quant_config.json`` and a ``quantization_config`` in config.json, so vLLM / SGLang /
+    transformers+ModelOpt read it; HLWQ: polarengine layout B and ``polar_config.json``)."""
     from .safetensors_io import save_file
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    qs = _quant_summary(params, cfg)
+    entries: dict = {}
+    for mod, node in quant_modules(params, cfg):
+        entries.setdefault(type(node), {})[mod] = node.config_entry()
+    kv = any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*"))
     conf = cfg.to_dict()
-    if qs is not None:
-        conf["quantization_config"] = config_quantization(qs["exclude"], qs["kv_fp8"], qs["w4a4"])
-        with open(os.path.join(folder, "hf_quant_config.json"), "w") as f:
-            json.dump(hf_quant_config(qs["exclude"], qs["kv_fp8"], qs["w4a4"]), f, indent=4)
-    hl = _hlwq_layers(params, cfg)
-    if hl:
-        with open(os.path.join(folder, "polar_config.json"), "w") as f:
-            json.dump(polar_config(hl, "B"), f, indent=2)
+    write_quant_configs(folder, conf, cfg, entries, kv)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(conf, f, indent=2)
     tensors = list(checkpoint_tensors(params, cfg, naming))

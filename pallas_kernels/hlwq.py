@@ -11,6 +11,7 @@ it up with a gather load from the (tiny, cached) table ref, scales by the block 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +22,40 @@ from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather
                      grouped_rows, le_words, mma_precision, poisoned_call, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["hlwq_matmul", "hlwq_matmul_reference", "hlwq_grouped_matmul", "hlwq_grouped_matmul_reference", "fwht",
-           "fwht_reference"]
+           "fwht_reference", "scaled_table", "unpack_lsb", "hadamard_matrix", "pair_tables", "gemv_launch",
+           "GEMV_MAX_BITS"]
 
 BLOCK = 128
 Q = BLOCK // 8  # groups of 8 codes per block
+_SQRT_BLOCK = np.float32(math.sqrt(BLOCK))
 
 
-def _scaled(table):
-    from nemojax.quant.hlwq import _scaled_table
+def scaled_table(table):
+    """The levels / sqrt(128) in float32, by IEEE division (the divisor behind a barrier, so XLA does not turn it
+    into a multiplication by the rounded reciprocal): what the codes index inside the kernels."""
+    t = jnp.asarray(table, jnp.float32)
+    return t / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.float32(_SQRT_BLOCK), t.shape))
 
-    return _scaled_table(table)
+
+def unpack_lsb(packed, bits: int):
+    """LSB-first codes as stored: bytes ``[..., K*bits/8]`` (every ``bits`` bytes the little-endian integer
+    ``sum_i code_i 2^(bits i)`` of 8 codes) -> int32 codes ``[..., K]``, read off the rows' little-endian bit
+    streams."""
+    *lead, nb = packed.shape
+    stream = (packed.astype(jnp.int32)[..., None] >> jnp.arange(8, dtype=jnp.int32)) & 1  # [..., nb, 8]
+    return jnp.sum(stream.reshape(*lead, nb * 8 // bits, bits) << jnp.arange(bits, dtype=jnp.int32), axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix() -> np.ndarray:
+    """The normalized 128 x 128 Sylvester-Walsh-Hadamard matrix ``(-1)^popcount(i & k) / sqrt(128)``, float32
+    (Kronecker powers of ``[[1, 1], [1, -1]]``), read-only."""
+    h = np.ones((1, 1))
+    while h.shape[0] < BLOCK:
+        h = np.kron(h, np.array([[1.0, 1.0], [1.0, -1.0]]))
+    h = (h / math.sqrt(BLOCK)).astype(np.float32)
+    h.setflags(write=False)
+    return h
 
 
 def _step(x_ref, w_refs, e, row0, n0, kb, acc, *, bm, bn, bits):
@@ -58,7 +83,7 @@ GEMV_MAX_BITS = 6  # the GEMV's pair tables have 4^bits entries (16 K at 7 bits:
 def pair_tables(table, bits: int):
     """table [..., 2^bits] -> (t0, t1) [rows, 4^bits]: for a ``2 bits``-bit field ``p`` holding two codes, the
     scaled level (/ sqrt(128)) of the first (``p & mask``) and of the second (``p >> bits``)."""
-    tab = _scaled(table).reshape(-1, 1 << bits)
+    tab = scaled_table(table).reshape(-1, 1 << bits)
     pair = jnp.arange(1 << (2 * bits))
     return tab[:, pair & ((1 << bits) - 1)], tab[:, pair >> bits]
 
@@ -151,18 +176,12 @@ def _check(xr, packed, norms, table, bits, lead, what):
     return n, kp
 
 
-def _codes(packed, bits, kp):
-    from nemojax.quant.hlwq import unpack_lsb
-
-    return unpack_lsb(packed, bits, kp)
-
-
 def hlwq_matmul_reference(xr, packed, norms, table, bits: int):
     """xr [M, K_pad] (rotated activations, :func:`fwht` of the zero-padded input); packed uint8 [N, K_pad*bits/8]
     (LSB-first codes); norms [N, K_pad/128] f16; table [2^bits] f32 (N(0,1) levels) -> [M, N] in xr's dtype
     (``W = table[code] / sqrt(128) * norm`` in xr's dtype, fp32 accumulation)."""
     n, kp = packed.shape[0], xr.shape[1]
-    w = jnp.take(_scaled(table).reshape(-1), _codes(packed, bits, kp).astype(jnp.int32), axis=0)
+    w = jnp.take(scaled_table(table).reshape(-1), unpack_lsb(packed, bits), axis=0)
     w = (w.reshape(n, kp // BLOCK, BLOCK) * norms.astype(jnp.float32)[..., None]).reshape(n, kp)
     y = jax.lax.dot_general(xr, w.astype(xr.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(xr.dtype)
@@ -171,7 +190,7 @@ def hlwq_matmul_reference(xr, packed, norms, table, bits: int):
 def _run(xr, packed, norms, table, bits, plan, e, n, bm, bn, splits, interpret, poison, num_warps, num_stages):
     r, kp = xr.shape
     weights = (packed.reshape(e, n, kp // 8, bits), norms.reshape(e, n, kp // BLOCK),
-               jnp.broadcast_to(_scaled(table), (e, 1 << bits)))
+               jnp.broadcast_to(scaled_table(table), (e, 1 << bits)))
     return quant_matmul(functools.partial(_step, bits=bits), _post, xr.reshape(r, kp // 8, 8), weights, plan, n=n,
                         bm=bm, bn=bn, steps=kp // BLOCK, splits=splits, out_dtype=xr.dtype,
                         interpret=interpret, poison=poison, num_warps=num_warps, num_stages=num_stages)
@@ -244,10 +263,15 @@ def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, int
 
 # ------------------------------------------------------------------------------------------------ FWHT
 def fwht_reference(x):
-    """x [M, K] (K % 128 == 0) -> orthonormal Walsh-Hadamard transform of every 128-block, x's dtype."""
-    from nemojax.quant.hlwq import fwht as _fwht
-
-    return _fwht(x)
+    """x [M, K] (K % 128 == 0) -> orthonormal Walsh-Hadamard transform of every 128-block, x's dtype (float32
+    arithmetic): a block viewed as 7 binary axes, ``[[1, 1], [1, -1]]`` applied along each (least significant
+    first), times 1 / sqrt(128)."""
+    m, k = x.shape
+    y = x.astype(jnp.float32).reshape(m, k // BLOCK, *([2] * 7))
+    for ax in range(8, 1, -1):
+        a, b = jnp.take(y, 0, axis=ax), jnp.take(y, 1, axis=ax)
+        y = jnp.stack([a + b, a - b], axis=ax)
+    return (y.reshape(m, k) * jnp.float32(1.0 / math.sqrt(BLOCK))).astype(x.dtype)
 
 
 def _fwht_kernel(x_ref, h_ref, o_ref):
@@ -261,15 +285,13 @@ def fwht(x, *, interpret: bool = False, poison: bool = False):
     (tensor cores on GPU); same signature and result (fp32 rounding aside) as :func:`fwht_reference`."""
     from jax.experimental.pallas import triton as pltriton
 
-    from nemojax.quant.hlwq import hadamard
-
     m, k = x.shape
     if k % BLOCK:
         raise KernelError(f"fwht: x must be [M, K] with K % {BLOCK} == 0, got {list(x.shape)}")
     bm = pow2_at_least(m, 16, 64)
     mp = -(-m // bm) * bm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    h = jnp.asarray(np.asarray(hadamard(BLOCK), np.float32))
+    h = jnp.asarray(hadamard_matrix())
     out = poisoned_call(poison,
         _fwht_kernel, grid=(mp // bm, k // BLOCK),
         in_specs=[pl.BlockSpec((bm, BLOCK), lambda i, j: (i, j)), pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (0, 0))],

@@ -21,7 +21,7 @@ from .common import (GROUPED_GEMV_ROWS, KernelError, block_n, dense_plan, gather
                      grouped_rows, le_words, mma_precision, pow2_at_least, quant_matmul, split_k)
 
 __all__ = ["nvfp4_matmul", "nvfp4_matmul_reference", "nvfp4_grouped_matmul", "nvfp4_grouped_matmul_reference",
-           "decode_e2m1", "supported"]
+           "decode_e2m1", "dequantize_reference", "supported", "gemv_launch"]
 
 _E2M1_F16 = 16384.0  # 2^14: the float16 reading of an E2M1 code is its value / 2^14
 
@@ -30,6 +30,17 @@ def decode_e2m1(c):
     """E2M1 codes (0..15, any int dtype) -> float32 values: the 3 magnitude bits moved to float16's exponent /
     mantissa boundary and the sign to its sign bit, read as float16, times 2^14 (subnormal 0.5 included)."""
     return _f16_e2m1(c.astype(jnp.int32)) * _E2M1_F16
+
+
+def dequantize_reference(packed, scale, scale_2, dtype):
+    """The ModelOpt bytes decoded: packed [..., N, K/2] (low nibble = even input), scale e4m3 [..., N, K/16],
+    scale_2 [...] -> W [..., N, K] in ``dtype`` (each E2M1 value times its block scale times scale_2, in fp32)."""
+    *lead, n, k2 = packed.shape
+    p = packed.astype(jnp.int32)
+    codes = jnp.stack([p & 15, p >> 4], axis=-1).reshape(*lead, n, 2 * k2)
+    s = scale.astype(jnp.float32) * jnp.asarray(scale_2, jnp.float32)[..., None, None]
+    w = decode_e2m1(codes).reshape(*lead, n, 2 * k2 // 16, 16) * s[..., None]
+    return w.reshape(*lead, n, 2 * k2).astype(dtype)
 
 
 def supported(n: int, k: int) -> bool:
@@ -156,9 +167,7 @@ def _check(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
 def nvfp4_matmul_reference(x, packed, scale, scale_2):
     """x [M, K]; packed uint8 [N, K/2] (ModelOpt: low nibble = even input); scale e4m3 [N, K/16]; scale_2 []
     -> ``x @ W^T`` [M, N] in x's dtype (W in x's dtype, fp32 accumulation)."""
-    from nemojax.quant.nvfp4 import dequantize
-
-    w = dequantize(packed, scale, scale_2, x.dtype)
+    w = dequantize_reference(packed, scale, scale_2, x.dtype)
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -202,13 +211,11 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
 def nvfp4_grouped_matmul_reference(x, packed, scale, scale_2, group_sizes):
     """x [R, K] rows sorted by expert; packed [E, N, K/2]; scale [E, N, K/16]; scale_2 [E]; group_sizes int [E]
     (rows ``sum(group_sizes)`` and beyond: zeros) -> ``y[r] = x[r] @ W_{e(r)}^T`` [R, N] in x's dtype."""
-    from nemojax.quant.nvfp4 import dequantize
-
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     er = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
 
     def one(e, y):
-        w = dequantize(packed[e], scale[e], scale_2[e], x.dtype)
+        w = dequantize_reference(packed[e], scale[e], scale_2[e], x.dtype)
         ye = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return jnp.where((er == e)[:, None], ye, y)
 

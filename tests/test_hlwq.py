@@ -14,10 +14,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from nemojax.formats import QuantError
+from nemojax.formats.hlwq import (BLOCK, HLWQWeight, bit_order_kl, dequantize, detect_bit_order, fwht, hadamard,
+                                  lloyd_max_table, pack_half_block, pack_lsb, pack_msb_flat, quantize, quantize_jit,
+                                  unpack_half_block, unpack_lsb, unpack_msb_flat)
 from nemojax.ops import linear
-from nemojax.quant.hlwq import (BLOCK, HLWQWeight, QuantError, bit_order_kl, dequantize, detect_bit_order, fwht,
-                                hadamard, lloyd_max_table, pack_half_block, pack_lsb, pack_msb_flat, quantize,
-                                quantize_jit, unpack_half_block, unpack_lsb, unpack_msb_flat)
 
 GOLDEN = Path(__file__).parent / "data" / "hlwq"
 

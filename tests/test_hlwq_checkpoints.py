@@ -16,8 +16,8 @@ import pytest
 import nemojax
 from nemojax import quant
 from nemojax.convert import dequantize_checkpoint
+from nemojax.formats.hlwq import HLWQWeight
 from nemojax.model import forward_jit
-from nemojax.quant.hlwq import HLWQWeight
 from nemojax.weights import Checkpoint, CheckpointError, save_params
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hlwq", "nemotronh")

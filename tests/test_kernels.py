@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from nemojax import quant
+from nemojax.formats import is_quantized
+from nemojax.formats.hlwq import HLWQWeight
+from nemojax.formats.nvfp4 import NVFP4Weight
 from nemojax.generate import generate
 from nemojax.model import forward_jit
 from nemojax.params import init_params
-from nemojax.quant.hlwq import HLWQWeight
-from nemojax.quant.nvfp4 import NVFP4Weight
 from pallas_kernels import common as C
 from pallas_kernels import hlwq as HK
 from pallas_kernels import nvfp4 as NK
@@ -143,6 +144,25 @@ def test_group_plan_covers_every_row_once():
         assert sorted(owner) == list(range(int(sizes.sum())))
 
 
+def test_reference_decoders_match_the_formats():
+    """pallas_kernels writes its own decoders (it imports nothing from nemojax): LSB-first unpacking at every width,
+    the scaled level table, the Hadamard matrix, the FWHT and the NVFP4 dequantization equal the formats' bit for
+    bit."""
+    from nemojax.formats import hlwq as H
+    from nemojax.formats.hlwq.codes import scaled_table
+
+    for bits in range(2, 9):
+        h = HLWQWeight.from_float(_rand((16, 300), bits), bits)
+        np.testing.assert_array_equal(np.asarray(HK.unpack_lsb(h.packed, bits)), np.asarray(h.codes()))
+        np.testing.assert_array_equal(np.asarray(HK.scaled_table(h.table)), np.asarray(scaled_table(h.table)))
+    np.testing.assert_array_equal(HK.hadamard_matrix(), H.hadamard(128).astype(np.float32))
+    x = _rand((3, 384), 1)
+    np.testing.assert_array_equal(np.asarray(HK.fwht_reference(x)), np.asarray(H.fwht(x)))
+    node = NVFP4Weight.from_float(_rand((2, 32, 64), 2))
+    np.testing.assert_array_equal(np.asarray(NK.dequantize_reference(node.packed, node.scale, node.scale_2, BF)),
+                                  np.asarray(node.dequantize(BF)))
+
+
 @pytest.mark.parametrize("k", [1920, 4096])
 def test_fwht_interpret(k):
     x = _rand((5, k), k)
@@ -258,10 +278,10 @@ def test_kernels_take_the_checkpoint_bytes_as_they_are():
     # the whole model on the pallas backend: every bank and matrix the kernels take reaches them untouched
     cfg = _model_cfg()
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, 5)))
-    is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
     for recipe in ("nvfp4-all", "hlwq-q5"):
         qp = quant.set_backend(quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe), "pallas")
-        owner = {id(a): nd for nd in jax.tree.leaves(qp, is_leaf=is_q) if is_q(nd)  # codes / scales -> their node
+        owner = {id(a): nd for nd in jax.tree.leaves(qp, is_leaf=is_quantized)  # codes / scales -> their node
+                 if is_quantized(nd)
                  for a in (nd.packed, getattr(nd, "scale", None), getattr(nd, "norms", None)) if a is not None}
         leaves, treedef = jax.tree.flatten(qp)
         uses = _uses(lambda *ls, td=treedef: forward_jit(jax.tree.unflatten(td, ls), cfg, ids), leaves)
@@ -338,8 +358,7 @@ def test_backend_switch_model(recipe):
     cfg = _model_cfg()
     q = quant.apply(init_params(cfg, 2, dtype="float32"), cfg, recipe)
     qp = quant.set_backend(q, "pallas")
-    is_q = lambda a: isinstance(a, (NVFP4Weight, HLWQWeight))  # noqa: E731
-    assert {x.backend for x in jax.tree.leaves(qp, is_leaf=is_q) if is_q(x)} == {"pallas"}
+    assert {x.backend for x in jax.tree.leaves(qp, is_leaf=is_quantized) if is_quantized(x)} == {"pallas"}
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 7))
     got, ref = np.asarray(forward_jit(qp, cfg, ids)), np.asarray(forward_jit(q, cfg, ids))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -15,8 +15,9 @@ from nemojax import quant
 from nemojax.cache import init_cache
 from nemojax.model import forward_jit
 from nemojax.params import init_params
-from nemojax.quant.nvfp4 import (E2M1_VALUES, NVFP4Weight, QuantError, dequantize, e2m1_code, fake_quant,
-                                 pack_codes, quantize, unpack_codes)
+from nemojax.formats import QuantError
+from nemojax.formats.nvfp4 import (E2M1_VALUES, NVFP4Weight, dequantize, e2m1_code, fake_quant, pack_codes, quantize,
+                                   unpack_codes)
 from nemojax.weights import CheckpointError, save_params
 
 from .conftest import tiny_config

@@ -11,7 +11,7 @@ import pytest
 
 import nemojax
 from nemojax import quant
-from nemojax.quant.nvfp4 import NVFP4Weight, dequantize, fake_quant, quantize
+from nemojax.formats.nvfp4 import NVFP4Weight, dequantize, fake_quant, quantize
 from nemojax.safetensors_io import SafeFile
 from nemojax.weights import save_params
 

@@ -13,16 +13,12 @@ from nemojax import api, quant
 from nemojax.convert import ConvertError, convert_checkpoint
 from nemojax.convert_cli import inspect_checkpoint
 from nemojax.convert_cli import main as cli_main
+from nemojax.formats import is_quantized
 from nemojax.orbax_io import META, OrbaxError, load_orbax, save_orbax
 from nemojax.params import init_params_numpy
-from nemojax.quant.hlwq import HLWQWeight
-from nemojax.quant.nvfp4 import NVFP4Weight
 from nemojax.weights import CheckpointError, load_params, save_params
 
 from .conftest import tiny_config
-
-_is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
-
 
 def _assert_same_tree(a, b):
     """Same structure, node types, static fields, dtypes and bytes."""
@@ -56,7 +52,7 @@ def test_convert_to_orbax_equals_in_memory(src, q):
     got = load_params(out, src["cfg"], "bfloat16")
     _assert_same_tree(got, want)
     if q is not None:
-        n_q = sum(_is_q(x) for x in jax.tree.leaves(got, is_leaf=_is_q))
+        n_q = sum(is_quantized(x) for x in jax.tree.leaves(got, is_leaf=is_quantized))
         assert n_q == len(quant.quantized_modules(src["cfg"], q))
     # the same model through the public API: identical logits
     ids = np.random.default_rng(0).integers(0, src["cfg"].vocab_size, (2, 9))
@@ -73,10 +69,10 @@ def test_dtype_and_modes_on_restore(src, tmp_path):
     assert p32["norm_f"].dtype == jnp.float32 and p32["embeddings"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(p32["embeddings"]),
                                   np.asarray(src["params"]["embeddings"], np.float32))
-    nodes = [x for x in jax.tree.leaves(p32, is_leaf=_is_q) if _is_q(x)]
+    nodes = [x for x in jax.tree.leaves(p32, is_leaf=is_quantized) if is_quantized(x)]
     assert nodes and all(n.packed.dtype == jnp.uint8 and n.mode == "w4a16" for n in nodes)
     deq = load_orbax(out, src["cfg"], jnp.bfloat16, dequantize=True)
-    assert not [x for x in jax.tree.leaves(deq, is_leaf=_is_q) if _is_q(x)]
+    assert not [x for x in jax.tree.leaves(deq, is_leaf=is_quantized) if is_quantized(x)]
     i = src["cfg"].pattern.index("E")
     np.testing.assert_array_equal(
         np.asarray(deq["layers"][i]["mixer"]["experts"]["up_proj"], np.float32),

@@ -139,8 +139,8 @@ def cases(gpu: bool, ms, tokens, experts: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from nemojax.quant.hlwq import HLWQWeight
-    from nemojax.quant.nvfp4 import NVFP4Weight
+    from nemojax.formats.hlwq import HLWQWeight
+    from nemojax.formats.nvfp4 import NVFP4Weight
     from pallas_kernels import hlwq as HK
     from pallas_kernels import nvfp4 as NK
 
@@ -230,8 +230,8 @@ def sweep(bw: float, reps: int) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from nemojax.quant.hlwq import HLWQWeight
-    from nemojax.quant.nvfp4 import NVFP4Weight
+    from nemojax.formats.hlwq import HLWQWeight
+    from nemojax.formats.nvfp4 import NVFP4Weight
     from pallas_kernels import hlwq as HK
     from pallas_kernels import nvfp4 as NK
 

@@ -49,16 +49,15 @@ def bits_by_component(params, cfg) -> dict:
     import jax
     import numpy as np
 
+    from nemojax.formats import is_quantized
     from nemojax.params import param_specs, tree_paths
-    from nemojax.quant import HLWQWeight, NVFP4Weight
 
     n_params = {p: int(np.prod(s.shape)) for p, s in tree_paths(param_specs(cfg))}
-    is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
     nbytes, nparam = {c: 0 for c in COMPONENTS}, {c: 0 for c in COMPONENTS}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         p = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         c = _component(p, cfg.pattern)
-        nbytes[c] += leaf.nbytes if is_q(leaf) else int(leaf.size) * leaf.dtype.itemsize
+        nbytes[c] += leaf.nbytes if is_quantized(leaf) else int(leaf.size) * leaf.dtype.itemsize
         nparam[c] += n_params.get(p, 0)
     out = {c: round(8 * nbytes[c] / nparam[c], 3) for c in COMPONENTS if nparam[c]}
     out["total"] = round(8 * sum(nbytes.values()) / sum(nparam.values()), 3)
@@ -75,8 +74,8 @@ def worker_quant(spec: dict) -> dict:
     from nemojax import quant
     from nemojax.generate import generate_stream
     from nemojax.model import forward_jit
-    from nemojax.quant.hlwq import HLWQWeight
-    from nemojax.quant.nvfp4 import NVFP4Weight
+    from nemojax.formats.hlwq import HLWQWeight
+    from nemojax.formats.nvfp4 import NVFP4Weight
 
     res = {"jax": jax.__version__, **benchlib.worker_common()}
     # ---- quantize time, 4096 x 4096

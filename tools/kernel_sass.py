@@ -132,8 +132,8 @@ def _pallas_cases(n: int, k: int):
     import jax
     import jax.numpy as jnp
 
-    from nemojax.quant.hlwq import HLWQWeight
-    from nemojax.quant.nvfp4 import NVFP4Weight
+    from nemojax.formats.hlwq import HLWQWeight
+    from nemojax.formats.nvfp4 import NVFP4Weight
     from pallas_kernels import hlwq as HK, nvfp4 as NK
 
     x = jnp.zeros((1, k), jnp.bfloat16)

@@ -27,11 +27,11 @@ def abstract_quantized(cfg, recipe: str):
     import jax.numpy as jnp
 
     from nemojax import quant
+    from nemojax.formats.hlwq import BLOCK, HLWQWeight, padded_in
+    from nemojax.formats.nvfp4 import NVFP4Weight
     from nemojax.params import _key_str, abstract_params
-    from nemojax.quant.hlwq import BLOCK, HLWQWeight, padded_in
-    from nemojax.quant.nvfp4 import NVFP4Weight
 
-    r = quant._resolve(recipe)
+    r = quant.resolve_recipe(recipe)
     targets = quant.quantized_modules(cfg, r)
     sds = jax.ShapeDtypeStruct
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from ..config import Config
 from ..ops import linear
-from ..quant.kv import FP8, fp8_fake_quant, fp8_load, fp8_store
+from ..formats.kv import FP8, fp8_fake_quant, fp8_load, fp8_store
 
 __all__ = ["attention_mixer", "attend"]
 

@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .. import kernels
 from ..config import Config
+from ..formats import is_quantized
 from ..ops import linear, relu2
-from ..quant.hlwq import HLWQWeight
-from ..quant.nvfp4 import NVFP4Weight
 from .mlp import mlp
 
 __all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "moe_route", "moe_output", "block_rows",
@@ -70,10 +70,8 @@ def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = No
     Assignments are sorted by expert; each expert's rows are cut into blocks of ``block`` rows and a
     ``while_loop`` visits only the non-empty blocks, so the cost is O(T*k + E*block) rows, never O(T*E).
     """
-    if getattr(up, "backend", "xla") != "xla":  # quant.set_backend: the grouped Pallas kernels
-        from pallas_kernels.dispatch import grouped_experts as kernel_grouped
-
-        out = kernel_grouped(x, weights, idx, up, down)
+    if getattr(up, "backend", "xla") != "xla":  # quant.set_backend: the grouped kernels
+        out = kernels.grouped_experts(x, weights, idx, up, down, relu2)
         if out is not None:
             return out
     T, H = x.shape
@@ -91,9 +89,9 @@ def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = No
     nblk = (counts + b - 1) // b
     blk_end = jnp.cumsum(nblk)
     total = blk_end[-1]
-    # HLWQ on the rotated path: rotate x once (per 128-block Hadamard) for every expert that reads it
-    rotated = isinstance(up, HLWQWeight) and up.path == "rotated"
-    xin = up.rotate(x) if rotated else x
+    # a bank's shared input transform (HLWQ's rotated path: the per-128-block Hadamard), once for every expert
+    transform = up.input_transform() if is_quantized(up) else None
+    xin = transform(x) if transform else x
     # rows padded by one block so a block never reads past the end
     xs = jnp.concatenate([xin[tok], jnp.zeros((b, xin.shape[1]), x.dtype)])
     tok_p = jnp.concatenate([tok, jnp.zeros((b,), jnp.int32)])
@@ -108,7 +106,7 @@ def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = No
         valid = lane < (starts[e] + counts[e] - row0)
         xb = jax.lax.dynamic_slice_in_dim(xs, row0, b)
         w_up = _take_expert(up, e)
-        h = relu2(w_up.matmul_rotated(xb, x.dtype) if rotated else linear(xb, w_up))
+        h = relu2(kernels.linear_transformed(xb, w_up, x.dtype) if transform else linear(xb, w_up))
         y = linear(h, _take_expert(down, e)).astype(jnp.float32)
         wb = jnp.where(valid, jax.lax.dynamic_slice_in_dim(sw_p, row0, b), 0.0)
         tb = jax.lax.dynamic_slice_in_dim(tok_p, row0, b)
@@ -151,11 +149,11 @@ def expert_parallel_experts(x, weights, idx, up, down, mesh, batch: int) -> jax.
     batch. Same shapes as :func:`grouped_experts`; the expert bank is never gathered."""
     from jax.sharding import PartitionSpec as P
 
-    from ..sharding import bank_specs, mesh_axis_size
+    from ..sharding import bank_specs, leading_spec, mesh_axis_size
 
     E = jax.tree.leaves(up)[0].shape[0]
     up_s, down_s = bank_specs(up, down, mesh)
-    first = up_s.packed if isinstance(up_s, (NVFP4Weight, HLWQWeight)) else up_s
+    first = leading_spec(up_s)
     ep = mesh_axis_size(mesh, "expert") if first[0] == "expert" else 1  # E not divisible: bank replicated
     split = tuple(a for a in ("expert", "tensor") if a in tuple(first[:2]))  # axes whose parts must be summed
     rows = "data" if batch % mesh_axis_size(mesh, "data") == 0 else None

@@ -1,6 +1,6 @@
 """Quantization as transforms on the parameter pytree.
 
-``apply(params, config, recipe)`` swaps selected float weights for quantized nodes (``NVFP4Weight``) and,
+``apply(params, config, recipe)`` swaps selected float weights for quantized nodes (``nemojax.formats``) and,
 given calibration amaxes, sets NVFP4 ``input_scale`` and FP8 KV ``k_scale`` / ``v_scale``. Recipes are data:
 glob patterns (``fnmatch``, ``*`` crosses dots) over checkpoint module names such as
 ``backbone.layers.3.mixer.experts.0.up_proj`` (stacked expert banks match with expert 0's name).
@@ -13,12 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from ..config import Config
+from ..formats import FORMATS, QuantError, is_quantized
+from ..formats.base import check_run_options
+from ..formats.hlwq import lloyd_max_table
+from ..formats.nvfp4 import MODES
+from ..kernels import BACKENDS, backend_unavailable
 from ..params import Spec, param_specs, tree_paths
-from .hlwq import HLWQWeight, lloyd_max_table
-from .nvfp4 import MODES, NVFP4Weight, QuantError
 
-__all__ = ["Recipe", "RECIPES", "apply", "calibrate_model", "module_name", "quantized_modules", "QuantError",
-           "NVFP4Weight", "HLWQWeight", "set_mode", "set_backend", "BACKENDS"]
+__all__ = ["Recipe", "RECIPES", "apply", "calibrate_model", "module_name", "quantized_modules", "resolve_recipe",
+           "format_options", "set_mode", "set_backend"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Recipe:
 
 
 RECIPES = {
-    # the published Nemotron-3-Nano NVFP4 layout ("the seeds' selective recipe")
+    # the published Nemotron-3-Nano NVFP4 layout (selective: attention, router, conv1d, lm_head and the Mamba layer
+    # before each attention layer stay in high precision)
     "nvfp4": Recipe(
         name="nvfp4",
         quantize=("*.mixer.experts.*", "*.mixer.shared_experts.*", "*.mixer.in_proj", "*.mixer.out_proj",
@@ -71,7 +75,8 @@ def module_name(spec: Spec) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def _resolve(recipe) -> Recipe:
+def resolve_recipe(recipe) -> Recipe:
+    """A recipe name (a key of :data:`RECIPES`) or a :class:`Recipe`, checked (ValueError)."""
     if isinstance(recipe, Recipe):
         r = recipe
     elif isinstance(recipe, str):
@@ -80,8 +85,8 @@ def _resolve(recipe) -> Recipe:
         r = RECIPES[recipe]
     else:
         raise ValueError(f"recipe must be a name or a Recipe, got {recipe!r}")
-    if r.format not in ("nvfp4", "hlwq"):
-        raise ValueError(f"recipe {r.name!r}: format {r.format!r} is not one of 'nvfp4', 'hlwq'")
+    if r.format not in FORMATS:
+        raise ValueError(f"recipe {r.name!r}: format {r.format!r} is not one of {', '.join(map(repr, FORMATS))}")
     if r.format == "hlwq" and (r.codebook not in ("compatible", "converged") or r.path not in ("dequant", "rotated")
                                or not 2 <= r.bits <= 8):
         raise ValueError(f"recipe {r.name!r}: bits {r.bits} / codebook {r.codebook!r} / path {r.path!r} invalid "
@@ -93,9 +98,19 @@ def _resolve(recipe) -> Recipe:
     return r
 
 
+def format_options(recipe, mode: str | None = None) -> dict:
+    """The keyword options of the recipe's format ``from_float`` (HLWQ: bits, codebook table, path; NVFP4: the
+    execution ``mode``, default the recipe's; another format: none)."""
+    r = resolve_recipe(recipe)
+    if r.format == "hlwq":
+        return {"bits": r.bits, "table": lloyd_max_table(r.bits, 100 if r.codebook == "compatible" else None),
+                "path": r.path}
+    return {"mode": mode or r.mode} if r.format == "nvfp4" else {}
+
+
 def quantized_modules(cfg: Config, recipe) -> dict[str, str]:
     """``{param path: module name}`` of the linears ``recipe`` quantizes for this config."""
-    r = _resolve(recipe)
+    r = resolve_recipe(recipe)
     keep = set()
     if r.keep_mamba_before_attention:
         for i, c in enumerate(cfg.pattern):
@@ -139,7 +154,7 @@ def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = 
     every expert of a bank, as ModelOpt exports it) and, with ``kv_cache="fp8"``, ``k_scale = amax / 448``.
     Without calibration, W4A4 mode and the FP8 KV cache are unavailable (weight-only W4A16 works).
     """
-    r = _resolve(recipe)
+    r = resolve_recipe(recipe)
     mode = mode or r.mode
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
@@ -147,26 +162,25 @@ def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = 
     if not targets:
         raise ValueError(f"recipe {r.name!r} selects no linear of pattern {cfg.pattern!r}")
     calib = calibration or {}
-    is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
-    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_q)
+    fmt, opts = FORMATS[r.format], format_options(r, mode)
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_quantized)
     names = [n for n, _ in tree_paths(params)]
     out = []
-    if r.format == "hlwq":
-        table = lloyd_max_table(r.bits, 100 if r.codebook == "compatible" else None)
+    if r.format != "nvfp4":  # no calibrated activation scales, no FP8 KV cache
         for path, leaf in zip(names, flat):
-            if path in targets and not is_q(leaf):
-                leaf = HLWQWeight.from_float(leaf, r.bits, table, r.path, name=targets[path])
+            if path in targets and not is_quantized(leaf):
+                leaf = fmt.from_float(leaf, name=targets[path], **opts)
             out.append(leaf)
         return jax.tree_util.tree_unflatten(treedef, out)
     for path, leaf in zip(names, flat):
-        if path in targets and not is_q(leaf):
+        if path in targets and not is_quantized(leaf):
             ins = None
             if path in calib:
                 a = jnp.float32(calib[path]) / jnp.float32(2688.0)
                 ins = jnp.broadcast_to(a, leaf.shape[:-2]) if leaf.ndim == 3 else a
             if mode == "w4a4" and ins is None:
                 raise QuantError(f"{targets[path]}: w4a4 mode needs calibration (input_scale)")
-            leaf = NVFP4Weight.from_float(leaf, ins, mode, name=targets[path])
+            leaf = fmt.from_float(leaf, ins, name=targets[path], **opts)
         out.append(leaf)
     new = jax.tree_util.tree_unflatten(treedef, out)
     if r.kv_cache == "fp8":
@@ -187,35 +201,20 @@ def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = 
 
 def set_mode(params: dict, mode: str) -> dict:
     """The same parameters with every NVFP4 node switched to ``mode`` ("w4a16" | "w4a4")."""
-    if mode not in MODES:
-        raise ValueError(f"nvfp4_mode={mode!r}: expected one of {MODES}")
-
-    def f(x):
-        if isinstance(x, NVFP4Weight):
-            if mode == "w4a4" and x.input_scale is None:
-                raise QuantError("nvfp4_mode='w4a4' needs input_scale in the checkpoint (calibrated NVFP4)")
-            return x.replace(mode=mode)
-        return x
-
-    return jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, NVFP4Weight))
-
-
-
-BACKENDS = ("xla", "pallas", "triton")
+    check_run_options(nvfp4_mode=mode)
+    return jax.tree.map(lambda x: x.configure(nvfp4_mode=mode) if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)
 
 
 def set_backend(params: dict, backend: str) -> dict:
-    """The same parameters with every NVFP4 / HLWQ node's matmul run by ``backend``: "xla" (the jnp reference:
-    dequantize, then one XLA matmul), "pallas" (``pallas_kernels``: codes decoded inside the kernels, dense and
-    grouped for the MoE; on a CPU the kernels run in Pallas interpret mode, slow but exact) or "triton" (as
-    "pallas", with jax-triton decode GEMVs for up to 8 rows; needs a GPU and jax-triton). One switch per model."""
+    """The same parameters with every quantized node's matmul run by ``backend`` (``nemojax.kernels``): "xla"
+    (the jnp reference: dequantize, then one XLA matmul), "pallas" (``pallas_kernels``: codes decoded inside the
+    kernels, dense and grouped for the MoE; on a CPU the kernels run in Pallas interpret mode, slow but exact) or
+    "triton" (as "pallas", with jax-triton decode GEMVs for up to 8 rows; needs a GPU and jax-triton). One switch
+    per model; a format without kernels runs its reference on every backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    if backend == "triton":
-        from pallas_kernels.triton_gemv import unavailable
-
-        why = unavailable()
-        if why:
-            raise ValueError(f"backend='triton': {why}")
-    is_q = lambda x: isinstance(x, (NVFP4Weight, HLWQWeight))  # noqa: E731
-    return jax.tree.map(lambda x: x.replace(backend=backend) if is_q(x) else x, params, is_leaf=is_q)
+    why = backend_unavailable(backend)
+    if why:
+        raise ValueError(f"backend={backend!r}: {why}")
+    return jax.tree.map(lambda x: x.replace(backend=backend) if is_quantized(x) else x, params, is_leaf=is_quantized)

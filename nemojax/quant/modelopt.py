@@ -1,19 +1,23 @@
-"""ModelOpt NVFP4 checkpoint layout: tensor names per quantized linear, ``hf_quant_config.json`` and the
-``quantization_config`` of config.json (read and written)."""
+"""ModelOpt checkpoints: ``hf_quant_config.json`` and the ``quantization_config`` of config.json (read and
+written), for the formats that name a ModelOpt ``quant_algo`` (``nemojax.formats``: ``QuantFormat.quant_algos``;
+the tensor names per quantized linear live with each format)."""
 from __future__ import annotations
 
 import json
 import os
 
 from ..config import Config
+from ..formats import FORMATS
 
-__all__ = ["NVFP4_SUFFIXES", "read_quant_config", "hf_quant_config", "config_quantization", "QUANT_ALGOS"]
+__all__ = ["read_quant_config", "hf_quant_config", "config_quantization", "quant_algos", "linear_modules",
+           "QuantConfigError"]
 
-# suffixes of one quantized linear: packed codes, block scales, global scale, (optional) activation scale
-NVFP4_SUFFIXES = {"packed": ".weight", "scale": ".weight_scale", "scale_2": ".weight_scale_2",
-                  "input_scale": ".input_scale"}
-QUANT_ALGOS = ("NVFP4", "W4A16_NVFP4")
 PRODUCER = {"name": "nemojax", "version": "0.1.0"}
+
+
+def quant_algos() -> dict:
+    """``{ModelOpt quant_algo: format}`` of the registered formats."""
+    return {algo: fmt for fmt in FORMATS.values() for algo in fmt.quant_algos}
 
 
 class QuantConfigError(ValueError):
@@ -43,36 +47,41 @@ def read_quant_config(folder: str) -> dict | None:
         src = path + " (quantization_config)"
         q = dict(q, exclude_modules=q.get("exclude_modules", q.get("ignore", [])),
                  kv_cache_quant_algo=q.get("kv_cache_quant_algo", "FP8" if q.get("kv_cache_scheme") else None))
-        if "group_size" not in q:
-            groups = (q.get("config_groups") or {}).values()
-            q["group_size"] = next((g.get("weights", {}).get("group_size") for g in groups), 16)
+    algos = quant_algos()
     algo = q.get("quant_algo")
-    if algo not in QUANT_ALGOS:
-        raise QuantConfigError(f"{src}: quant_algo {algo!r} is not supported (supported: {list(QUANT_ALGOS)})")
-    if q.get("group_size", 16) != 16:
-        raise QuantConfigError(f"{src}: group_size {q.get('group_size')!r} is not supported (NVFP4 uses 16)")
+    if algo not in algos:
+        raise QuantConfigError(f"{src}: quant_algo {algo!r} is not supported (supported: {list(algos)})")
+    fmt = algos[algo]
+    if "group_size" not in q:
+        groups = (q.get("config_groups") or {}).values()
+        q["group_size"] = next((g.get("weights", {}).get("group_size") for g in groups), fmt.group_size)
+    if q.get("group_size", fmt.group_size) != fmt.group_size:
+        raise QuantConfigError(f"{src}: group_size {q.get('group_size')!r} is not supported "
+                               f"({fmt.name.upper()} uses {fmt.group_size})")
     kv = q.get("kv_cache_quant_algo")
     if kv not in (None, "FP8"):
         raise QuantConfigError(f"{src}: kv_cache_quant_algo {kv!r} is not supported (supported: FP8, null)")
     # ModelOpt 0.47 + transformers 5 mangles a private sentinel into the names; strip it
     excl = [e.split(".\x00")[0] for e in (q.get("exclude_modules") or [])]
-    return {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": 16, "exclude_modules": excl, "file": src}
+    return {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": fmt.group_size, "exclude_modules": excl,
+            "file": src}
 
 
-def hf_quant_config(exclude: list[str], kv_fp8: bool, w4a4: bool = True) -> dict:
+def hf_quant_config(qc: dict, exclude: list[str], kv_fp8: bool) -> dict:
+    """``hf_quant_config.json`` from a format's ModelOpt config (``QuantFormat.quant_config``: quant_algo,
+    group_size, weights, input_activations)."""
+    group = {"group_size": qc["group_size"]} if qc.get("group_size") else {}
     return {"producer": PRODUCER,
-            "quantization": {"quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4",
-                             "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
-                             "group_size": 16, "exclude_modules": exclude}}
+            "quantization": {"quant_algo": qc["quant_algo"], "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
+                             **group, "exclude_modules": exclude}}
 
 
-def config_quantization(exclude: list[str], kv_fp8: bool, w4a4: bool = True) -> dict:
+def config_quantization(qc: dict, exclude: list[str], kv_fp8: bool) -> dict:
     """The compressed-tensors-shaped ``quantization_config`` ModelOpt writes into config.json."""
-    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-    group = {"weights": dict(fp4), "targets": ["Linear"]}
-    if w4a4:
-        group["input_activations"] = dict(fp4)
-    q = {"config_groups": {"group_0": group}, "ignore": exclude, "quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4",
+    group = {"weights": dict(qc["weights"]), "targets": ["Linear"]}
+    if qc.get("input_activations"):
+        group["input_activations"] = dict(qc["input_activations"])
+    q = {"config_groups": {"group_0": group}, "ignore": exclude, "quant_algo": qc["quant_algo"],
          "producer": PRODUCER, "quant_method": "modelopt"}
     if kv_fp8:
         q["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
