@@ -10,7 +10,7 @@ import numpy as np
 import nemojax
 from nemojax import quant
 from nemojax.cli import default_model_path
-from nemojax.weights import save_params
+from nemojax.checkpoint import save_params
 
 
 def main():

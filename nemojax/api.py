@@ -13,7 +13,7 @@ from .config import Config
 from .generate import generate, generate_stream
 from .layers.moe import RoutedExperts
 from .model import forward, forward_jit
-from .weights import CheckpointError, load_params, resolve_dtype
+from .checkpoint import CheckpointError, load_params, resolve_dtype
 
 __all__ = ["Model", "load"]
 

@@ -14,14 +14,13 @@ assignments of its local experts on its intermediate-channel slice and one ``psu
 bank is never gathered.
 
     mesh = make_mesh(data=2, expert=2, tensor=2)
-    params = shard_params(params, cfg, mesh)                # or load_sharded(path, cfg, mesh)
+    params = shard_params(params, cfg, mesh)   # or nemojax.checkpoint.load_sharded(path, cfg, mesh)
     logits = forward_jit(params, cfg, tokens, mesh=mesh)
     tokens = generate(params, cfg, prompts, 64, mesh=mesh)   # the cache is sharded too
 """
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +28,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import Config
-from .formats import QuantError, is_quantized
-from .params import _key_str, is_spec, leaf_dtype, param_specs
+from .formats import is_quantized
+from .params import _key_str
 
 __all__ = ["AXES", "RULES", "ShardingError", "make_mesh", "logical_axes", "param_shardings", "shard_params",
-           "cache_shardings", "shard_cache", "load_sharded", "mesh_axis_size", "expert_parallel",
+           "cache_shardings", "shard_cache", "mesh_axis_size", "expert_parallel",
            "parameter_bytes_per_device", "cache_bytes_per_device", "cache_specs", "leading_spec"]
 
 AXES = ("data", "expert", "tensor")
@@ -206,92 +205,6 @@ def shard_cache(cache, cfg: Config, mesh: Mesh):
 def constrain_cache(cache, cfg: Config, mesh: Mesh):
     """Inside jit: keep the new cache on the cache shardings (so donation and the next step see the same)."""
     return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, cfg, mesh))
-
-
-# ------------------------------------------------------------------------------------------------ loading
-def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat16", *, progress: bool = False,
-                 nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant", base=None, read_log: list | None = None):
-    """Load a safetensors checkpoint straight into shards: every device's slice of a float parameter, or of a
-    quantized node whose leaves are its tensors as stored (NVFP4; ``QuantFormat.stored_fields``), is read from the
-    memory-mapped file by ``jax.make_array_from_callback`` (a device reads only its rows / its experts). Other
-    quantized nodes (HLWQ: packed layouts differ per checkpoint) are read whole on the host, then placed.
-
-    ``read_log`` (optional list) receives ``(path, index)`` for every slice read (for tests and diagnostics).
-    """
-    from .weights import (Checkpoint, CheckpointError, _progress, kind_format, plan, read_node, read_quant_configs,
-                          resolve_dtype)
-
-    dtype = resolve_dtype(dtype)
-    ck = Checkpoint(path)
-    configs = read_quant_configs(ck.path)
-    run = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path}
-    base_ck = Checkpoint(base) if base is not None else None
-    items = plan(ck, cfg, base_ck)
-    flat: dict = {}
-
-    def sliced(leaf_path, shape, np_dtype, get, pspec):
-        """A global array from ``get(index) -> np.ndarray`` (index: a tuple of slices of ``shape``)."""
-        sharding = NamedSharding(mesh, pspec)
-
-        def cb(index):
-            if read_log is not None:
-                read_log.append((leaf_path, index))
-            # an owned copy: on CPU a device array may alias (zero-copy) the file's memory map otherwise
-            return np.array(get(index), dtype=np_dtype, copy=True, order="C")
-
-        return jax.make_array_from_callback(tuple(shape), sharding, cb)
-
-    def expert_reader(names, per_expert, sfx=""):
-        def get(index):
-            lo, hi, _ = index[0].indices(len(names))
-            return np.stack([per_expert(names[e] + sfx)[index[1:]] for e in range(lo, hi)])
-        return get
-
-    bar = _progress(len(items), f"loading {os.path.basename(os.path.abspath(ck.path))} into {dict(mesh.shape)}",
-                    progress)
-    for path, spec, kind, names in items:
-        if kind == "scalar":
-            flat[path] = jax.device_put(np.array(ck.get(names[0]), np.float32).reshape(()),
-                                        NamedSharding(mesh, P()))
-        elif kind_format(kind) is not None:
-            fmt, logical = kind_format(kind), logical_axes(path, len(spec.shape))
-            stacked = kind.endswith("_experts")
-            shape = spec.shape[1:] if stacked else spec.shape
-            fields = fmt.stored_fields(ck, names, shape)
-            if fields is None:  # built by converting the tensors: read whole on the host, then placed
-                node = read_node(ck, fmt, spec, kind, names, configs, run)
-                flat[path] = jax.device_put(node, jax.tree.map(lambda s: NamedSharding(mesh, s),
-                                                               _node_specs(node, logical, mesh),
-                                                               is_leaf=lambda x: isinstance(x, P)))
-            else:  # leaves = the tensors as stored: every device reads its slice of each
-                lead = tuple(spec.shape[:-2])
-                try:
-                    node = fmt(**{f: jax.ShapeDtypeStruct((*lead, *shp), ck.dtype(names[0] + sfx))
-                                  for f, (sfx, shp) in fields.items()}).configure(**run)
-                except QuantError as e:
-                    raise CheckpointError(f"{ck.path}: {e}") from None
-                specs = _node_specs(node, logical, mesh)
-                leaves = {}
-                for f, (sfx, shp) in fields.items():
-                    get = (expert_reader(names, lambda n, shp=shp: ck.get(n).reshape(shp), sfx) if stacked else
-                           (lambda idx, n=names[0] + sfx, shp=shp: ck.get(n).reshape(shp)[idx]))
-                    a = getattr(node, f)
-                    leaves[f] = sliced(f"{path}{sfx}", a.shape, a.dtype, get, getattr(specs, f))
-                flat[path] = node.replace(**leaves)
-        else:
-            np_dtype = np.dtype(leaf_dtype(spec, dtype))
-            src = base_ck if kind == "base" else ck
-            logical = logical_axes(path, len(spec.shape))
-            if kind == "experts":
-                get = expert_reader(names, src.get)
-            else:  # one tensor (an hf5 stacked bank too); conv1d is stored [C, 1, K]
-                get = (lambda idx, n=names[0], shape=spec.shape: src.get(n).reshape(shape)[idx])
-            flat[path] = sliced(path, spec.shape, np_dtype, get, _spec(spec.shape, logical, mesh))
-        bar.update(1)
-    bar.close()
-    from .orbax_io import _nest
-
-    return _nest(flat)
 
 
 # ------------------------------------------------------------------------------------------------ memory

@@ -26,7 +26,7 @@ from nemojax.generate import generate, prefill  # noqa: E402
 from nemojax.cache import init_cache  # noqa: E402
 from nemojax.model import forward_jit  # noqa: E402
 from nemojax.params import init_params  # noqa: E402
-from nemojax.weights import load_params, save_params  # noqa: E402
+from nemojax.checkpoint import load_params, load_sharded, save_params  # noqa: E402
 
 # all block types; dims divisible by 2 and (mostly) 8 so every mesh axis really splits something
 CFG = dict(
@@ -117,7 +117,7 @@ def main(out_dir: str) -> dict:
         for shape in ((1, 8, 1), (2, 2, 2)):
             mesh = S.make_mesh(*shape)
             log: list = []
-            sp = S.load_sharded(folder, cfg, mesh, "bfloat16" if name == "bfloat16" else "float32", read_log=log)
+            sp = load_sharded(folder, cfg, mesh, "bfloat16" if name == "bfloat16" else "float32", read_log=log)
             same = all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
                        for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(single)))
             placed = all(a.sharding == b for a, b in zip(jax.tree.leaves(sp),

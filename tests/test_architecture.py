@@ -13,7 +13,7 @@ MAX_LINES = 600
 # Bottom to top. A module may import its own layer or lower ones. The longest matching prefix decides.
 LAYERS = {
     "pallas_kernels": 0,
-    "nemojax.config": 1, "nemojax.formats": 1, "nemojax.ops": 1,
+    "nemojax.version": 1, "nemojax.config": 1, "nemojax.formats": 1, "nemojax.ops": 1,
     "nemojax.kernels": 2,
     "nemojax.blocks": 3, "nemojax.params": 3, "nemojax.cache": 3, "nemojax.sharding": 3, "nemojax.model": 4,
     "nemojax.sampling": 5, "nemojax.experts": 5, "nemojax.generate": 6, "nemojax.quant": 6,

@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_model")
     make_tokenizer(d, vocab_size=512)
     cfg = tiny_config(max_position_embeddings=256)
-    nemojax.weights.save_params(init_params_numpy(cfg, seed=40), cfg, d)
+    nemojax.checkpoint.save_params(init_params_numpy(cfg, seed=40), cfg, d)
     return d
 
 

@@ -1,4 +1,4 @@
-"""Streaming checkpoint conversion (nemojax.convert.convert_checkpoint) and the convert / inspect / verify
+"""Streaming checkpoint conversion (nemojax.checkpoint.convert_checkpoint) and the convert / inspect / verify
 subcommands, on a tiny checkpoint built here."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from nemojax import quant
-from nemojax.convert import ConvertError, convert_checkpoint, dequantize_checkpoint
-from nemojax.convert_cli import main as cli_main
+from nemojax.checkpoint import ConvertError, convert_checkpoint, dequantize_checkpoint
+from nemojax.cli import main as cli_main
 from nemojax.params import init_params_numpy
-from nemojax.weights import Checkpoint, load_params, save_params
+from nemojax.checkpoint import Checkpoint, load_params, save_params
 
 from .conftest import tiny_config
 
@@ -136,7 +136,7 @@ def test_errors(ck, tmp_path):
 
 
 def test_disk_full_leaves_nothing(ck, tmp_path, monkeypatch, capsys):
-    import nemojax.convert as conv
+    import nemojax.checkpoint.write as conv
 
     calls = {"n": 0}
     real = conv._write_array
@@ -158,7 +158,7 @@ def test_disk_full_leaves_nothing(ck, tmp_path, monkeypatch, capsys):
 
 
 def test_inspect(ck, capsys):
-    from nemojax.convert_cli import inspect_checkpoint
+    from nemojax.checkpoint import inspect_checkpoint
 
     r = inspect_checkpoint(ck["src"])
     assert r["format"] == "bf16" and r["hlwq_layout"] is None and r["config"]["pattern"] == "MEM*E-M*E"

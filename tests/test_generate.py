@@ -12,7 +12,7 @@ from nemojax.generate import TRACE_COUNTS, generate, prefill
 from nemojax.model import forward_jit
 from nemojax.params import init_params, init_params_numpy
 from nemojax.sampling import SamplingParams, filter_logits, sample
-from nemojax.weights import save_params
+from nemojax.checkpoint import save_params
 
 from .conftest import requires_torch, tiny_config
 

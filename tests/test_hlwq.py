@@ -463,7 +463,7 @@ def test_golden_matrices_bit_for_bit():
 
 
 def _st_dir(folder):
-    from nemojax.safetensors_io import SafeFile
+    from nemojax.checkpoint import SafeFile
 
     files = [SafeFile(p) for p in sorted(Path(folder).glob("*.safetensors"))]
     return {k: f.get(k) for f in files for k in f.keys()}

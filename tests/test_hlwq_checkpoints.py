@@ -15,10 +15,10 @@ import pytest
 
 import nemojax
 from nemojax import quant
-from nemojax.convert import dequantize_checkpoint
+from nemojax.checkpoint import dequantize_checkpoint
 from nemojax.formats.hlwq import HLWQWeight
 from nemojax.model import forward_jit
-from nemojax.weights import Checkpoint, CheckpointError, save_params
+from nemojax.checkpoint import Checkpoint, CheckpointError, save_params
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hlwq", "nemotronh")
 SRC = os.path.join(DATA, "source")
@@ -120,7 +120,7 @@ def test_missing_base_and_bad_tensors(tmp_path):
     shutil.copytree(os.path.join(DATA, "layout_c"), empty)  # a "base" that lacks the buffers too
     with pytest.raises(CheckpointError, match="base checkpoint has no"):
         nemojax.load(os.path.join(DATA, "layout_a"), base=empty)
-    from nemojax.safetensors_io import save_file
+    from nemojax.checkpoint import save_file
 
     lay = os.path.join(DATA, "layout_a")
     ck = Checkpoint(lay)

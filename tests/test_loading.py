@@ -16,8 +16,8 @@ import pytest
 import nemojax
 from nemojax import CheckpointError, ConfigError
 from nemojax.params import FP32_LEAVES, is_spec, leaf_dtype, param_specs, tree_paths
-from nemojax.safetensors_io import SafeFile, SafetensorsError, save_file
-from nemojax.weights import Checkpoint, checkpoint_tensors, load_params, save_params
+from nemojax.checkpoint import (Checkpoint, SafeFile, SafetensorsError, checkpoint_tensors, load_params,
+                                save_file, save_params)
 
 from .conftest import tiny_config
 
@@ -155,7 +155,7 @@ def test_sharded_checkpoint_loads_like_single_file(cfg, tmp_path, naming):
 
 
 def test_original_checkpoint_with_stacked_experts_and_loose_shards(cfg, tmp_path):
-    """Per-expert and stacked expert tensors are both accepted; loose *.safetensors files need no index."""
+    """Per-expert and stacked expert tensors are both accepted; a shard set (*-NNNNN-of-NNNNN) needs no index."""
     params = random_params(cfg, np.random.default_rng(99))
     tensors = list(checkpoint_tensors(params, cfg, "original"))
     i = cfg.layer_indices("E")[0]
@@ -163,8 +163,8 @@ def test_original_checkpoint_with_stacked_experts_and_loose_shards(cfg, tmp_path
     tensors = [(n, a) for n, a in tensors if not (n.startswith(pre) and ".up_proj" in n)]
     tensors.append((pre + "up_proj", params["layers"][i]["mixer"]["experts"]["up_proj"]))
     write_single(tmp_path, cfg, tensors[: len(tensors) // 2])
-    os.rename(tmp_path / "model.safetensors", tmp_path / "a.safetensors")
-    save_file(tensors[len(tensors) // 2:], tmp_path / "b.safetensors")
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00002.safetensors")
+    save_file(tensors[len(tensors) // 2:], tmp_path / "model-00002-of-00002.safetensors")
     assert_same(flat(nemojax.load(tmp_path, dtype="float32").params), flat(params))
 
 
@@ -429,11 +429,76 @@ def test_invalid_index_json(cfg, tmp_path):
     assert str(tmp_path / "model.safetensors.index.json") in msg and "not a valid safetensors index" in msg
 
 
-def test_tensor_in_two_loose_files(cfg, tmp_path, tensors):
-    write_single(tmp_path, cfg, tensors)
-    save_file({IN_PROJ: tensors[IN_PROJ]}, tmp_path / "extra.safetensors")
+def test_tensor_in_two_shards_without_index(cfg, tmp_path, tensors):
+    path = write_single(tmp_path, cfg, tensors)
+    os.rename(path, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({IN_PROJ: tensors[IN_PROJ]}, tmp_path / "model-00002-of-00002.safetensors")
     msg = _load_error(tmp_path)
-    assert repr(IN_PROJ) in msg and "extra.safetensors" in msg and "model.safetensors" in msg
+    assert repr(IN_PROJ) in msg and "model-00001-of-00002.safetensors" in msg
+    assert "model-00002-of-00002.safetensors" in msg
+
+
+# which files form the checkpoint: the index's, else model.safetensors, else one shard set; nothing else
+def _stray(folder, tensors, name: str) -> None:
+    """A safetensors file beside the checkpoint that is not part of it: a LoRA adapter with foreign names, a
+    reference copy of one tensor with other values, and a tensor no pattern uses."""
+    save_file({"base_model.model.lm_head.lora_A.weight": np.ones((4, 8), np.float32),
+               IN_PROJ: np.zeros_like(tensors[IN_PROJ]), "backbone.layers.0.mixer.bogus": np.ones(3, np.float32)},
+              os.path.join(folder, name))
+
+
+@pytest.mark.parametrize("layout", ["single", "index", "shards"])
+@pytest.mark.parametrize("stray", ["adapter_model.safetensors", "reference.safetensors",
+                                   "model-00001-of-00003.safetensors"])
+def test_files_beside_the_checkpoint_are_ignored(cfg, tmp_path, tensors, layout, stray):
+    params = random_params(cfg, np.random.default_rng(23), dtype=BF16)
+    if layout == "single":
+        save_params(params, cfg, tmp_path)
+    else:
+        save_params(params, cfg, tmp_path, max_shard_bytes=100_000)
+        shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+        assert len(shards) >= 2 and not shards[0].endswith("-of-00003.safetensors")
+        if layout == "shards":
+            os.remove(tmp_path / "model.safetensors.index.json")
+    if layout == "shards" and stray.startswith("model-"):  # a second shard set needs an index to choose one
+        _stray(tmp_path, tensors, stray)
+        msg = _load_error(tmp_path)
+        assert str(tmp_path) in msg and "several shard sets" in msg and "-of-00003.safetensors" in msg
+        return
+    _stray(tmp_path, tensors, stray)
+    assert_same(flat(nemojax.load(tmp_path, dtype="bfloat16").params), flat(params))
+    ck = Checkpoint(tmp_path)
+    assert not any("lora" in n or n.endswith(".bogus") for n in ck.names)
+    assert all(os.path.basename(ck.file_of(n)) != stray for n in ck.names)
+
+
+def test_folder_with_only_a_stray_file(cfg, tmp_path, tensors):
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_file(tensors, tmp_path / "adapter_model.safetensors")  # even one holding every model tensor
+    msg = _load_error(tmp_path)
+    assert str(tmp_path) in msg and "no model.safetensors" in msg and "adapter_model.safetensors" in msg
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_params(tmp_path, cfg)
+
+
+def test_incomplete_shard_set(cfg, tmp_path):
+    params = random_params(cfg, np.random.default_rng(24), dtype=BF16)
+    save_params(params, cfg, tmp_path, max_shard_bytes=100_000)
+    os.remove(tmp_path / "model.safetensors.index.json")
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    os.remove(tmp_path / shards[-1])
+    msg = _load_error(tmp_path)
+    assert str(tmp_path) in msg and "incomplete" in msg and f"{len(shards) - 1} of {len(shards)}" in msg
+
+
+@pytest.mark.parametrize("folder", ["dequant_bf16", "layout_a", "layout_b", "layout_c", "source"])
+def test_polarengine_folders_name_their_files(folder):
+    """The polarengine test folders: an index over model-00000-of-00001 (+ model-extra-buffers) or one file."""
+    d = os.path.join(os.path.dirname(__file__), "data", "hlwq", "nemotronh", folder)
+    ck = Checkpoint(d)
+    files = {os.path.basename(ck.file_of(n)) for n in ck.names}
+    on_disk = {f for f in os.listdir(d) if f.endswith(".safetensors")}
+    assert files == on_disk and len(ck.names) > 100
 
 
 def test_empty_folder(cfg, tmp_path):

@@ -18,7 +18,7 @@ from nemojax.params import init_params
 from nemojax.formats import QuantError
 from nemojax.formats.nvfp4 import (E2M1_VALUES, NVFP4Weight, dequantize, e2m1_code, fake_quant, pack_codes, quantize,
                                    unpack_codes)
-from nemojax.weights import CheckpointError, save_params
+from nemojax.checkpoint import CheckpointError, save_params
 
 from .conftest import tiny_config
 
@@ -223,7 +223,7 @@ def test_fp8_kv_cache_decode_matches_full_forward(quantized):
 
 def test_checkpoint_errors(quantized, tmp_path):
     cfg, params, q, amax, out = quantized
-    from nemojax.safetensors_io import SafeFile, save_file
+    from nemojax.checkpoint import SafeFile, save_file
 
     f = SafeFile(out / "model.safetensors")
     tensors = {k: np.array(f.get(k)) for k in f.keys()}

@@ -12,8 +12,7 @@ import pytest
 import nemojax
 from nemojax import quant
 from nemojax.formats.nvfp4 import NVFP4Weight, dequantize, fake_quant, quantize
-from nemojax.safetensors_io import SafeFile
-from nemojax.weights import save_params
+from nemojax.checkpoint import SafeFile, save_params
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "nvfp4")
 pytestmark = pytest.mark.skipif(not os.path.isdir(DATA), reason="golden data missing (tools/make_nvfp4_golden.py)")

@@ -1,4 +1,4 @@
-"""Orbax checkpoints (nemojax.orbax_io): `nemojax convert --to orbax [--quant R]`, save_orbax, reading back."""
+"""Orbax checkpoints (nemojax.checkpoint.orbax): `nemojax convert --to orbax [--quant R]`, save_orbax, reading back."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from nemojax import api, quant
-from nemojax.convert import ConvertError, convert_checkpoint
-from nemojax.convert_cli import inspect_checkpoint
-from nemojax.convert_cli import main as cli_main
+from nemojax.checkpoint import ConvertError, convert_checkpoint, inspect_checkpoint
+from nemojax.cli import main as cli_main
 from nemojax.formats import is_quantized
-from nemojax.orbax_io import META, OrbaxError, load_orbax, save_orbax
+from nemojax.checkpoint.orbax import META, OrbaxError, load_orbax, save_orbax
 from nemojax.params import init_params_numpy
-from nemojax.weights import CheckpointError, load_params, save_params
+from nemojax.checkpoint import CheckpointError, load_params, save_params
 
 from .conftest import tiny_config
 
@@ -121,7 +120,7 @@ def test_errors(src, tmp_path):
 
 
 def test_failure_leaves_nothing(src, tmp_path, monkeypatch):
-    import nemojax.orbax_io as ox
+    import nemojax.checkpoint.orbax as ox
 
     def boom(*a, **k):
         raise RuntimeError("disk went away")

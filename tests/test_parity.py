@@ -7,7 +7,7 @@ import pytest
 import nemojax
 from nemojax.model import forward_jit
 from nemojax.params import init_params_numpy
-from nemojax.weights import save_params
+from nemojax.checkpoint import save_params
 
 from .conftest import requires_torch, tiny_config
 from .hf_reference import hf_forward, hf_model

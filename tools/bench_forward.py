@@ -4,7 +4,7 @@
 For every (config, dtype) it
 
 1. builds random weights with ``nemojax.params.init_params_numpy`` and writes one checkpoint folder
-   (``nemojax.weights.save_params``, original naming, fp32); both sides load that folder (cast to the dtype);
+   (``nemojax.checkpoint.save_params``, original naming, fp32); both sides load that folder (cast to the dtype);
 2. runs nemojax and transformers in separate worker processes pinned to the same ``--threads`` CPU core(s)
    (``os.sched_setaffinity``), with every thread-pool knob set to ``--threads``;
 3. nemojax: lower + compile time (``jax.jit(forward).lower(...).compile()``), first call, then the median of

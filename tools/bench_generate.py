@@ -3,7 +3,7 @@
 set against the machine's measured memory-bandwidth and matmul-rate limits.
 
 What runs (defaults): the MEDIUM config (tools/benchlib.py; hidden 1024, pattern ``MEMEM*EM``, 16 experts
-top-6, vocab 32000), one random fp32 checkpoint (``nemojax.weights.save_params``) loaded by both sides and cast
+top-6, vocab 32000), one random fp32 checkpoint (``nemojax.checkpoint.save_params``) loaded by both sides and cast
 to each ``--dtype``; batch 1 with a 512-token random prompt and 128 new greedy tokens, and batch 8 (eight such
 prompts, ``--no-batch8`` to skip). Every measurement runs in a fresh worker process pinned to the same
 ``--threads`` core(s) (``sched_setaffinity``), one thread per library (OMP/MKL/OpenBLAS = 1,

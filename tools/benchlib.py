@@ -351,7 +351,7 @@ def build_checkpoint(cfg_dict: dict, folder: str, seed: int) -> None:
     """Random weights (``init_params_numpy``) written as an fp32 checkpoint folder, original naming."""
     from nemojax import Config
     from nemojax.params import init_params_numpy
-    from nemojax.weights import save_params
+    from nemojax.checkpoint import save_params
 
     cfg = Config.from_dict(cfg_dict)
     params = init_params_numpy(cfg, seed=seed, dtype="float32")

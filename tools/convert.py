@@ -12,7 +12,7 @@ if _REPO not in sys.path:
 
 
 def main(argv=None) -> int:
-    from nemojax.convert_cli import main as cli_main
+    from nemojax.cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     return cli_main(["convert", *argv])

@@ -211,7 +211,7 @@ def write_nemotronh_source(folder, seed):
 
     from nemojax import Config
     from nemojax.params import init_params_numpy
-    from nemojax.weights import save_params
+    from nemojax.checkpoint import save_params
 
     cfg = Config.from_dict(NEMOTRONH_CONFIG)
     params = init_params_numpy(cfg, seed=seed, dtype="float32")

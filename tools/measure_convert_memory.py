@@ -45,7 +45,7 @@ def status():
     return out
 
 import jax, jax.numpy as jnp
-from nemojax.convert import convert_checkpoint
+from nemojax.checkpoint import convert_checkpoint
 jax.block_until_ready(jnp.ones(8) + 1)
 try:
     with open("/proc/self/clear_refs", "w") as f:

@@ -112,7 +112,7 @@ def iter_checkpoint_tensors(cfg, seed: int, dtype="bfloat16"):
 
 def write_checkpoint(cfg, folder: str, shard_bytes: int, seed: int) -> dict:
     """Write config.json, shards and the index; holds at most one shard of tensors in memory."""
-    from nemojax.safetensors_io import save_file
+    from nemojax.checkpoint import save_file
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -207,7 +207,7 @@ after = status()
 maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 # spot check: the embedding and the last expert of the first MoE layer equal the file's bytes
-from nemojax.weights import Checkpoint
+from nemojax.checkpoint import Checkpoint
 ck = Checkpoint(PATH)
 ok = True
 emb = np.asarray(model.params["embeddings"])
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    from nemojax.weights import resolve_dtype
+    from nemojax.checkpoint import resolve_dtype
 
     for d in dtypes:
         resolve_dtype(d, "--dtypes")
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         result["checkpoint"] = {"path": path, "bytes_on_disk": folder_bytes(path), "pattern": cfg.pattern,
                                 "n_routed_experts": cfg.n_routed_experts, "hidden_size": cfg.hidden_size,
                                 "vocab_size": cfg.vocab_size}
-        from nemojax.weights import Checkpoint
+        from nemojax.checkpoint import Checkpoint
 
         ck = Checkpoint(path)
         big = max(ck.names, key=lambda n: int(np.prod(ck.shape(n))) * ck.dtype(n).itemsize)

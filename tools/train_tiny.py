@@ -456,7 +456,7 @@ def main(argv=None) -> int:
 
     from nemojax.config import Config
     from nemojax.params import count_params, init_params_numpy
-    from nemojax.weights import save_params
+    from nemojax.checkpoint import save_params
 
     out = os.path.abspath(args.out)
     if args.eval_only:

@@ -26,7 +26,7 @@ defaults: ``check_options(**run_options)``, ``leaf_names()``, ``from_description
 
 ``ck`` (a checkpoint) is anything with ``name in ck``, ``ck.shape(name)``, ``ck.dtype(name)`` (NumPy dtypes,
 ``ml_dtypes`` for bfloat16 / float8), ``ck.get(name)`` (a NumPy array, possibly memory-mapped),
-``ck.file_of(name)`` and ``ck.path`` (``nemojax.weights.Checkpoint``). Tensor names of a module are ``mod +
+``ck.file_of(name)`` and ``ck.path`` (``nemojax.checkpoint.Checkpoint``). Tensor names of a module are ``mod +
 suffix`` (``mod``: the checkpoint module name without ``.weight``, e.g. ``backbone.layers.0.mixer.in_proj``; one
 name per expert for a bank stored one expert per module). Errors are :class:`QuantError` naming the tensor (and
 the file); the checkpoint layer turns them into its own error type with the same message.
@@ -175,7 +175,7 @@ class QuantFormat(abc.ABC):
         """The quantization config of a checkpoint whose modules ``entries`` ({module: :meth:`config_entry`}) are
         in this format: ``(family, config)``. Family ``"modelopt"``: config ``{"quant_algo", "group_size" (or None),
         "weights", "input_activations" (or None)}`` (``hf_quant_config.json`` and config.json's
-        ``quantization_config`` are written from it, ``nemojax.quant.modelopt``); ``"polar"``: the
+        ``quantization_config`` are written from it, ``nemojax.checkpoint.modelopt``); ``"polar"``: the
         ``polar_config.json`` object."""
 
     # -------------------------------------------------------------------------------------------- sharding

@@ -9,7 +9,7 @@
 
 For packed codes the bit order is confirmed with the code-histogram test (``packing.detect_bit_order``).
 ``P`` is the parameter name without ``.weight``. The layers of ``polar_config.json`` (read by
-``nemojax.quant.polar``, passed in here as a dict) give ``in_features`` / ``bits`` when present.
+``nemojax.checkpoint.polar``, passed in here as a dict) give ``in_features`` / ``bits`` when present.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES"]
+__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header"]
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -25,7 +25,7 @@ DTYPES = {
     "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # NumPy dtype -> safetensors dtype name
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -106,6 +106,25 @@ class SafeFile:
         return np.memmap(self.path, dtype=dt, mode="r", offset=self._base + b, shape=shape)
 
 
+def tensor_entry(name: str, a, offset: int, where: str) -> tuple[dict, int]:
+    """The header entry of array ``a`` stored at ``offset`` of the data section, and its byte count
+    (SafetensorsError naming ``where`` and the tensor for a dtype safetensors cannot hold)."""
+    dt = np.dtype(a.dtype)
+    if dt not in DTYPE_NAMES:
+        raise SafetensorsError(f"{where}: tensor {name!r} has unsupported dtype {dt}")
+    nb = math.prod(a.shape) * dt.itemsize
+    return {"dtype": DTYPE_NAMES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + nb]}, nb
+
+
+def encode_header(header: dict, metadata: Mapping[str, str] | None) -> bytes:
+    """The bytes before the data section: the 8-byte length, then the JSON header padded to 8 bytes."""
+    if metadata:
+        header = {**header, "__metadata__": dict(metadata)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
     """Write NumPy arrays (any dtype in ``DTYPES``, ml_dtypes included) as a safetensors file, one tensor at a
@@ -113,18 +132,9 @@ def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
     header, off = {}, 0
     for name, a in items:
-        dt = np.dtype(a.dtype)
-        if dt not in _NAMES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        nb = math.prod(a.shape) * dt.itemsize
-        header[name] = {"dtype": _NAMES[dt], "shape": list(a.shape), "data_offsets": [off, off + nb]}
+        header[name], nb = tensor_entry(name, a, off, os.fspath(path))
         off += nb
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(encode_header(header, metadata))
         for _, a in items:
             np.ascontiguousarray(a).reshape(-1).tofile(f)

@@ -8,11 +8,12 @@ import os
 
 from ..config import Config
 from ..formats import FORMATS
+from ..version import __version__
 
 __all__ = ["read_quant_config", "hf_quant_config", "config_quantization", "quant_algos", "linear_modules",
            "QuantConfigError"]
 
-PRODUCER = {"name": "nemojax", "version": "0.1.0"}
+PRODUCER = {"name": "nemojax", "version": __version__}
 
 
 def quant_algos() -> dict:

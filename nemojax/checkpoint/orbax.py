@@ -3,26 +3,29 @@
 A folder holds ``config.json``, the side files (tokenizer, chat template), ``params/`` (an orbax
 ``StandardCheckpointer`` checkpoint of the pytree) and ``nemojax_orbax.json``: every leaf's path, shape and
 dtype plus the static fields of each quantized node, so the abstract tree is rebuilt without reading arrays
-or relying on orbax's metadata API. ``convert_to_orbax`` streams: every output leaf is filled one parameter
-(one expert) at a time into a memory-mapped scratch file, so peak memory stays about one parameter.
+or relying on orbax's metadata API. A conversion streams (``nemojax.checkpoint.convert.convert_to_orbax``):
+every output leaf is filled one parameter (one expert) at a time into a memory-mapped :class:`Scratch` file, so
+peak memory stays about one parameter.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 names with NumPy)
 import numpy as np
 
-from .config import Config
-from .formats import FORMATS, QuantError, is_quantized
-from .formats.base import check_run_options
-from .params import _key_str, leaf_dtype, param_specs, tree_paths
+from ..config import Config
+from ..formats import FORMATS, QuantError, is_quantized
+from ..formats.base import check_run_options
+from ..params import leaf_dtype, param_specs, tree_paths
+from .output import atomic_output, copy_side_files
+from .plan import flat_params, nest
 
-__all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "convert_to_orbax", "OrbaxError"]
+__all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "read_meta", "write_tree", "tensor_bytes",
+           "Scratch", "OrbaxError"]
 
 META = "nemojax_orbax.json"
 FORMAT_VERSION = 1
@@ -39,8 +42,7 @@ def is_orbax_checkpoint(path) -> bool:
 def _describe(params: dict) -> dict:
     """``{"leaves": {path: [shape, dtype]}, "nodes": {path: static fields}}`` of a params pytree."""
     leaves, nodes = {}, {}
-    for kpath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
-        path = ".".join(_key_str(k) for k in kpath)
+    for path, leaf in flat_params(params):
         if is_quantized(leaf):
             nodes[path] = leaf.describe()
             for field in leaf.leaf_names():
@@ -50,27 +52,6 @@ def _describe(params: dict) -> dict:
         else:
             leaves[path] = [list(np.shape(leaf)), jnp.dtype(leaf.dtype).name]
     return {"leaves": leaves, "nodes": nodes}
-
-
-def _nest(flat: dict) -> dict:
-    """``{"layers.3.mixer.in_proj": x}`` -> nested dicts; a dict whose keys are 0..n-1 becomes a list."""
-    root: dict = {}
-    for path, v in flat.items():
-        d = root
-        *head, last = path.split(".")
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = v
-
-    def fix(d):
-        if not isinstance(d, dict):
-            return d
-        d = {k: fix(v) for k, v in d.items()}
-        if d and all(k.isdigit() for k in d) and sorted(int(k) for k in d) == list(range(len(d))):
-            return [d[str(i)] for i in range(len(d))]
-        return d
-
-    return fix(root)
 
 
 def _build(meta: dict, make) -> dict:
@@ -85,7 +66,7 @@ def _build(meta: dict, make) -> dict:
             flat[path] = make(path, tuple(shape), dtype)
     for owner, info in nodes.items():
         flat[owner] = FORMATS[info["type"]].from_description(fields.get(owner, {}), info)
-    return _nest(flat)
+    return nest(flat)
 
 
 def _checkpointer():
@@ -122,18 +103,22 @@ def _write(folder: str, tree: dict, cfg: Config, meta: dict) -> None:
             json.dump(cfg.to_dict(), f, indent=2)
 
 
+def write_tree(folder: str, tree: dict, cfg: Config) -> None:
+    """``params/``, ``nemojax_orbax.json`` and (when absent) ``config.json`` of a pytree of NumPy arrays and nodes
+    (memory maps welcome) into ``folder``."""
+    _write(folder, tree, cfg, _describe(tree))
+
+
 def save_orbax(params: dict, cfg: Config, folder: str | os.PathLike, *, force: bool = False,
                side_files_from: str | os.PathLike | None = None) -> str:
     """Write ``params`` (plain or quantized) as an orbax checkpoint folder, atomically (temp folder + rename).
 
     ``side_files_from``: a Hugging Face folder whose tokenizer / chat-template files are copied along.
     """
-    from .convert import _copy_side_files, atomic_output
-
     tree = jax.tree.map(np.asarray, params)
     with atomic_output(folder, force) as tmp:
         if side_files_from is not None:
-            _copy_side_files(os.fspath(side_files_from), tmp)
+            copy_side_files(os.fspath(side_files_from), tmp)
         _write(tmp, tree, cfg, _describe(params))
     return os.path.abspath(os.fspath(folder))
 
@@ -222,9 +207,14 @@ def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_m
     return jax.tree.map(finish, params, is_leaf=is_quantized)
 
 
-# ------------------------------------------------------------------------------------------------ streaming
-class _Scratch:
-    """Memory-mapped ``.npy`` files for output leaves (removed with the folder)."""
+def tensor_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of all leaves of an orbax checkpoint folder (from ``nemojax_orbax.json``)."""
+    return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in read_meta(folder)["leaves"].values())
+
+
+class Scratch:
+    """Memory-mapped ``.npy`` files for the leaves of a tree being built (removed with the folder): a tree of
+    them is written by :func:`write_tree` with one parameter in memory at a time."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -236,100 +226,25 @@ class _Scratch:
         return np.lib.format.open_memmap(os.path.join(self.folder, f"{self.n}.npy"), mode="w+",
                                          dtype=np.dtype(dtype), shape=tuple(shape))
 
+    def bank(self, n: int, get):
+        """A stacked leaf or node of ``n`` experts from ``get(e)`` (one expert's array or node) into memmaps."""
+        first = get(0)
+        leaves, treedef = jax.tree_util.tree_flatten(first)
+        out = [self.new((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
+        for e in range(n):
+            cur = first if e == 0 else get(e)
+            for o, a in zip(out, jax.tree_util.tree_leaves(cur)):
+                o[e] = np.asarray(a)
+            del cur
+        first = None
+        return jax.tree_util.tree_unflatten(treedef, out)
 
-def _fill_bank(scratch: _Scratch, n: int, get):
-    """A stacked leaf or node of ``n`` experts from ``get(e)`` (one expert's array or node) into memmaps."""
-    first = get(0)
-    leaves, treedef = jax.tree_util.tree_flatten(first)
-    out = [scratch.new((n, *np.shape(a)), np.asarray(a).dtype) for a in leaves]
-    for e in range(n):
-        cur = first if e == 0 else get(e)
-        for o, a in zip(out, jax.tree_util.tree_leaves(cur)):
-            o[e] = np.asarray(a)
-        del cur
-    first = None
-    return jax.tree_util.tree_unflatten(treedef, out)
+    def put(self, x):
+        """A leaf or node with its arrays copied into memmaps (so only one parameter is ever in memory)."""
+        def one(a):
+            a = np.asarray(a)
+            m = self.new(a.shape, a.dtype)
+            m[...] = a
+            return m
 
-
-def _to_scratch(scratch: _Scratch, x):
-    """A leaf or node with its arrays copied into memmaps (so only one parameter is ever in memory)."""
-    def put(a):
-        a = np.asarray(a)
-        m = scratch.new(a.shape, a.dtype)
-        m[...] = a
-        return m
-
-    return jax.tree.map(put, x)
-
-
-def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None = None,
-                     force: bool = False, base: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """A Hugging Face checkpoint folder (BF16, NVFP4 or HLWQ) -> an orbax checkpoint folder, streaming.
-
-    ``quant``: a recipe name ("nvfp4", "hlwq-q5", ...) to quantize a BF16 checkpoint on the way (weight-only;
-    no calibration). Without it the parameters keep their stored format (a quantized checkpoint stays
-    quantized). Output goes to a temporary folder renamed at the end. Returns a summary dict.
-    """
-    from . import quant as q
-    from .convert import ConvertError, _copy_side_files, atomic_output, open_source
-    from .weights import _progress, _read, kind_format, read_node, read_quant_configs
-
-    src, cfg, ck, base_ck, items, fmt = open_source(src, dst, base)
-    recipe = None
-    if quant is not None:
-        try:
-            recipe = q.resolve_recipe(quant)
-        except ValueError as e:
-            raise ConvertError(f"--quant: {e}") from None
-        if fmt != "bf16":
-            raise ConvertError(f"{src}: --quant needs a BF16 checkpoint, this one is {fmt} (convert it to bf16 first)")
-    targets = q.quantized_modules(cfg, recipe) if recipe is not None else {}
-    options = q.format_options(recipe) if recipe is not None else {}
-    configs = read_quant_configs(src) if fmt != "bf16" else {}
-    bf16 = jnp.dtype(jnp.bfloat16)
-
-    def quantize(w, what):
-        return FORMATS[recipe.format].from_float(jnp.asarray(w), name=what, **options)
-
-    def one(path, spec, kind, names, e):
-        """Parameter ``path`` (or expert ``e`` of it) as an array or a quantized node (as stored: default run
-        options, set when the orbax checkpoint is loaded)."""
-        if kind_format(kind) is not None:
-            return read_node(ck, kind_format(kind), spec, kind, names, configs, {}, e)
-        dt = np.dtype(leaf_dtype(spec, bf16))
-        if kind == "base":
-            w = _read(base_ck, spec, "whole", names, dt)
-        elif e is None:
-            w = _read(ck, spec, kind, names, dt)
-        elif kind == "experts":
-            w = np.array(ck.get(names[e]), dtype=dt, copy=True).reshape(spec.shape[1:])
-        else:  # stacked (hf5) tensor
-            w = np.array(ck.get(names[0])[e], dtype=dt, copy=True).reshape(spec.shape[1:])
-        if path in targets:
-            return quantize(w, targets[path] if e is None else f"{targets[path]} (expert {e})")
-        return w
-
-    flat: dict = {}
-    with atomic_output(dst, force) as tmp:
-        scratch = _Scratch(os.path.join(tmp, ".scratch"))
-        bar = _progress(len(items), f"{os.path.basename(os.path.abspath(src))} -> orbax", progress)
-        for path, spec, kind, names in items:
-            if kind == "scalar":  # FP8 KV scales
-                flat[path] = np.array(ck.get(names[0]), np.float32).reshape(())
-            elif spec.stacked:
-                # stored per expert: stack one expert at a time; stored stacked (hf5 / NVFP4 bank) likewise
-                flat[path] = _fill_bank(scratch, spec.shape[0], lambda e: one(path, spec, kind, names, e))
-            else:
-                flat[path] = _to_scratch(scratch, one(path, spec, kind, names, None))
-            bar.update(1)
-        bar.close()
-        tree = _nest(flat)
-        _write(tmp, tree, cfg, _describe(tree))
-        del tree, flat
-        shutil.rmtree(scratch.folder)
-        _copy_side_files(src, tmp)
-        nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize
-                     for s, d in read_meta(tmp)["leaves"].values())
-    return {"source": src, "output": os.path.abspath(os.fspath(dst)), "from": fmt,
-            "to": "orbax" + (f" ({recipe.name})" if recipe else ""), "parameters": len(items), "shards": 1,
-            "tensor_bytes": nbytes}
+        return jax.tree.map(one, x)

@@ -1,29 +1,24 @@
-"""The ``nemojax`` command line: ``generate`` (streams text; prefill and decode speed on stderr), ``convert``,
-``inspect`` and ``verify`` (``nemojax.convert_cli``).
-
-Exit codes: 0 success, 2 bad arguments or unusable input (message on stderr, no traceback), 1 other errors.
-"""
+"""``nemojax generate``: streams text from a prompt (optionally through the chat template); prefill and decode
+speed on stderr."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-__all__ = ["main", "default_model_path"]
+from ..chat import parse_response
+from .errors import UsageError
+
+__all__ = ["add_parser", "cmd_generate", "default_model_path"]
 
 
 def default_model_path() -> str:
     """The small trained model bundled with the package (``nemojax/default_model``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
 
 
-class UsageError(Exception):
-    """A user error: reported as ``nemojax: error: ...`` with exit code 2."""
-
-
-def _gen_parser(sub):
+def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate text with a Nemotron-H checkpoint (default: the bundled tiny model).")
     p.add_argument("--model", default=None, help="checkpoint folder (config.json, safetensors, tokenizer.json); "
@@ -69,17 +64,24 @@ def _stream_text(a, tok, parts, stops) -> tuple[list[int], str]:
     return new, shown
 
 
-def _finish_text(out_text: str, shown: str) -> None:
-    if out_text[len(shown):]:
-        sys.stdout.write(out_text[len(shown):])
-    sys.stdout.write("\n")
+def _report(a, folder: str, text: str, new: list[int], shown: str, stats: dict, thinking: bool, summary) -> None:
+    """The result: one JSON object with ``--json``, else the rest of the streamed text and ``summary()`` (the
+    speeds) on stderr."""
+    if a.json:
+        res = {"model": folder, "prompt": a.prompt, "text": text, "token_ids": new, **stats}
+        if a.chat:
+            res.update(parse_response(text, thinking=thinking))
+        print(json.dumps(res, ensure_ascii=False))
+    else:
+        if text[len(shown):]:
+            sys.stdout.write(text[len(shown):])
+        sys.stdout.write("\n")
+        print(summary(), file=sys.stderr)
 
 
 def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int:
     """``generate --expert-cache N``: host loop per token, experts fetched into N device slots per MoE layer; the
     text streams token by token."""
-    from .chat import parse_response
-
     off = model.offload(a.expert_cache, a.cache_policy)
     t0 = time.perf_counter()
     new, shown = _stream_text(a, tok, off.generate_stream([ids], a.max_new_tokens, **{**kw, "chunk": 1}),
@@ -90,21 +92,15 @@ def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int
     stats = {"prompt_tokens": len(ids), "new_tokens": len(new), "load_s": round(load_s, 3),
              "generate_s": round(dt, 3), "expert_cache": a.expert_cache, "cache_policy": a.cache_policy,
              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ost.items()}}
-    if a.json:
-        res = {"model": folder, "prompt": a.prompt, "text": text, "token_ids": new, **stats}
-        if a.chat:
-            res.update(parse_response(text, thinking=thinking))
-        print(json.dumps(res, ensure_ascii=False))
-    else:
-        _finish_text(text, shown)
-        print(f"[expert cache {a.expert_cache}/layer ({a.cache_policy}): hit rate {ost['hit_rate']:.1%}, "
-              f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting | "
-              f"{len(new)} tokens in {dt:.1f} s]", file=sys.stderr)
+    _report(a, folder, text, new, shown, stats, thinking,
+            lambda: f"[expert cache {a.expert_cache}/layer ({a.cache_policy}): hit rate {ost['hit_rate']:.1%}, "
+                    f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting | "
+                    f"{len(new)} tokens in {dt:.1f} s]")
     return 0
 
 
 def cmd_generate(a) -> int:
-    from .sampling import check_sampling
+    from ..sampling import check_sampling
 
     try:
         check_sampling(a.temperature, a.top_k, a.top_p)
@@ -114,7 +110,7 @@ def cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if a.expert_cache is not None:
-        from .experts.policies import POLICIES
+        from ..experts.policies import POLICIES
 
         if a.expert_cache < 1:
             raise UsageError(f"--expert-cache must be >= 1 (device slots per MoE layer), got {a.expert_cache}")
@@ -127,11 +123,10 @@ def cmd_generate(a) -> int:
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise UsageError(f"{folder}: no config.json (not a Hugging Face model folder)")
 
-    from . import api
-    from .chat import parse_response
-    from .config import ConfigError
-    from .tokenizer import Tokenizer, TokenizerError
-    from .weights import CheckpointError
+    from .. import api
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..tokenizer import Tokenizer, TokenizerError
 
     t0 = time.perf_counter()
     try:
@@ -181,42 +176,7 @@ def cmd_generate(a) -> int:
              "compile_s": round(compile_s, 3), "prefill_s": round(timings["prefill_s"], 4),
              "decode_s": round(timings["decode_s"], 4), "prefill_tok_s": round(pre_tps, 1),
              "decode_tok_s": round(dec_tps, 1)}
-    if a.json:
-        res = {"model": folder, "prompt": a.prompt, "text": out_text, "token_ids": new, **stats}
-        if a.chat:
-            res.update(parse_response(out_text, thinking=thinking))
-        print(json.dumps(res, ensure_ascii=False))
-    else:
-        _finish_text(out_text, shown)
-        print(f"[prefill {len(ids)} tok: {pre_tps:.1f} tok/s | decode {n_new} tok: {dec_tps:.1f} tok/s | "
-              f"load {load_s:.1f} s, compile {compile_s:.1f} s]", file=sys.stderr)
+    _report(a, folder, out_text, new, shown, stats, thinking,
+            lambda: f"[prefill {len(ids)} tok: {pre_tps:.1f} tok/s | decode {n_new} tok: {dec_tps:.1f} tok/s | "
+                    f"load {load_s:.1f} s, compile {compile_s:.1f} s]")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    ap = argparse.ArgumentParser(prog="nemojax", description="Pure-JAX inference for NVIDIA Nemotron-H models.")
-    ap.add_argument("--version", action="version", version=f"nemojax {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _gen_parser(sub)
-    from .convert_cli import add_subcommands
-
-    add_subcommands(sub)
-    return ap
-
-
-def main(argv=None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    try:
-        return a.func(a)
-    except UsageError as e:
-        print(f"nemojax {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,78 @@
+"""``nemojax convert``: a checkpoint folder to another format, streaming (``nemojax.checkpoint.convert``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+from ..checkpoint import TARGETS, CheckpointError, ConvertError, QuantConfigError, convert_checkpoint
+from ..config import ConfigError
+from ..formats import QuantError
+from .errors import UsageError, need_folders
+
+__all__ = ["add_parser", "cmd_convert"]
+
+_CONVERT_EPILOG = """\
+supported conversions:
+  bf16  -> nvfp4              ModelOpt NVFP4 layout (hf_quant_config.json + config.json quantization_config),
+                              the published selective recipe. WEIGHT-ONLY (W4A16_NVFP4): there is no calibration,
+                              so no input_scale (no W4A4) and no FP8 KV-cache scales are written.
+  bf16  -> hlwq-q5            polarengine HLWQ 5-bit, layout B (packed codes + polar_config.json)
+  bf16  -> hlwq-q5-converged  the same with the converged Lloyd-Max codebook (stored per tensor)
+  nvfp4 -> bf16, hlwq -> bf16 dequantized plain BF16 checkpoint (like polarquant-convert; --base for HLWQ files
+                              that lack e_score_correction_bias)
+  any   -> orbax              the parameter pytree as an orbax checkpoint (params/ + nemojax_orbax.json + config and
+                              tokenizer files), quantized nodes kept as they are; --quant RECIPE (nvfp4, nvfp4-all,
+                              hlwq-q5, hlwq-q5-converged) quantizes a bf16 source on the way. nemojax.load and
+                              `nemojax generate --model OUT` read it.
+Conversion streams one parameter at a time (peak memory ~ one parameter + small buffers); output is written to
+a temporary folder beside OUT and renamed when complete, so an error (or a full disk) leaves nothing behind."""
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
+    unit = m.group(2).rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}[unit]
+    v = int(float(m.group(1)) * mult)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return v
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint (bf16 <-> nvfp4 / hlwq), streaming",
+                       description="Convert a Nemotron-H checkpoint folder, one parameter at a time.",
+                       epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="input checkpoint folder")
+    p.add_argument("dst", metavar="OUT", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="target format (see below)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", dest="max_shard_bytes",
+                   help="maximum safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
+    p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
+    p.add_argument("--quant", default=None, metavar="RECIPE",
+                   help="with --to orbax: quantize a bf16 source with this recipe (nvfp4, hlwq-q5, ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(a) -> int:
+    need_folders(a.src, a.base)
+    try:
+        res = convert_checkpoint(a.src, a.dst, a.to, force=a.force, max_shard_bytes=a.max_shard_bytes, base=a.base,
+                                 progress=not a.no_progress, quant=a.quant)
+    except FileExistsError as e:
+        raise UsageError(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from e
+    except (ConvertError, ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
+        raise UsageError(str(e)) from None
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"wrote {res['output']} ({res['from']} -> {res['to']}: {res['parameters']} parameters, "
+              f"{res['tensor_bytes'] / 1e9:.3f} GB in {res['shards']} shard(s))")
+    return 0

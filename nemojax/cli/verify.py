@@ -1,0 +1,45 @@
+"""``nemojax verify``: loads a checkpoint and runs one forward pass (``nemojax.checkpoint.verify``). Exit code 0
+OK, 1 failed check, 2 unusable input."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..checkpoint import CheckpointError, QuantConfigError, verify_checkpoint
+from ..config import ConfigError
+from ..formats import QuantError
+from .errors import UsageError, need_folders
+
+__all__ = ["add_parser", "cmd_verify"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("verify", help="load a checkpoint and run one forward pass",
+                       description="Load a checkpoint with nemojax.load (checks every tensor's shape and dtype), "
+                                   "run one forward pass on a few tokens and check the logits are finite. "
+                                   "Exit code 0 OK, 1 failed check, 2 unusable input.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(a) -> int:
+    need_folders(a.dir, a.base)
+    try:
+        r = verify_checkpoint(a.dir, a.base)
+    except (ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
+        if a.json:
+            print(json.dumps({"path": os.path.abspath(a.dir), "ok": False, "error": str(e)}))
+        raise UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (a failed forward is a failed check, exit 1)
+        r = {"path": os.path.abspath(a.dir), "ok": False, "error": f"{type(e).__name__}: {e}"}
+    if a.json:
+        print(json.dumps(r))
+    elif r["ok"]:
+        print(f"OK {r['path']}: loaded in {r['load_s']:.1f} s, forward on {r['tokens']} tokens -> finite logits "
+              f"{r['logits_shape']}")
+    else:
+        print(f"FAILED {r['path']}: {r['error']}", file=sys.stderr)
+    return 0 if r["ok"] else 1
