@@ -155,7 +155,7 @@ def _post(acc, w_refs, e):
     return acc
 
 
-def _check(xr, packed, norms, table, bits, lead, what):
+def check_operands(xr, packed, norms, table, bits, lead, what):
     if not 2 <= bits <= 8:
         raise KernelError(f"{what}: bits must be 2..8, got {bits}")
     if xr.ndim != 2 or xr.shape[1] % BLOCK:
@@ -204,7 +204,7 @@ def hlwq_matmul(xr, packed, norms, table, bits: int, *, interpret: bool = False,
     """Pallas HLWQ rotated matmul; same signature and result as :func:`hlwq_matmul_reference` (N % 16 == 0).
     path "mma" (tensor-core dots) or "gemv" (decode, <= 8 rows, bits <= 6: see :func:`_gemv`); default "gemv"
     where it applies."""
-    n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_matmul")
+    n, kp = check_operands(xr, packed, norms, table, bits, (), "hlwq_matmul")
     m = xr.shape[0]
     path = path or ("gemv" if m <= 8 and bits <= GEMV_MAX_BITS else "mma")
     if path == "gemv":
@@ -247,7 +247,7 @@ def hlwq_grouped_matmul(xr, packed, norms, table, group_sizes, bits: int, *, int
     :func:`hlwq_grouped_matmul_reference`. path "gemv" (default for at most ``GROUPED_GEMV_ROWS`` rows and
     bits <= 6, the MoE's decode: one visit per row through the decode GEMV) or "mma" (row tiles)."""
     E = packed.shape[0] if packed.ndim == 3 else 0
-    n, kp = _check(xr, packed, norms, table, bits, (E,), "hlwq_grouped_matmul")
+    n, kp = check_operands(xr, packed, norms, table, bits, (E,), "hlwq_grouped_matmul")
     path = path or ("gemv" if xr.shape[0] <= GROUPED_GEMV_ROWS and bits <= GEMV_MAX_BITS else "mma")
     if path == "gemv":
         xp, plan, src, _ = grouped_rows(xr, group_sizes, E, 1, "hlwq_grouped_matmul")

@@ -144,7 +144,7 @@ def _gemv(x, packed, scale, scale_2, plan, geo: dict, *, interpret, poison, num_
                      interpret=interpret, poison=poison, num_warps=num_warps)
 
 
-def _check(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
+def check_operands(x, packed, scale, scale_2, lead: tuple[int, ...], what: str):
     if x.ndim != 2:
         raise KernelError(f"{what}: x must be [M, K], got shape {list(x.shape)}")
     k = x.shape[1]
@@ -182,7 +182,7 @@ def nvfp4_matmul(x, packed, scale, scale_2, *, interpret: bool = False, path: st
     words and decoded two at a time, multiply-add, the next step's loads in flight, split-K; see
     :func:`gemv_launch`); default "gemv" for M <= 8. N % 16, K % 32.
     """
-    n, k = _check(x, packed, scale, scale_2, (), "nvfp4_matmul")
+    n, k = check_operands(x, packed, scale, scale_2, (), "nvfp4_matmul")
     m = x.shape[0]
     path = path or ("gemv" if m <= 8 else "mma")
     if path == "gemv":
@@ -233,7 +233,7 @@ def nvfp4_grouped_matmul(x, packed, scale, scale_2, group_sizes, *, interpret: b
     ``GROUPED_GEMV_ROWS`` rows, the MoE's decode: one visit per row through the decode GEMV, so a token's
     experts cost their bytes and no padded rows) or "mma" (row tiles of 16..64 on the tensor cores)."""
     E = packed.shape[0] if packed.ndim == 3 else 0
-    n, k = _check(x, packed, scale, scale_2, (E,), "nvfp4_grouped_matmul")
+    n, k = check_operands(x, packed, scale, scale_2, (E,), "nvfp4_grouped_matmul")
     path = path or ("gemv" if x.shape[0] <= GROUPED_GEMV_ROWS else "mma")
     if path == "gemv":
         xp, plan, src, _ = grouped_rows(x, group_sizes, E, 1, "nvfp4_grouped_matmul")

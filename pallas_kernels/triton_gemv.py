@@ -144,10 +144,10 @@ def nvfp4_gemv(x, packed, scale, scale_2, *, bn: int = 64, bw: int = 16, splits:
     import jax
     import jax.numpy as jnp
 
-    from .nvfp4 import _check
+    from .nvfp4 import check_operands
 
     _check_rows(x, "nvfp4_gemv")
-    n, k = _check(x, packed, scale, scale_2, (), "nvfp4_gemv")
+    n, k = check_operands(x, packed, scale, scale_2, (), "nvfp4_gemv")
     grid, meta = nvfp4_launch(n, k, bn, bw, splits=splits)
     m = x.shape[0]
     out = _jax_triton().triton_call(
@@ -164,10 +164,10 @@ def hlwq_gemv(xr, packed, norms, table, bits: int, *, bn: int = 64, splits: int 
     import jax
     import jax.numpy as jnp
 
-    from .hlwq import _check
+    from .hlwq import check_operands
 
     _check_rows(xr, "hlwq_gemv")
-    n, kp = _check(xr, packed, norms, table, bits, (), "hlwq_gemv")
+    n, kp = check_operands(xr, packed, norms, table, bits, (), "hlwq_gemv")
     grid, meta = hlwq_launch(n, kp, bits, bn, splits=splits)
     m = xr.shape[0]
     out = _jax_triton().triton_call(

@@ -13,11 +13,11 @@ MAX_LINES = 600
 # Bottom to top. A module may import its own layer or lower ones. The longest matching prefix decides.
 LAYERS = {
     "pallas_kernels": 0,
-    "nemojax.version": 1, "nemojax.config": 1, "nemojax.formats": 1, "nemojax.ops": 1,
-    "nemojax.kernels": 2,
+    "nemojax.version": 1, "nemojax.config": 1, "nemojax.formats": 1,
+    "nemojax.kernels": 2, "nemojax.ops": 2,
     "nemojax.blocks": 3, "nemojax.params": 3, "nemojax.cache": 3, "nemojax.sharding": 3, "nemojax.model": 4,
-    "nemojax.sampling": 5, "nemojax.experts": 5, "nemojax.generate": 6, "nemojax.quant": 6,
-    "nemojax.tokenizer": 5, "nemojax.chat": 5,
+    "nemojax.sampling": 5, "nemojax.tokenizer": 5, "nemojax.chat": 5, "nemojax.generate": 5,
+    "nemojax.experts": 6, "nemojax.quant": 6,
     "nemojax.checkpoint": 7,
     "nemojax.api": 8,
     "nemojax.cli": 9, "nemojax.__main__": 9, "nemojax": 10,
