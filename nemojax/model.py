@@ -2,7 +2,7 @@
 
 Every layer is a pre-norm residual block with one mixer: ``h = h + mixer(rmsnorm(h))``; then ``norm_f`` and
 the untied ``lm_head``. Logits are returned in float32. How MoE blocks run their routed experts is a strategy
-(``experts=``, see ``nemojax.layers.moe.RoutedExperts``); a host-driven one (the host-offloaded expert cache) runs
+(``experts=``, see ``nemojax.blocks.moe.RoutedExperts``); a host-driven one (the host-offloaded expert cache) runs
 the same pieces layer by layer, each jitted on its own (:data:`STEPWISE`).
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from .cache import Cache
 from .config import Config
 from .formats import is_quantized
-from .layers.attention import attention_mixer
-from .layers.mamba import mamba_mixer
-from .layers.mlp import mlp
-from .layers.moe import RoutedExperts, moe_mixer, moe_output, moe_route, resident_experts
+from .blocks.attention import attention_mixer
+from .blocks.mamba import mamba_mixer
+from .blocks.mlp import mlp
+from .blocks.moe import RoutedExperts, moe_mixer, moe_output, moe_route, resident_experts
 from .ops import linear, rms_norm
 
 __all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype", "start", "head", "moe_input",
@@ -128,7 +128,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     ``return_hidden_states`` also a list of L+1 arrays [B, T, H]: the embeddings, the residual stream after
     blocks 0..L-2, and the final-normed output (transformers' ``output_hidden_states`` convention).
     With a cache: the tokens continue the cached sequences at ``cache.pos``; returns (logits, new cache).
-    experts: how MoE blocks run their routed experts (``nemojax.layers.moe``): ``GROUPED`` (inference), ``DENSE``
+    experts: how MoE blocks run their routed experts (``nemojax.blocks.moe``): ``GROUPED`` (inference), ``DENSE``
     (every expert on every token; differentiable, for training), ``ExpertParallel(mesh)``, or a host-driven
     strategy (``nemojax.experts.offload``: then ``forward`` runs eagerly, layer by layer, each piece jitted; not
     inside ``jit``). Default: expert-parallel over ``mesh`` where it splits the experts, else grouped.

@@ -9,7 +9,7 @@ node's codes and scales follow the weight they encode, splitting the input dimen
 quantization blocks (16 for NVFP4, 128 for HLWQ).
 
 The routed-expert computation runs under ``shard_map`` when the expert or tensor axis is > 1
-(:class:`nemojax.layers.moe.ExpertParallel`, what ``forward(..., mesh=mesh)`` uses): each device computes the
+(:class:`nemojax.blocks.moe.ExpertParallel`, what ``forward(..., mesh=mesh)`` uses): each device computes the
 assignments of its local experts on its intermediate-channel slice and one ``psum`` combines them -- the expert
 bank is never gathered.
 

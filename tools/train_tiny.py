@@ -179,7 +179,7 @@ def make_train_step(cfg, tx, bias_rate: float):
     import jax.numpy as jnp
     import optax
 
-    from nemojax.layers.moe import DENSE, route
+    from nemojax.blocks.moe import DENSE, route
     from nemojax.model import forward
     from nemojax.ops import rms_norm
 

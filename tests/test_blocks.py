@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from nemojax.layers.mamba import causal_conv, gated_rms_norm, ssd_chunked, ssd_step
-from nemojax.layers.moe import grouped_experts, route
+from nemojax.blocks.mamba import causal_conv, gated_rms_norm, ssd_chunked, ssd_step
+from nemojax.blocks.moe import grouped_experts, route
 
 from .conftest import tiny_config
 
@@ -169,7 +169,7 @@ def _dot_shapes(jaxpr, out):
 def test_moe_never_multiplies_by_all_experts():
     """The traced MoE contains no contraction over the stacked [E, F, H] bank: per-token work is top-k, not E."""
     import jax
-    from nemojax.layers.moe import moe_mixer
+    from nemojax.blocks.moe import moe_mixer
     from nemojax.params import abstract_params
 
     cfg = tiny_config(hybrid_override_pattern="E", n_routed_experts=128, num_experts_per_tok=6,
@@ -186,7 +186,7 @@ def test_moe_never_multiplies_by_all_experts():
 
 def test_dense_experts_equal_grouped_and_differentiate():
     import jax
-    from nemojax.layers.moe import dense_experts
+    from nemojax.blocks.moe import dense_experts
 
     rng = np.random.default_rng(9)
     T, E, k, H, F = 3, 12, 2, 16, 10
