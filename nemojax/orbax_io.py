@@ -20,7 +20,7 @@ import numpy as np
 from .config import Config
 from .formats import FORMATS, QuantError, is_quantized
 from .formats.base import check_run_options
-from .params import _key_str, leaf_dtype, param_specs, tree_paths
+from .params import key_str, leaf_dtype, param_specs, tree_paths
 
 __all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "convert_to_orbax", "OrbaxError"]
 
@@ -40,7 +40,7 @@ def _describe(params: dict) -> dict:
     """``{"leaves": {path: [shape, dtype]}, "nodes": {path: static fields}}`` of a params pytree."""
     leaves, nodes = {}, {}
     for kpath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
-        path = ".".join(_key_str(k) for k in kpath)
+        path = ".".join(key_str(k) for k in kpath)
         if is_quantized(leaf):
             nodes[path] = leaf.describe()
             for field in leaf.leaf_names():

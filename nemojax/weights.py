@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .blocks.base import Spec
 from .config import Config
 from .formats import FORMATS, QuantError, QuantFormat, is_quantized
 from .formats.base import check_run_options, check_tensor
-from .params import Spec, is_spec, leaf_dtype, param_specs, tree_paths
+from .params import is_spec, leaf_dtype, param_specs, tree_paths
 from .quant.modelopt import config_quantization, hf_quant_config, linear_modules, read_quant_config
 from .quant.polar import read_polar_config
 from .safetensors_io import SafeFile, SafetensorsError

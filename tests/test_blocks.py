@@ -1,4 +1,5 @@
-"""Block-level numerics against independent float64 NumPy references (no torch needed)."""
+"""The block kinds: their registry and declarations, and block-level numerics against independent float64 NumPy
+references (no torch needed)."""
 from __future__ import annotations
 
 import numpy as np
@@ -201,3 +202,42 @@ def test_dense_experts_equal_grouped_and_differentiate():
     used = np.zeros(E, bool)
     used[np.asarray(idx).ravel()] = True
     assert np.abs(np.asarray(g)[used]).max() > 0 and np.abs(np.asarray(g)[~used]).max() == 0
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+def test_registry_is_the_config_block_table():
+    from nemojax.blocks.base import BLOCKS
+    from nemojax.config import BLOCK_TYPES
+
+    assert {c: k.type_name for c, k in BLOCKS.items()} == BLOCK_TYPES
+    assert all(k.char == c for c, k in BLOCKS.items())
+
+
+def test_register_refuses_a_taken_or_unknown_character():
+    from nemojax.blocks.base import BLOCKS, BlockKind, register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(BLOCKS["M"])
+    with pytest.raises(ValueError, match="not in nemojax.config.BLOCK_TYPES"):
+        register(BlockKind(char="X", type_name="new", params=lambda cfg, p: {}, mixer=lambda *a: None))
+    assert "X" not in BLOCKS
+
+
+def test_declarations_fit_their_kind():
+    """Every kind's linears are parameters of it; its cache state has exactly the arrays its state axes name, one
+    logical axis per dimension; a declared parameter's axes have one name per dimension."""
+    import jax
+    from nemojax.blocks.base import BLOCKS, Spec
+    from nemojax.params import tree_paths
+
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="1 logical axes for shape"):
+        Spec((2, 3), ("embed",), "w")
+    for c, kind in BLOCKS.items():
+        declared = dict(tree_paths(kind.params(cfg, "p.")))
+        assert set(kind.linears) <= set(declared), c
+        assert all(len(declared[n].shape) == 2 or declared[n].stacked for n in kind.linears), c
+        state = jax.eval_shape(lambda: kind.init_state(cfg, 2, 8, jnp.bfloat16, jnp.bfloat16))
+        assert state.keys() == kind.state_axes.keys(), c
+        assert all(len(kind.state_axes[n]) == a.ndim for n, a in state.items()), c
+        assert not set(dict(tree_paths(kind.optional(cfg, "p.")))) & set(declared), c

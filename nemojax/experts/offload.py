@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import Config
 from ..generate import DecodeState, next_token
-from ..blocks.moe import RoutedExperts, grouped_experts
+from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
 from .policies import make_policy
 from .policies.slots import SlotTable
@@ -245,7 +245,7 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
     device = device or jax.devices()[0]
     layers, new_layers, shared = {}, [], {}  # shared: the layers' policies pool their evidence
     for i, (lp, kind) in enumerate(zip(params["layers"], cfg.pattern)):
-        if kind == "E":
+        if kind == MOE.char:
             ex = lp["mixer"]["experts"]
             layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
