@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import Config
 from .generate import generate, generate_stream
-from .layers.moe import RoutedExperts
+from .blocks.moe import RoutedExperts
 from .model import forward, forward_jit
 from .checkpoint import CheckpointError, load_params, resolve_dtype
 

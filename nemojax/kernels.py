@@ -3,7 +3,7 @@
 :data:`KERNELS` maps ``(format name, backend)`` to a format's kernels on a backend: the dense linear op (``x [M, K]
 @ W^T`` for a 2-D node), the grouped op of the MoE's routed experts (rows sorted by expert through a bank), and,
 for a format with a shared input transform, the dense op on transformed activations. ``nemojax.ops.linear``,
-the routed experts (``nemojax.layers.moe.grouped_experts``) and ``nemojax.quant.set_backend`` ask here; a node
+the routed experts (``nemojax.blocks.moe.grouped_experts``) and ``nemojax.quant.set_backend`` ask here; a node
 whose ``(format, backend)`` has no entry, or whose shape its kernels do not take, runs the format's reference
 (XLA). Activations are reshaped to 2-D, the kernels run in Pallas interpret mode off a GPU, and they read the
 checkpoint bytes as stored (no repacking per call).
@@ -162,7 +162,7 @@ def linear_transformed(xt: jax.Array, node, dtype=None) -> jax.Array:
 
 def grouped_experts(x, weights, idx, up, down, activation):
     """The MoE's routed experts with the grouped kernels: ``sum_k weights[t, k] * down_e(activation(up_e x_t))``
-    with ``e = idx[t, k]`` (same contract as ``nemojax.layers.moe.grouped_experts``: x [T, H]; weights, idx
+    with ``e = idx[t, k]`` (same contract as ``nemojax.blocks.moe.grouped_experts``: x [T, H]; weights, idx
     [T, k]; ids >= E are dropped) -> [T, H] fp32, or None if a bank's format, backend or shape is not one the
     kernels take (the caller then runs its XLA loop)."""
     ku, kd = _kernels(up), _kernels(down)

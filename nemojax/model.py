@@ -2,7 +2,7 @@
 
 Every layer is a pre-norm residual block with one mixer: ``h = h + mixer(rmsnorm(h))``; then ``norm_f`` and
 the untied ``lm_head``. Logits are returned in float32. How MoE blocks run their routed experts is a strategy
-(``experts=``, see ``nemojax.layers.moe.RoutedExperts``); a host-driven one (the host-offloaded expert cache) runs
+(``experts=``, see ``nemojax.blocks.moe.RoutedExperts``); a host-driven one (the host-offloaded expert cache) runs
 the same pieces layer by layer, each jitted on its own (:data:`STEPWISE`).
 """
 from __future__ import annotations
@@ -12,13 +12,11 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .blocks.base import BLOCKS, BlockInput
+from .blocks.moe import MOE, RoutedExperts, moe_output, moe_route, resident_experts
 from .cache import Cache
 from .config import Config
 from .formats import is_quantized
-from .layers.attention import attention_mixer
-from .layers.mamba import mamba_mixer
-from .layers.mlp import mlp
-from .layers.moe import RoutedExperts, moe_mixer, moe_output, moe_route, resident_experts
 from .ops import linear, rms_norm
 
 __all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype", "start", "head", "moe_input",
@@ -32,24 +30,14 @@ def pre_norm(lp: dict, cfg: Config, h: jax.Array) -> jax.Array:
 
 def block(lp: dict, cfg: Config, kind: str, h: jax.Array, mask=None, state=None, pos=None, kv_mask=None,
           experts: RoutedExperts | None = None, layer: int = 0):
-    """One residual block. lp = {"norm", "mixer"}; h [B, T, H] -> (h [B, T, H], new layer state).
+    """One residual block of ``kind`` (a pattern character: its mixer is ``BLOCKS[kind].mixer``).
+    lp = {"norm", "mixer"}; h [B, T, H] -> (h [B, T, H], new layer state).
 
     ``state`` is the layer's cache entry (see ``nemojax.cache``) or None for a cache-free forward. ``experts``: how an
     MoE block runs its routed experts (default grouped); ``layer``: the block's index (passed to ``experts``).
     """
     x = pre_norm(lp, cfg, h)
-    p = lp["mixer"]
-    new_state = {}
-    if kind == "M":
-        out, new_state = mamba_mixer(p, cfg, x, mask, state)
-    elif kind == "*":
-        out, new_state = attention_mixer(p, cfg, x, mask, state, pos, kv_mask)
-    elif kind == "E":
-        out = moe_mixer(p, cfg, x, experts, layer)
-    elif kind == "-":
-        out = mlp(p, x)
-    else:  # unreachable: Config validates the pattern
-        raise ValueError(f"unknown block kind {kind!r}")
+    out, new_state = BLOCKS[kind].mixer(lp["mixer"], cfg, x, BlockInput(mask, state, pos, kv_mask, experts, layer))
     return h + out.astype(h.dtype), new_state
 
 
@@ -128,7 +116,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     ``return_hidden_states`` also a list of L+1 arrays [B, T, H]: the embeddings, the residual stream after
     blocks 0..L-2, and the final-normed output (transformers' ``output_hidden_states`` convention).
     With a cache: the tokens continue the cached sequences at ``cache.pos``; returns (logits, new cache).
-    experts: how MoE blocks run their routed experts (``nemojax.layers.moe``): ``GROUPED`` (inference), ``DENSE``
+    experts: how MoE blocks run their routed experts (``nemojax.blocks.moe``): ``GROUPED`` (inference), ``DENSE``
     (every expert on every token; differentiable, for training), ``ExpertParallel(mesh)``, or a host-driven
     strategy (``nemojax.experts.offload``: then ``forward`` runs eagerly, layer by layer, each piece jitted; not
     inside ``jit``). Default: expert-parallel over ``mesh`` where it splits the experts, else grouped.
@@ -150,7 +138,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
         st = cache.layers[i] if cache is not None else None
         if not stepwise:
             h, st = block(lp, cfg, kind, h, attention_mask, st, pos, kv_mask, experts, i)
-        elif kind == "E":  # the host decides between the router and the routed experts
+        elif kind == MOE.char:  # the host decides between the router and the routed experts
             x, w, idx = run.moe_input(lp, cfg, h)
             h, st = run.moe_residual(lp, h, x, experts(x, w, idx, lp["mixer"].get("experts"), i)), {}
             experts.after_moe(params, cfg, i, h)

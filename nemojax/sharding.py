@@ -1,7 +1,8 @@
 """Sharding over a device mesh with JAX's own SPMD partitioner: data, expert and tensor parallelism.
 
-A mesh has three axes, ``("data", "expert", "tensor")``. Every parameter gets *logical* axis names from its path
-(``("expert", "mlp", "embed")`` for a routed-expert ``up_proj`` bank), and :data:`RULES` map logical names to
+A mesh has three axes, ``("data", "expert", "tensor")``. Every parameter and cache array has *logical* axis names,
+declared with it (``Spec.axes`` of ``nemojax.params.spec_table``, a block kind's ``state_axes``; e.g.
+``("expert", "mlp", "embed")`` for a routed-expert ``up_proj`` bank), and :data:`RULES` map logical names to
 mesh axes: batch over ``data``; routed experts over ``expert``; attention heads, Mamba heads / inner channels,
 MLP and expert intermediate channels and the vocabulary over ``tensor``; the hidden size replicated. A dimension
 that the mesh axis does not divide is replicated instead (so any mesh works on any model), and a quantized
@@ -9,7 +10,7 @@ node's codes and scales follow the weight they encode, splitting the input dimen
 quantization blocks (16 for NVFP4, 128 for HLWQ).
 
 The routed-expert computation runs under ``shard_map`` when the expert or tensor axis is > 1
-(:class:`nemojax.layers.moe.ExpertParallel`, what ``forward(..., mesh=mesh)`` uses): each device computes the
+(:class:`nemojax.blocks.moe.ExpertParallel`, what ``forward(..., mesh=mesh)`` uses): each device computes the
 assignments of its local experts on its intermediate-channel slice and one ``psum`` combines them -- the expert
 bank is never gathered.
 
@@ -27,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .blocks.base import BLOCKS
 from .config import Config
 from .formats import is_quantized
-from .params import _key_str
+from .params import key_str, spec_table
 
 __all__ = ["AXES", "RULES", "ShardingError", "make_mesh", "logical_axes", "param_shardings", "shard_params",
            "cache_shardings", "shard_cache", "mesh_axis_size", "expert_parallel",
@@ -67,28 +69,17 @@ def mesh_axis_size(mesh: Mesh | None, axis: str | None) -> int:
     return 1 if mesh is None or axis is None else int(mesh.shape[axis])
 
 
-def logical_axes(path: str, ndim: int) -> tuple:
-    """Logical axis names of a float parameter (dot path as in ``params.tree_paths``), one per dimension."""
-    leaf = path.rsplit(".", 1)[-1]
-    if path in ("embeddings", "lm_head"):
-        return ("vocab", "embed")
-    if leaf in ("norm", "norm_f") and ".mixer." not in path:
-        return ("embed",)
-    if ".mixer.experts." in path:
-        return ("expert", "mlp", "embed") if leaf == "up_proj" else ("expert", "embed", "mlp")
-    table = {
-        "in_proj": ("mamba", "embed"), "conv1d": ("mamba", None), "conv1d_bias": ("mamba",),
-        "dt_bias": ("mamba",), "A_log": ("mamba",), "D": ("mamba",), "norm": ("mamba",),
-        "out_proj": ("embed", "mamba"),
-        "q_proj": ("heads", "embed"), "k_proj": ("heads", "embed"), "v_proj": ("heads", "embed"),
-        "o_proj": ("embed", "heads"),
-        "up_proj": ("mlp", "embed"), "down_proj": ("embed", "mlp"),
-        "gate": (None, "embed"), "e_score_correction_bias": (None,), "k_scale": (), "v_scale": (),
-    }
-    axes = table.get(leaf)
-    if axes is None or len(axes) != ndim:
+def logical_axes(cfg: Config, path: str, ndim: int) -> tuple:
+    """Logical axis names of a float parameter of a ``cfg`` model (dot path as in ``params.tree_paths``), one per
+    dimension: those its :class:`nemojax.blocks.base.Spec` declares (``params.spec_table``)."""
+    return _declared_axes(spec_table(cfg), path, ndim)
+
+
+def _declared_axes(table: dict, path: str, ndim: int) -> tuple:
+    spec = table.get(path)
+    if spec is None or len(spec.axes) != ndim:
         raise ShardingError(f"no sharding rule for parameter {path!r} with {ndim} dimension(s)")
-    return axes
+    return spec.axes
 
 
 def _spec(shape, logical, mesh: Mesh, block_dims: dict | None = None) -> P:
@@ -122,29 +113,31 @@ def _bank_logical(node, logical):
     return logical if node.input_split_in_shard_map else _no_mlp_split(logical)
 
 
-def _pspecs(params, mesh: Mesh):
+def _pspecs(params, cfg: Config, mesh: Mesh):
+    table = spec_table(cfg)
+
     def one(kpath, leaf):
-        path = ".".join(_key_str(k) for k in kpath)
+        path = ".".join(key_str(k) for k in kpath)
         if is_quantized(leaf):
-            logical = logical_axes(path, len(leaf.shape))
-            if ".mixer.experts." in path:
+            logical = _declared_axes(table, path, len(leaf.shape))
+            if table[path].stacked:
                 logical = _bank_logical(leaf, logical)  # see bank_specs
             return _node_specs(leaf, logical, mesh)
-        return _spec(np.shape(leaf), logical_axes(path, len(np.shape(leaf))), mesh)
+        return _spec(np.shape(leaf), _declared_axes(table, path, len(np.shape(leaf))), mesh)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
 
 
-def param_shardings(params, mesh: Mesh):
-    """A pytree like ``params`` (arrays, quantized nodes or ``ShapeDtypeStruct``s) of ``NamedSharding``s."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), _pspecs(params, mesh),
+def param_shardings(params, cfg: Config, mesh: Mesh):
+    """A pytree like ``params`` of a ``cfg`` model (arrays, quantized nodes or ``ShapeDtypeStruct``s) of
+    ``NamedSharding``s."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), _pspecs(params, cfg, mesh),
                         is_leaf=lambda x: isinstance(x, P))
 
 
 def shard_params(params, cfg: Config, mesh: Mesh):
     """``params`` placed on ``mesh`` per :data:`RULES` (one ``device_put`` of the tree)."""
-    del cfg  # the rules read the parameter paths and shapes
-    return jax.device_put(params, param_shardings(params, mesh))
+    return jax.device_put(params, param_shardings(params, cfg, mesh))
 
 
 def expert_parallel(mesh: Mesh | None, n_experts: int) -> bool:
@@ -178,15 +171,10 @@ def bank_specs(up, down, mesh: Mesh):
 # ------------------------------------------------------------------------------------------------ cache
 def cache_specs(cache, cfg: Config, mesh):
     """PartitionSpecs for a :class:`nemojax.cache.Cache` (arrays or ``ShapeDtypeStruct``s): batch over data; KV
-    heads and Mamba heads / conv channels over tensor (replicated where the axis does not divide them)."""
-    def layer(kind, st):
-        if kind == "*":
-            s = _spec(st["k"].shape, ("batch", None, "heads", None), mesh)
-            return {"k": s, "v": s}
-        if kind == "M":
-            return {"conv": _spec(st["conv"].shape, ("batch", None, "mamba"), mesh),
-                    "ssm": _spec(st["ssm"].shape, ("batch", "mamba", None, None), mesh)}
-        return {}
+    heads and Mamba heads / conv channels over tensor (replicated where the axis does not divide them), as each block
+    kind's ``state_axes`` declare."""
+    def layer(kind, st):  # the axes the layer's block kind declares for its state
+        return {name: _spec(a.shape, BLOCKS[kind].state_axes[name], mesh) for name, a in st.items()}
 
     return cache.replace(layers=tuple(layer(k, st) for k, st in zip(cfg.pattern, cache.layers)),
                          mask=_spec(cache.mask.shape, ("batch", None), mesh), pos=P())
@@ -208,10 +196,10 @@ def constrain_cache(cache, cfg: Config, mesh: Mesh):
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def parameter_bytes_per_device(params_abstract, mesh_shape: dict) -> int:
-    """Bytes of parameters one device holds for a mesh of ``mesh_shape`` ({"data": d, "expert": e, "tensor":
-    t}); ``params_abstract`` may hold ``ShapeDtypeStruct``s (nothing is allocated)."""
-    return _bytes_per_device(params_abstract, _pspecs(params_abstract, _FakeMesh(mesh_shape)), mesh_shape)
+def parameter_bytes_per_device(params_abstract, cfg: Config, mesh_shape: dict) -> int:
+    """Bytes of parameters (of a ``cfg`` model) one device holds for a mesh of ``mesh_shape`` ({"data": d,
+    "expert": e, "tensor": t}); ``params_abstract`` may hold ``ShapeDtypeStruct``s (nothing is allocated)."""
+    return _bytes_per_device(params_abstract, _pspecs(params_abstract, cfg, _FakeMesh(mesh_shape)), mesh_shape)
 
 
 def cache_bytes_per_device(cfg: Config, batch: int, max_len: int, mesh_shape: dict, dtype=jnp.bfloat16) -> int:

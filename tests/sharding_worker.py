@@ -121,7 +121,7 @@ def main(out_dir: str) -> dict:
             same = all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
                        for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(single)))
             placed = all(a.sharding == b for a, b in zip(jax.tree.leaves(sp),
-                                                         jax.tree.leaves(S.param_shardings(sp, mesh))))
+                                                         jax.tree.leaves(S.param_shardings(sp, cfg, mesh))))
             bank = "layers.1.mixer.experts.up_proj" + (".weight" if name == "nvfp4" else "")
             reads = [idx for p, idx in log if p == bank]
             experts_per_read = sorted({len(range(*idx[0].indices(cfg.n_routed_experts))) for idx in reads})

@@ -371,7 +371,7 @@ def test_grouped_experts_kernel_path_matches_loop():
     """The MoE's routed experts through the grouped kernels == the XLA while_loop for NVFP4 W4A4 (per-expert input
     scales, row by row) with ids >= E (another device's assignments: dropped); W4A16 and HLWQ banks are covered
     by the model test above."""
-    from nemojax.layers.moe import grouped_experts
+    from nemojax.blocks.moe import grouped_experts
 
     T, H, F, E, k = 5, 128, 64, 6, 2
     x = _rand((T, H), 0)

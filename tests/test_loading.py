@@ -15,13 +15,14 @@ import pytest
 
 import nemojax
 from nemojax import CheckpointError, ConfigError
-from nemojax.params import FP32_LEAVES, is_spec, leaf_dtype, param_specs, tree_paths
+from nemojax.params import is_spec, leaf_dtype, param_specs, tree_paths
 from nemojax.checkpoint import (Checkpoint, SafeFile, SafetensorsError, checkpoint_tensors, load_params,
                                 save_file, save_params)
 
 from .conftest import tiny_config
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+FP32_LEAVES = ("A_log", "D", "e_score_correction_bias")  # the parameters kept in float32 whatever the dtype
 
 
 # ----------------------------------------------------------------------------------------------- helpers

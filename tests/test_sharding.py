@@ -13,7 +13,9 @@ import pytest
 
 from nemojax import sharding as S
 from nemojax.config import Config
-from nemojax.params import abstract_params
+from nemojax.params import abstract_params, tree_paths
+
+from .conftest import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharding_worker.py")
@@ -90,7 +92,36 @@ def test_mesh_errors():
         S.make_mesh(1, 1, 1.5)
     assert S.make_mesh(n, 1, 1).shape == {"data": n, "expert": 1, "tensor": 1}
     with pytest.raises(S.ShardingError, match="no sharding rule for parameter 'layers.0.mixer.frobnicate'"):
-        S.logical_axes("layers.0.mixer.frobnicate", 2)
+        S.logical_axes(tiny_config(), "layers.0.mixer.frobnicate", 2)
+    with pytest.raises(S.ShardingError, match="no sharding rule for parameter 'layers.0.mixer.in_proj' with 3"):
+        S.logical_axes(tiny_config(), "layers.0.mixer.in_proj", 3)
+
+
+# every parameter's logical axes, by leaf name (dense MLP weights and the shared expert alike)
+AXES_BY_LEAF = {
+    "in_proj": ("mamba", "embed"), "conv1d": ("mamba", None), "conv1d_bias": ("mamba",), "dt_bias": ("mamba",),
+    "A_log": ("mamba",), "D": ("mamba",), "out_proj": ("embed", "mamba"),
+    "q_proj": ("heads", "embed"), "k_proj": ("heads", "embed"), "v_proj": ("heads", "embed"),
+    "o_proj": ("embed", "heads"), "up_proj": ("mlp", "embed"), "down_proj": ("embed", "mlp"),
+    "gate": (None, "embed"), "e_score_correction_bias": (None,), "k_scale": (), "v_scale": (),
+}
+
+
+def test_declared_axes():
+    cfg = tiny_config()
+    paths = [p for p, _ in tree_paths(abstract_params(cfg))]
+    paths += [f"layers.{i}.mixer.{s}" for i in cfg.layer_indices("*") for s in ("k_scale", "v_scale")]
+    for path in paths:
+        leaf = path.rsplit(".", 1)[-1]
+        if path in ("embeddings", "lm_head"):
+            want = ("vocab", "embed")
+        elif path == "norm_f" or path.endswith(".norm") and ".mixer." not in path:
+            want = ("embed",)
+        elif ".mixer.experts." in path:
+            want = ("expert", "mlp", "embed") if leaf == "up_proj" else ("expert", "embed", "mlp")
+        else:
+            want = ("mamba",) if leaf == "norm" else AXES_BY_LEAF[leaf]
+        assert S.logical_axes(cfg, path, len(want)) == want, path
 
 
 def test_memory_arithmetic_30b():
@@ -98,13 +129,13 @@ def test_memory_arithmetic_30b():
     cfg = Config.from_json(os.path.join(HERE, "fixtures", "nemotron3_nano_30b_a3b_config.json"))
     ab = abstract_params(cfg, "bfloat16")
     full = sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(ab))
-    assert S.parameter_bytes_per_device(ab, {"data": 8}) == full  # data parallel: replicated
+    assert S.parameter_bytes_per_device(ab, cfg, {"data": 8}) == full  # data parallel: replicated
     E = cfg.n_routed_experts
     experts = sum(np.prod(lp["mixer"]["experts"][k].shape) * 2 for lp in ab["layers"] if "experts" in lp["mixer"]
                   for k in ("up_proj", "down_proj"))
-    assert S.parameter_bytes_per_device(ab, {"expert": 8}) == full - experts + experts // 8
+    assert S.parameter_bytes_per_device(ab, cfg, {"expert": 8}) == full - experts + experts // 8
     assert E % 8 == 0
-    t8 = S.parameter_bytes_per_device(ab, {"tensor": 8})
+    t8 = S.parameter_bytes_per_device(ab, cfg, {"tensor": 8})
     assert full / 8 < t8 < full / 4  # most weights split 8 ways; norms, router, conv-free dims replicated
     whole = S.cache_bytes_per_device(cfg, 8, 4096, {})
     mask = 8 * 4096 * 4  # [B, S] int32, split over data only

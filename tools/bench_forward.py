@@ -111,10 +111,10 @@ def nemojax_breakdown(params, cfg, ids, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from nemojax.layers import mamba as mam
-    from nemojax.layers import moe as moe_mod
-    from nemojax.layers.attention import attention_mixer
-    from nemojax.layers.mlp import mlp
+    from nemojax.blocks import mamba as mam
+    from nemojax.blocks import moe as moe_mod
+    from nemojax.blocks.attention import attention_mixer
+    from nemojax.blocks.mlp import mlp
     from nemojax.model import block, lm_head
     from nemojax.ops import linear, rms_norm
 

@@ -210,9 +210,9 @@ def nemojax_breakdown(params, cfg, ids, new: int, reps: int, l3: int) -> dict:
 
     from nemojax import generate as gen
     from nemojax.cache import init_cache
-    from nemojax.layers import moe as moe_mod
-    from nemojax.layers.attention import attend
-    from nemojax.layers.mlp import mlp
+    from nemojax.blocks import moe as moe_mod
+    from nemojax.blocks.attention import attend
+    from nemojax.blocks.mlp import mlp
     from nemojax.model import block, forward, lm_head
     from nemojax.ops import linear, relu2, rms_norm
 

@@ -29,14 +29,14 @@ def abstract_quantized(cfg, recipe: str):
     from nemojax import quant
     from nemojax.formats.hlwq import BLOCK, HLWQWeight, padded_in
     from nemojax.formats.nvfp4 import NVFP4Weight
-    from nemojax.params import _key_str, abstract_params
+    from nemojax.params import abstract_params, key_str
 
     r = quant.resolve_recipe(recipe)
     targets = quant.quantized_modules(cfg, r)
     sds = jax.ShapeDtypeStruct
 
     def node(kpath, a):
-        if ".".join(_key_str(k) for k in kpath) not in targets:
+        if ".".join(key_str(k) for k in kpath) not in targets:
             return a
         *lead, n, k = a.shape
         lead = tuple(lead)
@@ -62,7 +62,7 @@ def table(cfg, batch: int, context: int) -> list[dict]:
         shape = {"data": d, "expert": e, "tensor": t}
         row = {"mesh": f"{d}x{e}x{t}", "devices": d * e * t}
         for name, tree in trees.items():
-            row[name] = S.parameter_bytes_per_device(tree, shape)
+            row[name] = S.parameter_bytes_per_device(tree, cfg, shape)
         row["cache"] = S.cache_bytes_per_device(cfg, batch, context, shape)
         rows.append(row)
     del jax

@@ -179,7 +179,7 @@ def make_train_step(cfg, tx, bias_rate: float):
     import jax.numpy as jnp
     import optax
 
-    from nemojax.layers.moe import DENSE, route
+    from nemojax.blocks.moe import DENSE, route
     from nemojax.model import forward
     from nemojax.ops import rms_norm
 
@@ -237,20 +237,19 @@ def make_optimizer(params, weight_decay: float, clip: float):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def to_bf16_numpy(params):
-    """numpy tree: bf16 everywhere except A_log, D, e_score_correction_bias (fp32)."""
+def to_bf16_numpy(params, cfg):
+    """numpy tree: bf16 everywhere except the parameters declared fp32 (A_log, D, e_score_correction_bias)."""
     import jax
     import ml_dtypes
     import numpy as np
 
-    from nemojax.params import FP32_LEAVES
+    from nemojax.params import is_spec, param_specs
 
-    def conv(path, a):
-        name = str(getattr(path[-1], "key", getattr(path[-1], "idx", "")))
+    def conv(spec, a):
         a = np.asarray(a, np.float32)
-        return a if name in FP32_LEAVES else a.astype(ml_dtypes.bfloat16)
+        return a if spec.fp32 else a.astype(ml_dtypes.bfloat16)
 
-    return jax.tree_util.tree_map_with_path(conv, params)
+    return jax.tree.map(conv, param_specs(cfg), params, is_leaf=is_spec)
 
 
 _FONT = {  # 3x5 bitmap digits for the plot's tick labels
@@ -524,7 +523,7 @@ def main(argv=None) -> int:
           f"{batcher.seen_examples} conversations, final loss {final_loss:.4f}", flush=True)
 
     # 4. write the folder
-    save_params(to_bf16_numpy(params), cfg, out, naming="original")
+    save_params(to_bf16_numpy(params, cfg), cfg, out, naming="original")
     write_tokenizer_files(tok, out, ids, cfg.max_position_embeddings)
     heldout = corpus.heldout_problems(args.heldout_n, seed=args.seed + 12345)
     with open(os.path.join(out, "heldout.jsonl"), "w") as f:

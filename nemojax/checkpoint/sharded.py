@@ -17,10 +17,10 @@ from .source import CheckpointError
 __all__ = ["load_sharded"]
 
 
-def _placement(mesh: Mesh, path: str, leaf):
+def _placement(mesh: Mesh, cfg: Config, path: str, leaf):
     """The ``NamedSharding`` (a node of them for a quantized node) of parameter ``path`` (an array, a node or
     their ``ShapeDtypeStruct``s) under the mesh rules."""
-    return flat_params(param_shardings(nest({path: leaf}), mesh))[0][1]
+    return flat_params(param_shardings(nest({path: leaf}), cfg, mesh))[0][1]
 
 
 def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat16", *, progress: bool = False,
@@ -49,7 +49,7 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
         fields = item.fmt.stored_fields(ck, list(item.names), item.module_shape)
         if fields is None:  # built by converting the tensors: read whole on the host, then placed
             node = reader.node(item)
-            return jax.device_put(node, _placement(mesh, item.path, node))
+            return jax.device_put(node, _placement(mesh, cfg, item.path, node))
         # leaves = the tensors as stored: every device reads its slice of each
         lead = tuple(item.shape[:-2])
         try:
@@ -57,7 +57,7 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
                                for f, (sfx, shp) in fields.items()}).configure(**reader.run_options)
         except QuantError as e:
             raise CheckpointError(f"{ck.path}: {e}") from None
-        shardings = _placement(mesh, item.path, node)
+        shardings = _placement(mesh, cfg, item.path, node)
         leaves = {}
         for f, (sfx, shp) in fields.items():
             a = getattr(node, f)
@@ -73,12 +73,12 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
     for item in reader.items:
         if item.spec is None:  # FP8 KV scales
             scale = reader.float(item, dtype)
-            flat[item.path] = jax.device_put(scale, _placement(mesh, item.path, scale))
+            flat[item.path] = jax.device_put(scale, _placement(mesh, cfg, item.path, scale))
         elif item.fmt is not None:
             flat[item.path] = quantized(item)
         else:
             abstract = jax.ShapeDtypeStruct(item.shape, reader.dtype_of(item, dtype))
-            flat[item.path] = sliced(item.path, item.shape, _placement(mesh, item.path, abstract),
+            flat[item.path] = sliced(item.path, item.shape, _placement(mesh, cfg, item.path, abstract),
                                      lambda idx, item=item: reader.region(item, dtype, idx))
         bar.update(1)
     bar.close()

@@ -2,7 +2,7 @@
 
 Routed-expert banks (bf16 arrays, NVFP4 or HLWQ nodes) live in host memory (``pinned_host`` where the backend
 has that memory kind, else NumPy); each MoE layer owns device slot arrays — the bank's leaves with a leading
-axis of N — that :func:`nemojax.layers.moe.grouped_experts` indexes by slot. :class:`OffloadedExperts` is a
+axis of N — that :func:`nemojax.blocks.moe.grouped_experts` indexes by slot. :class:`OffloadedExperts` is a
 host-driven experts strategy: ``nemojax.model.forward(..., experts=...)`` runs its jitted pieces layer by layer and,
 per MoE block, hands the router's choice to the host (one sync per layer, as in the vLLM expert-offload PR): the
 policy (``nemojax.experts.policies``; the batch's experts are pinned before any victim is chosen), one batched
@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import Config
 from ..generate import DecodeState, next_token
-from ..layers.moe import RoutedExperts, grouped_experts
+from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
 from .policies import make_policy
 from .policies.slots import SlotTable
@@ -149,7 +149,7 @@ class _Layer:
 
 
 class OffloadedExperts(RoutedExperts):
-    """The host-offloaded routed-expert strategy (``nemojax.layers.moe.RoutedExperts``, host-driven): one
+    """The host-offloaded routed-expert strategy (``nemojax.blocks.moe.RoutedExperts``, host-driven): one
     :class:`_Layer` (host store, device slots, slot table) per MoE layer, whose banks are not in the params.
 
     ``stats`` (:class:`OffloadStats`) accumulates over every forward (``reset_stats`` starts anew); ``trace``: None
@@ -245,7 +245,7 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
     device = device or jax.devices()[0]
     layers, new_layers, shared = {}, [], {}  # shared: the layers' policies pool their evidence
     for i, (lp, kind) in enumerate(zip(params["layers"], cfg.pattern)):
-        if kind == "E":
+        if kind == MOE.char:
             ex = lp["mixer"]["experts"]
             layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}

@@ -12,13 +12,14 @@ import fnmatch
 import jax
 import jax.numpy as jnp
 
+from ..blocks.base import BLOCKS, Spec
 from ..config import Config
 from ..formats import FORMATS, QuantError, is_quantized
 from ..formats.base import check_run_options
 from ..formats.hlwq import lloyd_max_table
 from ..formats.nvfp4 import MODES
 from ..kernels import BACKENDS, backend_unavailable
-from ..params import Spec, param_specs, tree_paths
+from ..params import param_specs, tree_paths
 
 __all__ = ["Recipe", "RECIPES", "apply", "calibrate_model", "module_name", "quantized_modules", "resolve_recipe",
            "format_options", "set_mode", "set_backend"]
@@ -66,7 +67,8 @@ RECIPES = {
                                 exclude=("*.gate", "*.conv1d"), bits=5, codebook="converged"),
 }
 
-_LINEAR_LEAVES = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+# the leaf names of the block kinds' linears (what a recipe can select)
+_LINEAR_LEAVES = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for kind in BLOCKS.values() for n in kind.linears))
 
 
 def module_name(spec: Spec) -> str:

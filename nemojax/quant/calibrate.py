@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ..layers.moe import RoutedExperts, dense_hidden, dense_output, routing_matrix
+from ..blocks.moe import RoutedExperts, dense_hidden, dense_output, routing_matrix
 from ..model import forward
 from ..ops import linear
 from ..params import tree_paths
@@ -73,7 +73,7 @@ class Observed:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ObservedDense(RoutedExperts):
-    """The dense routed experts (``nemojax.layers.moe.DENSE``), noting for observed banks the amax of the inputs of
+    """The dense routed experts (``nemojax.blocks.moe.DENSE``), noting for observed banks the amax of the inputs of
     the routed (token, expert) pairs only: every token for ``up_proj``, the chosen experts' hidden activations for
     ``down_proj``."""
 

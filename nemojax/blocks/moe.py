@@ -19,11 +19,12 @@ from .. import kernels
 from ..config import Config
 from ..formats import is_quantized
 from ..ops import linear, relu2
-from .mlp import mlp
+from .base import BlockInput, BlockKind, Normal, Spec, register
+from .mlp import mlp, mlp_params
 
 __all__ = ["route", "grouped_experts", "dense_experts", "moe_mixer", "moe_route", "moe_output", "block_rows",
            "expert_parallel_experts", "routing_matrix", "dense_hidden", "dense_output", "RoutedExperts", "Grouped",
-           "Dense", "ExpertParallel", "GROUPED", "DENSE", "resident_experts"]
+           "Dense", "ExpertParallel", "GROUPED", "DENSE", "resident_experts", "MOE"]
 
 
 def route(gate_w, bias, cfg: Config, x: jax.Array):
@@ -247,3 +248,32 @@ def moe_mixer(p: dict, cfg: Config, x: jax.Array, experts: RoutedExperts | None 
     """
     weights, idx = moe_route(p, cfg, x)
     return moe_output(p, x, (experts or GROUPED)(x, weights, idx, p.get("experts"), layer))
+
+
+# ------------------------------------------------------------------------------------------------ the block kind
+def _params(cfg: Config, p: str) -> dict:
+    """gate [E, H], e_score_correction_bias [E] (fp32), experts {up_proj [E, F, H], down_proj [E, H, F]} (one
+    checkpoint tensor per expert), shared_experts {up_proj [Fs, H], down_proj [H, Fs]}."""
+    E, F, H = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    m = {
+        "gate": Spec((E, H), (None, "embed"), p + "gate.weight"),
+        "e_score_correction_bias": Spec((E,), (None,), p + "gate.e_score_correction_bias", fp32=True,
+                                        init=Normal(0.1)),
+        "experts": {
+            "up_proj": Spec((E, F, H), ("expert", "mlp", "embed"), p + "experts.{e}.up_proj.weight", stacked=True),
+            "down_proj": Spec((E, H, F), ("expert", "embed", "mlp"), p + "experts.{e}.down_proj.weight",
+                              stacked=True),
+        },
+    }
+    if cfg.n_shared_experts:
+        m["shared_experts"] = mlp_params(p + "shared_experts.", H, cfg.moe_shared_expert_intermediate_size)
+    return m
+
+
+def _mixer(p: dict, cfg: Config, x: jax.Array, inp: BlockInput):
+    return moe_mixer(p, cfg, x, inp.experts, inp.layer), {}
+
+
+MOE = register(BlockKind(
+    char="E", type_name="moe", params=_params, mixer=_mixer,
+    linears=("experts.up_proj", "experts.down_proj", "shared_experts.up_proj", "shared_experts.down_proj")))

@@ -1,12 +1,13 @@
-"""Block-level numerics against independent float64 NumPy references (no torch needed)."""
+"""The block kinds: their registry and declarations, and block-level numerics against independent float64 NumPy
+references (no torch needed)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from nemojax.layers.mamba import causal_conv, gated_rms_norm, ssd_chunked, ssd_step
-from nemojax.layers.moe import grouped_experts, route
+from nemojax.blocks.mamba import causal_conv, gated_rms_norm, ssd_chunked, ssd_step
+from nemojax.blocks.moe import grouped_experts, route
 
 from .conftest import tiny_config
 
@@ -169,7 +170,7 @@ def _dot_shapes(jaxpr, out):
 def test_moe_never_multiplies_by_all_experts():
     """The traced MoE contains no contraction over the stacked [E, F, H] bank: per-token work is top-k, not E."""
     import jax
-    from nemojax.layers.moe import moe_mixer
+    from nemojax.blocks.moe import moe_mixer
     from nemojax.params import abstract_params
 
     cfg = tiny_config(hybrid_override_pattern="E", n_routed_experts=128, num_experts_per_tok=6,
@@ -186,7 +187,7 @@ def test_moe_never_multiplies_by_all_experts():
 
 def test_dense_experts_equal_grouped_and_differentiate():
     import jax
-    from nemojax.layers.moe import dense_experts
+    from nemojax.blocks.moe import dense_experts
 
     rng = np.random.default_rng(9)
     T, E, k, H, F = 3, 12, 2, 16, 10
@@ -201,3 +202,42 @@ def test_dense_experts_equal_grouped_and_differentiate():
     used = np.zeros(E, bool)
     used[np.asarray(idx).ravel()] = True
     assert np.abs(np.asarray(g)[used]).max() > 0 and np.abs(np.asarray(g)[~used]).max() == 0
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+def test_registry_is_the_config_block_table():
+    from nemojax.blocks.base import BLOCKS
+    from nemojax.config import BLOCK_TYPES
+
+    assert {c: k.type_name for c, k in BLOCKS.items()} == BLOCK_TYPES
+    assert all(k.char == c for c, k in BLOCKS.items())
+
+
+def test_register_refuses_a_taken_or_unknown_character():
+    from nemojax.blocks.base import BLOCKS, BlockKind, register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(BLOCKS["M"])
+    with pytest.raises(ValueError, match="not in nemojax.config.BLOCK_TYPES"):
+        register(BlockKind(char="X", type_name="new", params=lambda cfg, p: {}, mixer=lambda *a: None))
+    assert "X" not in BLOCKS
+
+
+def test_declarations_fit_their_kind():
+    """Every kind's linears are parameters of it; its cache state has exactly the arrays its state axes name, one
+    logical axis per dimension; a declared parameter's axes have one name per dimension."""
+    import jax
+    from nemojax.blocks.base import BLOCKS, Spec
+    from nemojax.params import tree_paths
+
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="1 logical axes for shape"):
+        Spec((2, 3), ("embed",), "w")
+    for c, kind in BLOCKS.items():
+        declared = dict(tree_paths(kind.params(cfg, "p.")))
+        assert set(kind.linears) <= set(declared), c
+        assert all(len(declared[n].shape) == 2 or declared[n].stacked for n in kind.linears), c
+        state = jax.eval_shape(lambda: kind.init_state(cfg, 2, 8, jnp.bfloat16, jnp.bfloat16))
+        assert state.keys() == kind.state_axes.keys(), c
+        assert all(len(kind.state_axes[n]) == a.ndim for n, a in state.items()), c
+        assert not set(dict(tree_paths(kind.optional(cfg, "p.")))) & set(declared), c

@@ -5,13 +5,17 @@ The SSM runs in fp32 and is never clamped unless config.json gives a ``time_step
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import Config
 from ..ops import linear
+from .base import BlockInput, BlockKind, Normal, Spec, near_one, register
 
-__all__ = ["mamba_mixer", "ssd_chunked", "ssd_step", "gated_rms_norm", "causal_conv"]
+__all__ = ["mamba_mixer", "ssd_chunked", "ssd_step", "gated_rms_norm", "causal_conv", "MAMBA"]
 
 
 def gated_rms_norm(y: jax.Array, z: jax.Array, w: jax.Array, n_groups: int, eps: float, dtype) -> jax.Array:
@@ -141,3 +145,50 @@ def mamba_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, state=None):
     y = y + p["D"].astype(jnp.float32)[:, None] * xs
     g = gated_rms_norm(y.reshape(Bsz, T, d_in), z, p["norm"], G, cfg.layer_norm_epsilon, dtype)
     return linear(g, p["out_proj"]), {"conv": new_window, "ssm": ssm}
+
+
+# ------------------------------------------------------------------------------------------------ the block kind
+def _a_log_init(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """A = -exp(A_log) with -A uniform in [1, 16]."""
+    return np.log(rng.uniform(1.0, 16.0, shape))
+
+
+def _dt_bias_init(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """softplus(dt_bias) log-uniform in [1e-3, 0.1]."""
+    dt = np.exp(rng.uniform(math.log(1e-3), math.log(0.1), shape))
+    return dt + np.log(-np.expm1(-dt))  # inverse softplus
+
+
+def _params(cfg: Config, p: str) -> dict:
+    """in_proj [2*d_in+2*G*N+nh, H], conv1d [C, K] ([C, 1, K] stored), conv1d_bias [C], dt_bias [nh], A_log [nh]
+    (fp32), D [nh] (fp32), norm [d_in], out_proj [H, d_in]   (C = d_in + 2*G*N)."""
+    C, K = cfg.mamba_conv_dim, cfg.conv_kernel
+    nh, d_in, H = cfg.mamba_num_heads, cfg.mamba_d_inner, cfg.hidden_size
+    m = {
+        "in_proj": Spec((cfg.mamba_in_proj_dim, H), ("mamba", "embed"), p + "in_proj.weight"),
+        "conv1d": Spec((C, K), ("mamba", None), p + "conv1d.weight", ckpt_shape=(C, 1, K), init=Normal(0.5)),
+        "dt_bias": Spec((nh,), ("mamba",), p + "dt_bias", init=_dt_bias_init),
+        "A_log": Spec((nh,), ("mamba",), p + "A_log", fp32=True, init=_a_log_init),
+        "D": Spec((nh,), ("mamba",), p + "D", fp32=True, init=Normal(0.5, mean=1.0)),
+        "norm": Spec((d_in,), ("mamba",), p + "norm.weight", init=near_one),
+        "out_proj": Spec((H, d_in), ("embed", "mamba"), p + "out_proj.weight"),
+    }
+    if cfg.use_conv_bias:
+        m["conv1d_bias"] = Spec((C,), ("mamba",), p + "conv1d.bias", init=Normal(0.1))
+    return m
+
+
+def _init_state(cfg: Config, batch: int, max_len: int, dtype, kv_dtype) -> dict:
+    """``conv`` [B, K-1, C] (model dtype: the last K-1 conv inputs), ``ssm`` [B, nh, P, N] (always float32)."""
+    return {"conv": jnp.zeros((batch, cfg.conv_kernel - 1, cfg.mamba_conv_dim), dtype),
+            "ssm": jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), jnp.float32)}
+
+
+def _mixer(p: dict, cfg: Config, x: jax.Array, inp: BlockInput):
+    return mamba_mixer(p, cfg, x, inp.mask, inp.state)
+
+
+MAMBA = register(BlockKind(
+    char="M", type_name="linear_attention", params=_params, mixer=_mixer, init_state=_init_state,
+    state_axes={"conv": ("batch", None, "mamba"), "ssm": ("batch", "mamba", None, None)},
+    linears=("in_proj", "out_proj")))

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from ..config import Config
 from ..ops import linear
 from ..formats.kv import FP8, fp8_fake_quant, fp8_load, fp8_store
+from .base import BlockInput, BlockKind, Spec, register
 
-__all__ = ["attention_mixer", "attend"]
+__all__ = ["attention_mixer", "attend", "ATTENTION"]
 
 _NEG = -1e30  # finite: a fully masked row (a left pad) gives a uniform softmax, never NaN
 
@@ -72,3 +73,36 @@ def attention_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, kv=None, pos=
         kr, vr = fp8_load(kc, p["k_scale"], q.dtype), fp8_load(vc, p["v_scale"], q.dtype)
     o = attend(q, kr, vr, allowed)
     return linear(o.reshape(Bsz, T, nq * Dh), p["o_proj"]), {"k": kc, "v": vc}
+
+
+# ------------------------------------------------------------------------------------------------ the block kind
+def _params(cfg: Config, p: str) -> dict:
+    """q_proj [nq*Dh, H], k_proj [nkv*Dh, H], v_proj [nkv*Dh, H], o_proj [H, nq*Dh]."""
+    H, Dh = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * Dh, cfg.num_key_value_heads * Dh
+    return {"q_proj": Spec((q, H), ("heads", "embed"), p + "q_proj.weight"),
+            "k_proj": Spec((kv, H), ("heads", "embed"), p + "k_proj.weight"),
+            "v_proj": Spec((kv, H), ("heads", "embed"), p + "v_proj.weight"),
+            "o_proj": Spec((H, q), ("embed", "heads"), p + "o_proj.weight")}
+
+
+def _optional(cfg: Config, p: str) -> dict:
+    """The FP8 KV cache's per-tensor scales (``nemojax.quant.apply`` with calibration, or FP8 checkpoints)."""
+    return {"k_scale": Spec((), (), p + "k_proj.k_scale", fp32=True),
+            "v_scale": Spec((), (), p + "v_proj.v_scale", fp32=True)}
+
+
+def _init_state(cfg: Config, batch: int, max_len: int, dtype, kv_dtype) -> dict:
+    """``k``, ``v`` [B, S, nkv, Dh] in ``kv_dtype``."""
+    shp = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shp, kv_dtype), "v": jnp.zeros(shp, kv_dtype)}
+
+
+def _mixer(p: dict, cfg: Config, x: jax.Array, inp: BlockInput):
+    return attention_mixer(p, cfg, x, inp.mask, inp.state, inp.pos, inp.kv_mask)
+
+
+ATTENTION = register(BlockKind(
+    char="*", type_name="full_attention", params=_params, mixer=_mixer, init_state=_init_state,
+    state_axes={"k": ("batch", None, "heads", None), "v": ("batch", None, "heads", None)},
+    linears=("q_proj", "k_proj", "v_proj", "o_proj"), optional=_optional))

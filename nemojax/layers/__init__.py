@@ -1,1 +1,0 @@
-"""Block mixers, one module per block type: Mamba2 (``M``), MoE (``E``), attention (``*``), MLP (``-``)."""
