@@ -102,7 +102,8 @@ class ShardWriter:
 
 def expert_spec(spec: Spec, e: int) -> Spec:
     """The spec of expert ``e`` of a stacked bank, as a parameter of its own (its checkpoint tensor's name)."""
-    return dataclasses.replace(spec, shape=spec.shape[1:], ckpt=spec.ckpt.format(e=e), stacked=False)
+    return dataclasses.replace(spec, shape=spec.shape[1:], axes=spec.axes[1:], ckpt=spec.ckpt.format(e=e),
+                               stacked=False)
 
 
 def _module_nodes(spec: Spec, node: QuantFormat, conv=lambda n: n) -> list[tuple[str, QuantFormat]]:
