@@ -2,6 +2,7 @@
 when complete, so a failed or interrupted run leaves nothing half-written."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -14,6 +15,8 @@ import struct
 import numpy as np
 
 from .config import Config
+from .formats import FORMATS
+from .quant import RECIPES, Recipe, resolve_recipe
 from .weights import kind_format, load_params, save_params
 
 __all__ = ["dequantize_checkpoint", "atomic_output", "convert_checkpoint", "ConvertError", "TARGETS",
@@ -71,9 +74,9 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, bas
 
 
 # ================================================================================================ streaming
-TARGETS = ("nvfp4", "hlwq-q5", "hlwq-q5-converged", "bf16", "orbax")
+TARGETS = (*RECIPES, "bf16", "orbax")  # every registered format's recipes (nemojax.quant.RECIPES)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
-SUPPORTED = ("bf16 -> nvfp4 | hlwq-q5 | hlwq-q5-converged; nvfp4 -> bf16; hlwq (layout A/B/C) -> bf16; "
+SUPPORTED = (f"bf16 -> {' | '.join(RECIPES)}; {' | '.join(FORMATS)} -> bf16; "
              "any -> orbax (optionally quantizing a bf16 checkpoint with quant=<recipe>)")
 
 
@@ -196,24 +199,38 @@ def _mini_tree(path: str, leaf) -> dict:
     return tree
 
 
+def _excluding(recipe: str, exclude) -> Recipe:
+    """Recipe ``recipe`` (a name) with the globs ``exclude`` added to its exclusions (ConvertError if unknown)."""
+    try:
+        r = resolve_recipe(recipe)
+    except ValueError as e:
+        raise ConvertError(f"--quant: {e}") from None
+    return dataclasses.replace(r, exclude=r.exclude + tuple(exclude)) if exclude else r
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, force: bool = False,
                        max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES, base: str | os.PathLike | None = None,
-                       progress: bool = True, quant: str | None = None) -> dict:
+                       progress: bool = True, quant: str | None = None, exclude: tuple[str, ...] = ()) -> dict:
     """Convert a checkpoint folder one parameter at a time (peak memory ~ one parameter, not the model).
 
-    ``to``: "nvfp4" (ModelOpt layout, weight-only W4A16_NVFP4 with the published selective recipe; there is no
-    calibration, so no ``input_scale`` and no FP8 KV scales), "hlwq-q5" / "hlwq-q5-converged" (polarengine
-    layout B + polar_config.json) from a BF16 (float) checkpoint, or "bf16" from an NVFP4 or HLWQ checkpoint
-    (``base``: the BF16 checkpoint supplying the ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the
-    parameter pytree as an orbax checkpoint, see ``nemojax.orbax_io``; ``quant``: a recipe to quantize a BF16
-    source on the way, e.g. "nvfp4" or "hlwq-q5"). Output goes to a
+    ``to``: a recipe (:data:`nemojax.quant.RECIPES`: "nvfp4" is ModelOpt's layout, weight-only W4A16_NVFP4 with
+    the published selective recipe; there is no calibration, so no ``input_scale`` and no FP8 KV scales;
+    "hlwq-q5" / "hlwq-q5-converged" are polarengine layout B + polar_config.json) from a BF16 (float)
+    checkpoint, or "bf16" from a quantized checkpoint (``base``: the BF16 checkpoint supplying the
+    ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the parameter pytree as an orbax checkpoint, see
+    ``nemojax.orbax_io``; ``quant``: a recipe to quantize a BF16 source on the way, e.g. "nvfp4" or "hlwq-q5").
+    ``exclude``: globs of modules the recipe keeps in high precision besides its own. Output goes to a
     temporary folder beside ``dst``, renamed at the end: any error leaves nothing. Returns a summary dict.
     """
     if quant is not None and to != "orbax":
         raise ConvertError(f"quant={quant!r} applies to --to orbax only (use --to {quant} for safetensors)")
+    if exclude and (to == "bf16" or (to == "orbax" and quant is None)):
+        raise ConvertError(f"exclude={list(exclude)} applies to a quantizing conversion only (a recipe)")
     if to == "orbax":
         from .orbax_io import convert_to_orbax
 
+        if quant is not None and exclude:
+            quant = _excluding(quant, exclude)
         try:
             return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress)
         except OSError as e:
@@ -237,7 +254,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         raise ConvertError(f"{src}: cannot convert a {fmt} checkpoint to {to}; supported conversions: {SUPPORTED}")
     bf16 = jnp.dtype(jnp.bfloat16)
     configs = read_quant_configs(src) if fmt != "bf16" else {}
-    recipe = qlib.resolve_recipe(to) if to != "bf16" else None
+    recipe = _excluding(to, exclude) if to != "bf16" else None
     targets = qlib.quantized_modules(cfg, recipe) if recipe is not None else {}
     options = qlib.format_options(recipe) if recipe is not None else {}
     entries: dict = {}  # the quantized modules' config entries, by format
