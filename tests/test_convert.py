@@ -116,6 +116,19 @@ def test_sharding(ck, tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".")]
 
 
+def test_exclude_keeps_more_modules_in_high_precision(ck, tmp_path):
+    out = tmp_path / "ex"
+    assert cli_main(["convert", ck["src"], str(out), "--to", "nvfp4", "--exclude", "backbone.layers.1.*",
+                     "--exclude", "*.down_proj", "--no-progress"]) == 0
+    names = Checkpoint(str(out)).names
+    assert not [n for n in names if n.endswith("weight_scale_2") and (".layers.1." in n or ".down_proj." in n)]
+    assert [n for n in names if n.endswith("up_proj.weight_scale_2")]  # the recipe's other modules stay NVFP4
+    excl = _json(out / "hf_quant_config.json")["quantization"]["exclude_modules"]
+    assert "backbone.layers.1.mixer.experts.0.up_proj" in excl and "backbone.layers.5.mixer.down_proj" in excl
+    with pytest.raises(ConvertError, match="applies to a quantizing conversion only"):
+        convert_checkpoint(ck["nvfp4"], tmp_path / "x", "bf16", exclude=("*",), progress=False)
+
+
 def test_errors(ck, tmp_path):
     with pytest.raises(ConvertError, match="supported conversions"):
         convert_checkpoint(ck["src"], tmp_path / "x", "bf16", progress=False)

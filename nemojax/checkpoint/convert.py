@@ -5,6 +5,7 @@ Output is written to a temporary folder beside the destination and renamed only 
 interrupted run leaves nothing half-written."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -26,9 +27,9 @@ from .write import ShardWriter, expert_spec, param_tensors, save_params, write_c
 __all__ = ["dequantize_checkpoint", "convert_checkpoint", "convert_to_orbax", "open_source", "ConvertError",
            "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "SUPPORTED"]
 
-TARGETS = ("nvfp4", "hlwq-q5", "hlwq-q5-converged", "bf16", "orbax")
+TARGETS = (*qlib.RECIPES, "bf16", "orbax")  # every registered format's recipes (nemojax.quant.RECIPES)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
-SUPPORTED = ("bf16 -> nvfp4 | hlwq-q5 | hlwq-q5-converged; nvfp4 -> bf16; hlwq (layout A/B/C) -> bf16; "
+SUPPORTED = (f"bf16 -> {' | '.join(qlib.RECIPES)}; {' | '.join(FORMATS)} -> bf16; "
              "any -> orbax (optionally quantizing a bf16 checkpoint with quant=<recipe>)")
 _BF16 = jnp.dtype(jnp.bfloat16)
 
@@ -60,10 +61,11 @@ def open_source(src, dst, base=None) -> tuple[Reader, str]:
     return reader, plan_format(reader.items)
 
 
-def _target(src, dst, to: str, quant: str | None, base) -> tuple[Reader, str, "qlib.Recipe | None"]:
+def _target(src, dst, to: str, quant, base, exclude: tuple[str, ...] = ()
+            ) -> tuple[Reader, str, "qlib.Recipe | None"]:
     """The one place a target is interpreted: ``(reader, source format, recipe or None)`` for converting ``src`` to
-    ``to`` (a quantization recipe's name, "bf16" or "orbax" with an optional recipe ``quant``); ConvertError for a
-    pair that cannot be converted."""
+    ``to`` (a quantization recipe's name, "bf16" or "orbax" with an optional recipe ``quant``), the recipe keeping
+    the modules of the globs ``exclude`` in high precision too; ConvertError for a pair that cannot be converted."""
     reader, fmt = open_source(src, dst, base)
     if to == "orbax":
         recipe = None
@@ -80,6 +82,8 @@ def _target(src, dst, to: str, quant: str | None, base) -> tuple[Reader, str, "q
             raise ConvertError(f"{reader.ck.path}: cannot convert a {fmt} checkpoint to {to}; supported conversions: "
                                f"{SUPPORTED}")
         recipe = qlib.resolve_recipe(to) if to != "bf16" else None
+    if recipe is not None and exclude:
+        recipe = dataclasses.replace(recipe, exclude=recipe.exclude + tuple(exclude))
     if fmt != "bf16":
         reader.quant_configs()  # read and checked before anything is written
     return reader, fmt, recipe
@@ -111,27 +115,32 @@ def _pieces(spec: Spec) -> list[tuple[Spec, int | None]]:
 # ================================================================================================ conversions
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, force: bool = False,
                        max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES, base: str | os.PathLike | None = None,
-                       progress: bool = True, quant: str | None = None) -> dict:
+                       progress: bool = True, quant: str | None = None, exclude: tuple[str, ...] = ()) -> dict:
     """Convert a checkpoint folder one parameter at a time (peak memory ~ one parameter, not the model).
 
-    ``to``: "nvfp4" (ModelOpt layout, weight-only W4A16_NVFP4 with the published selective recipe; there is no
-    calibration, so no ``input_scale`` and no FP8 KV scales), "hlwq-q5" / "hlwq-q5-converged" (polarengine
-    layout B + polar_config.json) from a BF16 (float) checkpoint, or "bf16" from an NVFP4 or HLWQ checkpoint
-    (``base``: the BF16 checkpoint supplying the ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the
-    parameter pytree as an orbax checkpoint, see ``nemojax.checkpoint.orbax``; ``quant``: a recipe to quantize a
-    BF16 source on the way, e.g. "nvfp4" or "hlwq-q5"). Output goes to a temporary folder beside ``dst``,
-    renamed at the end: any error leaves nothing. Returns a summary dict.
+    ``to``: a recipe (:data:`nemojax.quant.RECIPES`; "nvfp4" is ModelOpt's layout, weight-only W4A16_NVFP4 with
+    the published selective recipe: there is no calibration, so no ``input_scale`` and no FP8 KV scales;
+    "hlwq-q5" / "hlwq-q5-converged" are polarengine layout B + polar_config.json) from a BF16 (float)
+    checkpoint, or "bf16" from a quantized checkpoint (``base``: the BF16 checkpoint supplying the
+    ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the parameter pytree as an orbax checkpoint, see
+    ``nemojax.checkpoint.orbax``; ``quant``: a recipe to quantize a BF16 source on the way, e.g. "nvfp4").
+    ``exclude``: globs of modules the recipe keeps in high precision besides its own. Output goes to a temporary
+    folder beside ``dst``, renamed at the end: any error leaves nothing. Returns a summary dict.
     """
     if quant is not None and to != "orbax":
         raise ConvertError(f"quant={quant!r} applies to --to orbax only (use --to {quant} for safetensors)")
+    if exclude and (to == "bf16" or (to == "orbax" and quant is None)):
+        raise ConvertError(f"exclude={list(exclude)} applies to a quantizing conversion only (a recipe)")
     if to not in TARGETS:
         raise ConvertError(f"--to {to!r}: unknown target; supported: {', '.join(TARGETS)} ({SUPPORTED})")
     if to != "orbax" and max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ConvertError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     try:
         if to == "orbax":
-            return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress)
-        return _to_safetensors(src, dst, to, force, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, base, progress)
+            return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress,
+                                    exclude=exclude)
+        return _to_safetensors(src, dst, to, force, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, base, progress,
+                               exclude)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ConvertError(f"{os.path.abspath(os.fspath(dst))}: the disk is full (no space left on device while "
@@ -139,8 +148,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         raise
 
 
-def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, progress: bool) -> dict:
-    reader, fmt, recipe = _target(src, dst, to, None, base)
+def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, progress: bool,
+                    exclude: tuple[str, ...] = ()) -> dict:
+    reader, fmt, recipe = _target(src, dst, to, None, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     entries: dict = {}  # the quantized modules' config entries, by format
     with atomic_output(dst, force) as tmp:
@@ -172,7 +182,8 @@ def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, 
 
 
 def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None = None,
-                     force: bool = False, base: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                     force: bool = False, base: str | os.PathLike | None = None, progress: bool = True,
+                     exclude: tuple[str, ...] = ()) -> dict:
     """A Hugging Face checkpoint folder (BF16, NVFP4 or HLWQ) -> an orbax checkpoint folder, streaming.
 
     ``quant``: a recipe name ("nvfp4", "hlwq-q5", ...) to quantize a BF16 checkpoint on the way (weight-only;
@@ -180,7 +191,7 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
     quantized: nodes as stored, their run options set when the orbax checkpoint is loaded). Output goes to a
     temporary folder renamed at the end. Returns a summary dict.
     """
-    reader, fmt, recipe = _target(src, dst, "orbax", quant, base)
+    reader, fmt, recipe = _target(src, dst, "orbax", quant, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     flat: dict = {}
     with atomic_output(dst, force) as tmp:

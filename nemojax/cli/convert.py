@@ -5,29 +5,37 @@ import argparse
 import json
 import os
 import re
+import textwrap
 
 from ..checkpoint import TARGETS, CheckpointError, ConvertError, QuantConfigError, convert_checkpoint
 from ..config import ConfigError
 from ..formats import QuantError
+from ..quant import RECIPES
 from .errors import UsageError, need_folders
 
 __all__ = ["add_parser", "cmd_convert"]
 
 _CONVERT_EPILOG = """\
 supported conversions:
-  bf16  -> nvfp4              ModelOpt NVFP4 layout (hf_quant_config.json + config.json quantization_config),
-                              the published selective recipe. WEIGHT-ONLY (W4A16_NVFP4): there is no calibration,
-                              so no input_scale (no W4A4) and no FP8 KV-cache scales are written.
-  bf16  -> hlwq-q5            polarengine HLWQ 5-bit, layout B (packed codes + polar_config.json)
-  bf16  -> hlwq-q5-converged  the same with the converged Lloyd-Max codebook (stored per tensor)
+  bf16  -> RECIPE             quantized with a recipe (below), in its format's checkpoint layout (ModelOpt formats:
+                              hf_quant_config.json + config.json quantization_config). WEIGHT-ONLY: there is no
+                              calibration, so no input_scale (no activation modes such as W4A4) and no FP8 KV-cache
+                              scales are written. --exclude GLOB keeps more modules in high precision.
+{recipes}
   nvfp4 -> bf16, hlwq -> bf16 dequantized plain BF16 checkpoint (like polarquant-convert; --base for HLWQ files
-                              that lack e_score_correction_bias)
+                              that lack e_score_correction_bias); any quantized format likewise
   any   -> orbax              the parameter pytree as an orbax checkpoint (params/ + nemojax_orbax.json + config and
-                              tokenizer files), quantized nodes kept as they are; --quant RECIPE (nvfp4, nvfp4-all,
-                              hlwq-q5, hlwq-q5-converged) quantizes a bf16 source on the way. nemojax.load and
-                              `nemojax generate --model OUT` read it.
+                              tokenizer files), quantized nodes kept as they are; --quant RECIPE quantizes a bf16
+                              source on the way. nemojax.load and `nemojax generate --model OUT` read it.
 Conversion streams one parameter at a time (peak memory ~ one parameter + small buffers); output is written to
 a temporary folder beside OUT and renamed when complete, so an error (or a full disk) leaves nothing behind."""
+
+
+def _epilog() -> str:
+    """The epilog with each recipe and its ``about`` (``QuantFormat.recipes``)."""
+    return _CONVERT_EPILOG.format(recipes="\n".join(
+        textwrap.fill(r.about, 116, initial_indent=f"    {name:26s}", subsequent_indent=" " * 30)
+        for name, r in RECIPES.items()))
 
 
 def _size(text: str) -> int:
@@ -44,9 +52,9 @@ def _size(text: str) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint (bf16 <-> nvfp4 / hlwq), streaming",
+    p = sub.add_parser("convert", help="convert a checkpoint (bf16 <-> a quantized format), streaming",
                        description="Convert a Nemotron-H checkpoint folder, one parameter at a time.",
-                       epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="input checkpoint folder")
     p.add_argument("dst", metavar="OUT", help="output folder (must not exist unless --force)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format (see below)")
@@ -56,6 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
     p.add_argument("--quant", default=None, metavar="RECIPE",
                    help="with --to orbax: quantize a bf16 source with this recipe (nvfp4, hlwq-q5, ...)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="also keep the modules matching GLOB (checkpoint names, e.g. 'backbone.layers.3.*') in high "
+                        "precision; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_convert)
@@ -65,7 +76,7 @@ def cmd_convert(a) -> int:
     need_folders(a.src, a.base)
     try:
         res = convert_checkpoint(a.src, a.dst, a.to, force=a.force, max_shard_bytes=a.max_shard_bytes, base=a.base,
-                                 progress=not a.no_progress, quant=a.quant)
+                                 progress=not a.no_progress, quant=a.quant, exclude=tuple(a.exclude))
     except FileExistsError as e:
         raise UsageError(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from e
     except (ConvertError, ConfigError, CheckpointError, QuantConfigError, QuantError) as e:

@@ -5,6 +5,7 @@ import json
 import os
 
 from ..checkpoint import CheckpointError, inspect_checkpoint
+from ..checkpoint.modelopt import quant_algos
 from .errors import UsageError
 
 __all__ = ["add_parser", "cmd_inspect"]
@@ -45,8 +46,9 @@ def cmd_inspect(a) -> int:
               f"{c['parameters']:,} parameters")
     if "quantization" in r:
         q = r["quantization"]
-        print(f"  quantization: {q['quant_algo']}, KV {q['kv_cache_quant_algo']}, {r['nvfp4_modules']} NVFP4 "
-              f"modules, {q['exclude_modules']} excluded")
+        fmt = quant_algos().get(q["quant_algo"])
+        n = f"{r[f'{fmt.name}_modules']} {fmt.name.upper()} modules, " if fmt is not None else ""
+        print(f"  quantization: {q['quant_algo']}, KV {q['kv_cache_quant_algo']}, {n}{q['exclude_modules']} excluded")
     if "polar" in r:
         print(f"  polar: bits {r['polar']['bits']}, {r['hlwq_modules']} HLWQ modules")
     print("  by component:")

@@ -21,8 +21,18 @@ node: ``shape``, ``dequantize(dtype)``, ``matmul(x)``, ``take_rows(idx)``, ``par
 ``matmul_transformed(xt, dtype)``, ``config_entry()``, ``describe()``.
 class: ``from_float(w, ..., name=)``, ``stored_in(ck, mod)``, ``tensor_names(ck, mod, shape)``,
 ``quant_config(entries)``, and either ``stored_fields(ck, mods, shape)`` or ``read(ck, mods, shape, ...)``; with
-defaults: ``check_options(**run_options)``, ``leaf_names()``, ``from_description(leaves, info)``; class attributes
-``name``, ``quant_algos``, ``group_size``, ``input_split_in_shard_map``.
+defaults: ``check_options(**run_options)``, ``recipe_options(mode, **fields)``, ``leaf_names()``,
+``from_description(leaves, info)``; class attributes ``name``, ``quant_algos``, ``group_size``,
+``input_split_in_shard_map``, ``recipes``, ``modes``, ``activation_modes``, ``input_scale_divisor``,
+``quantizes_embeddings``.
+
+Quantization recipes are data a format declares (``recipes``: ``{recipe name: {field: value}}``, the fields of
+``nemojax.quant.Recipe`` less ``name`` / ``format``): ``nemojax.quant`` registers every format's recipes, in
+registration order, and ``nemojax convert --to`` offers each as a target. A format with execution ``modes`` takes
+``from_float(..., mode=)`` and the run option ``<name>_mode`` (``configure``; ``nemojax.quant.set_mode``) into its
+static field ``mode``; the ``activation_modes`` among them quantize activations with the static leaf
+``input_scale``, which calibration sets to the linear's input amax / ``input_scale_divisor`` (``from_float(w,
+input_scale, ...)``).
 
 ``ck`` (a checkpoint) is anything with ``name in ck``, ``ck.shape(name)``, ``ck.dtype(name)`` (NumPy dtypes,
 ``ml_dtypes`` for bfloat16 / float8), ``ck.get(name)`` (a NumPy array, possibly memory-mapped),
@@ -47,9 +57,10 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["QuantError", "QuantFormat", "FORMATS", "register", "is_quantized", "format_of", "check_run_options",
-           "check_tensor", "ieee_div"]
+           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "NANO_SELECTIVE", "BLOCK_LINEARS"]
 
 
 class QuantError(ValueError):
@@ -69,6 +80,17 @@ class QuantFormat(abc.ABC):
     #: whether the input dimension of a bank may be split over devices inside the MoE's ``shard_map`` (each device
     #: then holds a node for a slice of the inputs); False when a static field describes the whole row
     input_split_in_shard_map: bool = True
+    #: the format's quantization recipes as plain data: ``{recipe name: {Recipe field: value}}`` (quantize, exclude,
+    #: keep_mamba_before_attention, kv_cache, mode, about, and the format's own options, e.g. HLWQ's bits)
+    recipes: dict = {}
+    #: execution modes (``from_float(mode=)``, run option ``<name>_mode``), the default first; () for none
+    modes: tuple[str, ...] = ()
+    #: the modes that quantize activations with a static ``input_scale`` (they need one: calibrate first)
+    activation_modes: tuple[str, ...] = ()
+    #: ``input_scale = calibrated input amax / input_scale_divisor``; None: the format takes no activation scale
+    input_scale_divisor: float | None = None
+    #: whether a recipe may select the embedding table and lm_head (else only the linears of the blocks)
+    quantizes_embeddings: bool = False
 
     # -------------------------------------------------------------------------------------------- the node
     @property
@@ -108,12 +130,38 @@ class QuantFormat(abc.ABC):
 
     def configure(self, **run_options) -> "QuantFormat":
         """The node with the load-time run options of this format applied (``nvfp4_mode`` for NVFP4,
-        ``hlwq_path`` for HLWQ; an option of another format, or None, is ignored). Default: unchanged."""
-        return self
+        ``hlwq_path`` for HLWQ; an option of another format, or None, is ignored). Default: for a format with
+        ``modes``, its static field ``mode`` set from ``<name>_mode`` (an activation mode needs the leaf
+        ``input_scale``: QuantError without one); else unchanged."""
+        mode = run_options.get(f"{self.name}_mode")
+        if not self.modes or mode is None:
+            return self
+        self.check_options(**{f"{self.name}_mode": mode})
+        if mode in self.activation_modes and getattr(self, "input_scale", None) is None:
+            raise QuantError(f"{self.name}_mode={mode!r} needs input_scale in the checkpoint (calibrated "
+                             f"{self.name.upper()})")
+        return self.replace(mode=mode)
 
     @classmethod
     def check_options(cls, **run_options) -> None:
-        """Raise ValueError for a run option of this format with a value it does not take (others ignored)."""
+        """Raise ValueError for a run option of this format with a value it does not take (others ignored).
+        Default: ``<name>_mode`` must be one of ``modes`` (for a format with modes)."""
+        mode = run_options.get(f"{cls.name}_mode")
+        if cls.modes and mode is not None and mode not in cls.modes:
+            raise ValueError(f"{cls.name}_mode={mode!r}: expected one of {cls.modes}")
+
+    @classmethod
+    def recipe_options(cls, mode: str | None = None, **fields) -> dict:
+        """The ``from_float`` keyword options of a recipe: ``mode`` (None: the default, ``modes[0]``) and the
+        recipe's other fields (a format picks its own; the rest are ignored). ValueError for a value the format
+        does not take. Default: ``{"mode": mode}`` for a format with modes, else nothing."""
+        if not cls.modes:
+            if mode is not None:
+                raise ValueError(f"mode {mode!r}: the {cls.name} format has no execution modes")
+            return {}
+        if mode is not None and mode not in cls.modes:
+            raise ValueError(f"mode {mode!r} is not one of {cls.modes}")
+        return {"mode": mode or cls.modes[0]}
 
     # -------------------------------------------------------------------------------------------- making one
     @classmethod
@@ -166,8 +214,9 @@ class QuantFormat(abc.ABC):
 
     def config_entry(self) -> dict:
         """What the checkpoint's quantization config needs to know of this (2-D) module: a small JSON-able dict,
-        collected per module while writing and passed to :meth:`quant_config`. Default: nothing."""
-        return {}
+        collected per module while writing and passed to :meth:`quant_config`. Default: for a format with
+        ``activation_modes``, ``{"input_scale": whether the module has its activation scale}``; else nothing."""
+        return {"input_scale": getattr(self, "input_scale", None) is not None} if self.activation_modes else {}
 
     @classmethod
     @abc.abstractmethod
@@ -206,6 +255,16 @@ class QuantFormat(abc.ABC):
         return cls(**leaves, **{k: v for k, v in info.items() if k != "type"})
 
 
+#: recipe globs of the published Nemotron-3-Nano selective layout (its NVFP4 and FP8 checkpoints alike): routed and
+#: shared experts, Mamba in/out projections and MLPs quantized; attention, router, conv1d, lm_head and the Mamba
+#: layer before each attention layer kept in high precision
+NANO_SELECTIVE = {"quantize": ("*.mixer.experts.*", "*.mixer.shared_experts.*", "*.mixer.in_proj", "*.mixer.out_proj",
+                               "*.mixer.up_proj", "*.mixer.down_proj"),
+                  "exclude": ("lm_head", "*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.conv1d", "*.gate"),
+                  "keep_mamba_before_attention": True}
+#: recipe globs of every linear of the blocks (attention and every Mamba layer too; router and conv1d kept)
+BLOCK_LINEARS = {"quantize": ("*.mixer.*",), "exclude": ("*.conv1d", "*.gate")}
+
 FORMATS: dict[str, type[QuantFormat]] = {}
 
 
@@ -242,6 +301,21 @@ def check_tensor(ck, name: str, want: tuple[int, ...], ok: Callable[[np.dtype], 
     dt = ck.dtype(name)
     if not ok(dt):
         raise QuantError(f"{ck.file_of(name)}: tensor {name!r} has dtype {dt}; expected {what}")
+
+
+def check_scale(ck, name: str, used: list[str], optional: bool = False) -> None:
+    """Check ``ck``'s F32 [] (or [1]) scale tensor ``name`` (:func:`check_tensor`) and add it to ``used``; an
+    ``optional`` one only when the checkpoint has it."""
+    if optional and name not in ck:
+        return
+    check_tensor(ck, name, (), lambda dt: dt == np.float32, "an F32 scale")
+    used.append(name)
+
+
+def per_tensor_spec(a, main_spec, lead: int):
+    """The ``PartitionSpec`` of a per-tensor scale leaf ``a`` (one value per matrix: ``[]``, or ``[E]`` for a bank)
+    of a node whose main array has ``main_spec`` with ``lead`` bank axes: it follows the bank axes; None stays."""
+    return None if a is None else (P(*main_spec[:lead]) if a.ndim else P())
 
 
 def ieee_div(a, b):

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
-from .base import QuantError, QuantFormat, check_tensor, ieee_div, register
+from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, ieee_div,
+                   per_tensor_spec, register)
 
 __all__ = ["NVFP4Weight", "quantize", "dequantize", "fake_quant", "e2m1_code", "E2M1_VALUES", "pack_codes",
            "unpack_codes", "MODES", "SUFFIXES", "BLOCK"]
@@ -115,6 +115,16 @@ class NVFP4Weight(QuantFormat):
     name = "nvfp4"
     quant_algos = ("NVFP4", "W4A16_NVFP4")
     group_size = BLOCK
+    modes = MODES
+    activation_modes = ("w4a4",)
+    input_scale_divisor = E2M1_MAX * E4M3_MAX  # 2688
+    recipes = {
+        "nvfp4": {**NANO_SELECTIVE, "kv_cache": "fp8",
+                  "about": "ModelOpt NVFP4, the published Nemotron-3-Nano selective layout (attention, router, "
+                           "conv1d, lm_head and the Mamba layer before each attention layer kept BF16)"},
+        "nvfp4-all": {**BLOCK_LINEARS, "kv_cache": "fp8",
+                      "about": "ModelOpt NVFP4, every linear of the blocks (router and conv1d kept BF16)"},
+    }
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -142,20 +152,6 @@ class NVFP4Weight(QuantFormat):
         return self.replace(packed=jnp.take(self.packed, idx, axis=0), scale=jnp.take(self.scale, idx, axis=0))
 
     @classmethod
-    def check_options(cls, nvfp4_mode: str | None = None, **_) -> None:
-        if nvfp4_mode is not None and nvfp4_mode not in MODES:
-            raise ValueError(f"nvfp4_mode={nvfp4_mode!r}: expected one of {MODES}")
-
-    def configure(self, nvfp4_mode: str | None = None, **_) -> "NVFP4Weight":
-        """``nvfp4_mode``: the execution mode ("w4a4" needs ``input_scale``)."""
-        if nvfp4_mode is None:
-            return self
-        self.check_options(nvfp4_mode=nvfp4_mode)
-        if nvfp4_mode == "w4a4" and self.input_scale is None:
-            raise QuantError("nvfp4_mode='w4a4' needs input_scale in the checkpoint (calibrated NVFP4)")
-        return self.replace(mode=nvfp4_mode)
-
-    @classmethod
     def from_float(cls, w, input_scale=None, mode: str = "w4a16", name: str = "weight") -> "NVFP4Weight":
         """Quantize a float weight [..., N, K] (one global scale per leading index)."""
         check_quantizable(w, name)
@@ -178,11 +174,9 @@ class NVFP4Weight(QuantFormat):
                 raise QuantError(f"{ck.path}: quantized tensor {mod!r} has weight_scale_2 but no {names[k]!r}")
         check_tensor(ck, names["packed"], (N, K // 2), lambda d: d == np.uint8, "packed NVFP4 codes (U8)")
         check_tensor(ck, names["scale"], (N, K // BLOCK), lambda d: d.name == "float8_e4m3fn", "F8_E4M3 block scales")
-        check_tensor(ck, names["scale_2"], (), _is_f32, "an F32 scale")
-        used = [names["packed"], names["scale"], names["scale_2"]]
-        if names["input_scale"] in ck:
-            check_tensor(ck, names["input_scale"], (), _is_f32, "an F32 scale")
-            used.append(names["input_scale"])
+        used = [names["packed"], names["scale"]]
+        check_scale(ck, names["scale_2"], used)
+        check_scale(ck, names["input_scale"], used, optional=True)
         return used
 
     @classmethod
@@ -208,9 +202,6 @@ class NVFP4Weight(QuantFormat):
         if self.input_scale is not None:
             yield mod + SUFFIXES["input_scale"], np.asarray(self.input_scale).astype(np.float32).reshape(())
 
-    def config_entry(self) -> dict:
-        return {"input_scale": self.input_scale is not None}
-
     @classmethod
     def quant_config(cls, entries: dict[str, dict]) -> tuple[str, dict]:
         """ModelOpt: "NVFP4" when every module has its activation scale (W4A4), else "W4A16_NVFP4"."""
@@ -226,19 +217,12 @@ class NVFP4Weight(QuantFormat):
         lead, k_axis = len(logical) - 2, len(logical) - 1
         blocks = {k_axis: self.scale.shape[-1]}  # K / 16
         s = spec(self.packed.shape, logical, blocks)
-
-        def per_tensor(a):
-            return None if a is None else (P(*s[:lead]) if a.ndim else P())
-
-        return self.replace(packed=s, scale=spec(self.scale.shape, logical, blocks), scale_2=per_tensor(self.scale_2),
-                            input_scale=per_tensor(self.input_scale))
+        return self.replace(packed=s, scale=spec(self.scale.shape, logical, blocks),
+                            scale_2=per_tensor_spec(self.scale_2, s, lead),
+                            input_scale=per_tensor_spec(self.input_scale, s, lead))
 
 
 _quantize_jit = jax.jit(quantize)
-
-
-def _is_f32(dt) -> bool:
-    return dt == np.float32
 
 
 def check_quantizable(w, name: str) -> None:

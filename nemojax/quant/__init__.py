@@ -1,8 +1,9 @@
 """Quantization as transforms on the parameter pytree.
 
 ``apply(params, config, recipe)`` swaps selected float weights for quantized nodes (``nemojax.formats``) and,
-given calibration amaxes, sets NVFP4 ``input_scale`` and FP8 KV ``k_scale`` / ``v_scale``. Recipes are data:
-glob patterns (``fnmatch``, ``*`` crosses dots) over checkpoint module names such as
+given calibration amaxes, sets the activation ``input_scale`` of formats that take one (NVFP4, FP8) and FP8 KV
+``k_scale`` / ``v_scale``. Recipes are data, declared by the formats (``QuantFormat.recipes``): glob patterns
+(``fnmatch``, ``*`` crosses dots) over checkpoint module names such as
 ``backbone.layers.3.mixer.experts.0.up_proj`` (stacked expert banks match with expert 0's name).
 """
 from __future__ import annotations
@@ -15,9 +16,6 @@ import jax.numpy as jnp
 from ..blocks.base import BLOCKS, Spec
 from ..config import Config
 from ..formats import FORMATS, QuantError, is_quantized
-from ..formats.base import check_run_options
-from ..formats.hlwq import lloyd_max_table
-from ..formats.nvfp4 import MODES
 from ..kernels import BACKENDS, backend_unavailable
 from ..params import param_specs, tree_paths
 
@@ -31,7 +29,8 @@ class Recipe:
 
     quantize: globs of modules to quantize; exclude: globs kept in high precision (wins over quantize);
     keep_mamba_before_attention: also keep the Mamba layer directly before each attention layer;
-    kv_cache: "fp8" or None; mode: NVFP4 execution mode ("w4a16" | "w4a4").
+    kv_cache: "fp8" or None; mode: the format's execution mode (``QuantFormat.modes``; None: its default, e.g.
+    NVFP4 "w4a16" | "w4a4"); about: a one-line description (``nemojax convert --help``).
     HLWQ (format "hlwq"): bits (2..8), codebook "compatible" (polarquant's 100-iteration Lloyd-Max table) or
     "converged" (the optimum; ~17% lower 5-bit MSE, stored with the checkpoint), path "dequant" | "rotated".
     """
@@ -42,30 +41,16 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     keep_mamba_before_attention: bool = False
     kv_cache: str | None = None
-    mode: str = "w4a16"
+    mode: str | None = None
     bits: int = 5
     codebook: str = "compatible"
     path: str = "dequant"
+    about: str = ""
 
 
-RECIPES = {
-    # the published Nemotron-3-Nano NVFP4 layout (selective: attention, router, conv1d, lm_head and the Mamba layer
-    # before each attention layer stay in high precision)
-    "nvfp4": Recipe(
-        name="nvfp4",
-        quantize=("*.mixer.experts.*", "*.mixer.shared_experts.*", "*.mixer.in_proj", "*.mixer.out_proj",
-                  "*.mixer.up_proj", "*.mixer.down_proj"),
-        exclude=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.conv1d", "*.gate"),
-        keep_mamba_before_attention=True, kv_cache="fp8"),
-    # every linear of the blocks (attention and every Mamba layer too); embeddings and lm_head stay
-    "nvfp4-all": Recipe(name="nvfp4-all", quantize=("*.mixer.*",), exclude=("*.conv1d", "*.gate"),
-                        kv_cache="fp8"),
-    # the Mamba-aware rule set of the polarengine HLWQ-Q5 Nemotron checkpoints: every matrix (embeddings and
-    # lm_head included) except the router and conv1d
-    "hlwq-q5": Recipe(name="hlwq-q5", format="hlwq", quantize=("*",), exclude=("*.gate", "*.conv1d"), bits=5),
-    "hlwq-q5-converged": Recipe(name="hlwq-q5-converged", format="hlwq", quantize=("*",),
-                                exclude=("*.gate", "*.conv1d"), bits=5, codebook="converged"),
-}
+#: every registered format's recipes (``QuantFormat.recipes``), in registration order
+RECIPES = {name: Recipe(name=name, format=fmt.name, **data) for fmt in FORMATS.values()
+           for name, data in fmt.recipes.items()}
 
 # the leaf names of the block kinds' linears (what a recipe can select)
 _LINEAR_LEAVES = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for kind in BLOCKS.values() for n in kind.linears))
@@ -75,6 +60,11 @@ def module_name(spec: Spec) -> str:
     """Checkpoint module name of a parameter (no ``.weight``; stacked experts named by expert 0)."""
     name = spec.ckpt.format(e=0) if spec.stacked else spec.ckpt
     return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _fields(r: Recipe) -> dict:
+    """The recipe's fields a format reads (``QuantFormat.recipe_options``)."""
+    return {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("name", "format")}
 
 
 def resolve_recipe(recipe) -> Recipe:
@@ -89,25 +79,20 @@ def resolve_recipe(recipe) -> Recipe:
         raise ValueError(f"recipe must be a name or a Recipe, got {recipe!r}")
     if r.format not in FORMATS:
         raise ValueError(f"recipe {r.name!r}: format {r.format!r} is not one of {', '.join(map(repr, FORMATS))}")
-    if r.format == "hlwq" and (r.codebook not in ("compatible", "converged") or r.path not in ("dequant", "rotated")
-                               or not 2 <= r.bits <= 8):
-        raise ValueError(f"recipe {r.name!r}: bits {r.bits} / codebook {r.codebook!r} / path {r.path!r} invalid "
-                         f"(bits 2..8, codebook 'compatible'|'converged', path 'dequant'|'rotated')")
-    if r.mode not in MODES:
-        raise ValueError(f"recipe {r.name!r}: mode {r.mode!r} is not one of {MODES}")
+    try:
+        FORMATS[r.format].recipe_options(**_fields(r))
+    except ValueError as e:
+        raise ValueError(f"recipe {r.name!r}: {e}") from None
     if r.kv_cache not in (None, "fp8"):
         raise ValueError(f"recipe {r.name!r}: kv_cache {r.kv_cache!r} is not one of None, 'fp8'")
     return r
 
 
 def format_options(recipe, mode: str | None = None) -> dict:
-    """The keyword options of the recipe's format ``from_float`` (HLWQ: bits, codebook table, path; NVFP4: the
-    execution ``mode``, default the recipe's; another format: none)."""
+    """The keyword options of the recipe's format ``from_float`` (``QuantFormat.recipe_options``: HLWQ: bits,
+    codebook table, path; NVFP4 / FP8: the execution ``mode``, default the recipe's)."""
     r = resolve_recipe(recipe)
-    if r.format == "hlwq":
-        return {"bits": r.bits, "table": lloyd_max_table(r.bits, 100 if r.codebook == "compatible" else None),
-                "path": r.path}
-    return {"mode": mode or r.mode} if r.format == "nvfp4" else {}
+    return FORMATS[r.format].recipe_options(**{**_fields(r), "mode": mode or r.mode})
 
 
 def quantized_modules(cfg: Config, recipe) -> dict[str, str]:
@@ -119,7 +104,7 @@ def quantized_modules(cfg: Config, recipe) -> dict[str, str]:
             if c == "*" and i > 0 and cfg.pattern[i - 1] == "M":
                 keep.add(f"backbone.layers.{i - 1}.mixer.")
     out = {}
-    matrices = _LINEAR_LEAVES + (("embeddings", "lm_head") if r.format == "hlwq" else ())
+    matrices = _LINEAR_LEAVES + (("embeddings", "lm_head") if FORMATS[r.format].quantizes_embeddings else ())
     for path, spec in tree_paths(param_specs(cfg)):
         if path.rsplit(".", 1)[-1] not in matrices:
             continue
@@ -152,37 +137,36 @@ def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = 
           ) -> dict:
     """Quantize ``params`` per ``recipe``; returns a new pytree (the input is not modified).
 
-    calibration: amaxes from :func:`calibrate_model`; sets NVFP4 ``input_scale = amax / 2688`` (same value for
-    every expert of a bank, as ModelOpt exports it) and, with ``kv_cache="fp8"``, ``k_scale = amax / 448``.
-    Without calibration, W4A4 mode and the FP8 KV cache are unavailable (weight-only W4A16 works).
+    calibration: amaxes from :func:`calibrate_model`; for a format with activation scales sets ``input_scale =
+    amax / QuantFormat.input_scale_divisor`` (NVFP4: 2688; same value for every expert of a bank, as ModelOpt
+    exports it) and, with ``kv_cache="fp8"``, ``k_scale = amax / 448``. Without calibration the activation modes
+    (NVFP4 W4A4) and the FP8 KV cache are unavailable (weight-only, e.g. W4A16, works).
     """
     r = resolve_recipe(recipe)
-    mode = mode or r.mode
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    fmt = FORMATS[r.format]
+    if mode is not None and fmt.modes and mode not in fmt.modes:
+        raise ValueError(f"mode={mode!r}: expected one of {fmt.modes}")
+    opts = format_options(r, mode)
+    mode = opts.get("mode")
     targets = quantized_modules(cfg, r)
     if not targets:
         raise ValueError(f"recipe {r.name!r} selects no linear of pattern {cfg.pattern!r}")
     calib = calibration or {}
-    fmt, opts = FORMATS[r.format], format_options(r, mode)
     flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_quantized)
     names = [n for n, _ in tree_paths(params)]
     out = []
-    if r.format != "nvfp4":  # no calibrated activation scales, no FP8 KV cache
-        for path, leaf in zip(names, flat):
-            if path in targets and not is_quantized(leaf):
-                leaf = fmt.from_float(leaf, name=targets[path], **opts)
-            out.append(leaf)
-        return jax.tree_util.tree_unflatten(treedef, out)
     for path, leaf in zip(names, flat):
         if path in targets and not is_quantized(leaf):
-            ins = None
-            if path in calib:
-                a = jnp.float32(calib[path]) / jnp.float32(2688.0)
-                ins = jnp.broadcast_to(a, leaf.shape[:-2]) if leaf.ndim == 3 else a
-            if mode == "w4a4" and ins is None:
-                raise QuantError(f"{targets[path]}: w4a4 mode needs calibration (input_scale)")
-            leaf = fmt.from_float(leaf, ins, name=targets[path], **opts)
+            scale = {}
+            if fmt.input_scale_divisor is not None:
+                ins = None
+                if path in calib:
+                    a = jnp.float32(calib[path]) / jnp.float32(fmt.input_scale_divisor)
+                    ins = jnp.broadcast_to(a, leaf.shape[:-2]) if leaf.ndim == 3 else a
+                if mode in fmt.activation_modes and ins is None:
+                    raise QuantError(f"{targets[path]}: {mode} mode needs calibration (input_scale)")
+                scale = {"input_scale": ins}
+            leaf = fmt.from_float(leaf, **scale, name=targets[path], **opts)
         out.append(leaf)
     new = jax.tree_util.tree_unflatten(treedef, out)
     if r.kv_cache == "fp8":
@@ -202,10 +186,17 @@ def apply(params: dict, cfg: Config, recipe="nvfp4", calibration: dict | None = 
 
 
 def set_mode(params: dict, mode: str) -> dict:
-    """The same parameters with every NVFP4 node switched to ``mode`` ("w4a16" | "w4a4")."""
-    check_run_options(nvfp4_mode=mode)
-    return jax.tree.map(lambda x: x.configure(nvfp4_mode=mode) if is_quantized(x) else x, params,
-                        is_leaf=is_quantized)
+    """The same parameters with every quantized node whose format has execution mode ``mode``
+    (``QuantFormat.modes``: NVFP4 "w4a16" | "w4a4", ...) switched to it (run option ``<format>_mode``); nodes of
+    other formats are left as they are."""
+    known = {m for fmt in FORMATS.values() for m in fmt.modes}
+    if mode not in known:
+        raise ValueError(f"mode={mode!r}: expected one of {sorted(known)}")
+
+    def switch(x):
+        return x.configure(**{f"{x.name}_mode": mode}) if is_quantized(x) and mode in x.modes else x
+
+    return jax.tree.map(switch, params, is_leaf=is_quantized)
 
 
 def set_backend(params: dict, backend: str) -> dict:

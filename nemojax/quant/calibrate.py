@@ -1,4 +1,4 @@
-"""Calibration: activation amax of every linear that will be quantized (-> NVFP4 ``input_scale``) and of K/V
+"""Calibration: activation amax of every linear that will be quantized (-> its format's ``input_scale``) and of K/V
 (-> FP8 ``k_scale`` / ``v_scale``), over calibration batches in one jitted pass per batch shape.
 
 Calibration observes the forward from outside: :func:`calibrate` swaps the watched weights for :class:`Observed`

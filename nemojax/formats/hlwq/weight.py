@@ -55,6 +55,16 @@ class HLWQWeight(QuantFormat):
 
     name = "hlwq"
     input_split_in_shard_map = False  # the static in_features describes the whole row
+    quantizes_embeddings = True  # polarengine quantizes every matrix, the embedding table and lm_head too
+    recipes = {
+        # the Mamba-aware rule set of the polarengine HLWQ-Q5 Nemotron checkpoints: every matrix (embeddings and
+        # lm_head included) except the router and conv1d
+        "hlwq-q5": {"quantize": ("*",), "exclude": ("*.gate", "*.conv1d"), "bits": 5,
+                    "about": "polarengine HLWQ 5-bit, layout B (packed codes + polar_config.json)"},
+        "hlwq-q5-converged": {"quantize": ("*",), "exclude": ("*.gate", "*.conv1d"), "bits": 5,
+                              "codebook": "converged",
+                              "about": "the same with the converged Lloyd-Max codebook (stored per tensor)"},
+    }
 
     @property
     def k_pad(self) -> int:
@@ -116,6 +126,17 @@ class HLWQWeight(QuantFormat):
         """QuantError unless ``x`` has ``in_features`` features."""
         if x.shape[-1] != self.in_features:
             raise QuantError(f"HLWQ matmul: input has {x.shape[-1]} features, the weight expects {self.in_features}")
+
+    @classmethod
+    def recipe_options(cls, mode: str | None = None, bits: int = 5, codebook: str = "compatible",
+                       path: str = "dequant", **_) -> dict:
+        """``bits`` (2..8), the codebook table ("compatible": polarquant's 100-iteration Lloyd-Max table;
+        "converged": the optimum) and the inference ``path``."""
+        super().recipe_options(mode)
+        if codebook not in ("compatible", "converged") or path not in PATHS or not 2 <= bits <= 8:
+            raise ValueError(f"bits {bits} / codebook {codebook!r} / path {path!r} invalid (bits 2..8, codebook "
+                             f"'compatible'|'converged', path 'dequant'|'rotated')")
+        return {"bits": bits, "table": lloyd_max_table(bits, 100 if codebook == "compatible" else None), "path": path}
 
     @classmethod
     def from_float(cls, w, bits: int = 5, table=None, path: str = "dequant", name: str = "weight") -> "HLWQWeight":
