@@ -16,6 +16,13 @@ Activations (W8A8) are fake-quantized per tensor with the static scale as ModelO
 times 448), ``x_hat = e4m3(clip(x * m, +-448)) * (1 / m)``. The calibrated amax is recovered from
 ``input_scale = amax / 448`` exactly: ModelOpt keeps amax in the model dtype (bf16), and ``input_scale * 448``
 rounded to bf16 is that amax (``calib_dtype``).
+
+Checkpoint (ModelOpt, ``hf_quant_config.json`` quant_algo ``FP8``, no group size): module ``M`` is ``M.weight``
+(F8_E4M3 [N, K]), ``M.weight_scale`` (F32 []) and, when calibrated, ``M.input_scale`` (F32 []); experts one module
+each (every expert of a bank carries the bank's one input_scale). The node's leaves are these tensors as stored,
+stacked over the experts of a bank. A checkpoint written without calibration (``nemojax convert --to fp8``) is
+weight-only: no input_scale, config.json's ``quantization_config`` without ``input_activations``; it runs W8A16.
+Execution mode (run option ``fp8_mode``, ``nemojax.quant.set_mode``): "w8a16" (default) or "w8a8".
 """
 from __future__ import annotations
 
@@ -24,22 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, ieee_div,
+                   per_tensor_spec, register)
+
 __all__ = ["FP8Weight", "quantize", "dequantize", "fake_quant", "activation_multiplier", "check_quantizable",
-           "QuantError", "E4M3_MAX", "MODES"]
+           "check_arrays", "E4M3_MAX", "MODES", "SUFFIXES"]
 
 E4M3_MAX = 448.0
 MODES = ("w8a16", "w8a8")
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
-
-
-class QuantError(ValueError):
-    """Input the FP8 format cannot take (shape, non-finite values, inconsistent scales); names the tensor."""
-
-
-def _div(a, b):
-    """IEEE ``a / b`` also under jit: XLA turns ``x / broadcast(d)`` into ``x * (1/d)``, which is off by an ulp
-    now and then and flips e4m3 rounding ties. Materialising ``b`` behind a barrier prevents it."""
-    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))))
+# checkpoint suffixes of one module, by leaf: e4m3 codes, per-tensor weight scale, (optional) activation scale
+SUFFIXES = {"weight": ".weight", "weight_scale": ".weight_scale", "input_scale": ".input_scale"}
+_FP8_TYPE = {"dynamic": False, "num_bits": 8, "type": "float"}
 
 
 def _rounded(x, dtype):
@@ -60,9 +63,9 @@ def quantize(w: jax.Array, amax=None, export_dtype=None):
     if amax is None:
         amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=(-2, -1))
     amax = jnp.asarray(amax, jnp.float32)
-    s = _div(amax, jnp.float32(E4M3_MAX))
+    s = ieee_div(amax, jnp.float32(E4M3_MAX))
     s = jnp.where(amax > 0, s, jnp.float32(1.0))
-    q = _div(w.astype(dtype).astype(jnp.float32), s[..., None, None])
+    q = ieee_div(w.astype(dtype).astype(jnp.float32), s[..., None, None])
     if dtype.itemsize < 4:  # bf16 / f16 export: the quotient is a tensor of that dtype
         q = _rounded(q, dtype)
     return q.astype(FP8), s
@@ -98,8 +101,9 @@ def fake_quant(x: jax.Array, input_scale, calib_dtype=jnp.bfloat16) -> jax.Array
     return (q.astype(jnp.float32) * m_inv).astype(x.dtype)
 
 
+@register
 @struct.dataclass
-class FP8Weight:
+class FP8Weight(QuantFormat):
     """A quantized linear weight (or a stacked bank of experts) in ModelOpt's FP8 layout.
 
     weight float8_e4m3fn [..., N, K]; weight_scale float32 [...]; input_scale float32 [...] or None (static
@@ -111,35 +115,53 @@ class FP8Weight:
     weight_scale: jax.Array
     input_scale: jax.Array | None = None
     mode: str = struct.field(pytree_node=False, default="w8a16")
+    backend: str = struct.field(pytree_node=False, default="xla")  # no FP8 kernels: the reference on every backend
+
+    name = "fp8"
+    quant_algos = ("FP8",)
+    group_size = None
+    modes = MODES
+    activation_modes = ("w8a8",)
+    input_scale_divisor = E4M3_MAX
+    recipes = {
+        "fp8": {**NANO_SELECTIVE, "kv_cache": "fp8",
+                "about": "ModelOpt FP8 (per-tensor E4M3), the Nemotron-3-Nano selective layout as for NVFP4 "
+                         "(attention, router, conv1d, lm_head and the Mamba layer before each attention layer kept "
+                         "BF16)"},
+        "fp8-all": {**BLOCK_LINEARS, "kv_cache": "fp8",
+                    "about": "ModelOpt FP8, every linear of the blocks (router and conv1d kept BF16), the layout "
+                             "of ModelOpt's FP8_DEFAULT_CFG on Nemotron-H"},
+    }
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
-    @property
-    def nbytes(self) -> int:
-        leaves = [self.weight, self.weight_scale] + ([self.input_scale] if self.input_scale is not None else [])
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves)
-
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return dequantize(self.weight, self.weight_scale, dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation); W one matrix (take an expert of a
-        stacked bank first)."""
-        if self.weight.ndim != 2:
-            raise QuantError(f"FP8 matmul needs one matrix [N, K], got a stacked weight {list(self.shape)}")
-        if x.shape[-1] != self.weight.shape[1]:
+        """``x [..., K] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation); a stacked bank ``[E, N, K]`` gives
+        ``[..., E, N]`` (in W8A8 each expert fake-quantizes x with its own input_scale)."""
+        if self.weight.ndim not in (2, 3):
+            raise QuantError(f"FP8 matmul needs a matrix [N, K] or a bank [E, N, K], got {list(self.shape)}")
+        if x.shape[-1] != self.weight.shape[-1]:
             raise QuantError(f"FP8 matmul: input [..., {x.shape[-1]}] does not match weight {list(self.shape)}")
         if self.mode not in MODES:
             raise QuantError(f"FP8 mode {self.mode!r} is not one of {MODES}")
+        w = self.dequantize(x.dtype)
         if self.mode == "w8a8":
             if self.input_scale is None:
                 raise QuantError("w8a8 mode needs input_scale (calibrate, or load a checkpoint that has it)")
+            if w.ndim == 3:  # x [..., K] -> one fake-quantized copy per expert [..., E, K]
+                xq = fake_quant(x[..., None, :], jnp.asarray(self.input_scale)[:, None])
+                return jnp.einsum("...ek,enk->...en", xq, w, preferred_element_type=jnp.float32).astype(x.dtype)
             x = fake_quant(x, self.input_scale)
-        w = self.dequantize(x.dtype)
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
+
+    def take_rows(self, idx) -> "FP8Weight":
+        return self.replace(weight=jnp.take(self.weight, idx, axis=0))
 
     @classmethod
     def from_float(cls, w, input_scale=None, mode: str = "w8a16", name: str = "weight") -> "FP8Weight":
@@ -155,33 +177,98 @@ class FP8Weight:
     @classmethod
     def from_arrays(cls, weight, weight_scale, input_scale=None, mode: str = "w8a16",
                     name: str = "weight") -> "FP8Weight":
-        """A node from checkpoint arrays (NumPy or jax), checked: e4m3 (or its uint8 bytes) weight [..., N, K]
-        without NaN codes, finite positive scales of shape [...] (a size-1 scale of a matrix is accepted)."""
-        weight = np.asarray(weight)
-        if weight.dtype == np.uint8:
-            weight = weight.view(FP8)
-        if weight.dtype != FP8 or weight.ndim < 2:
-            raise QuantError(f"{name}.weight: FP8 needs float8_e4m3fn [..., out, in], got {weight.dtype} "
-                             f"{list(weight.shape)}")
-        if np.any((weight.view(np.uint8) & 0x7F) == 0x7F):
-            raise QuantError(f"{name}.weight: contains NaN codes (an all-zero tensor exported with scale 0?)")
-        lead = weight.shape[:-2]
-
-        def scale(a, what):
-            a = np.asarray(a, np.float32)
-            if a.shape != lead and not (a.size == 1 and not lead):
-                raise QuantError(f"{name}.{what}: shape {list(a.shape)} does not match weight {list(weight.shape)}")
-            if not np.all(np.isfinite(a) & (a > 0)):
-                raise QuantError(f"{name}.{what}: scales must be finite and positive")
-            return jnp.asarray(a.reshape(lead))
-
+        """A node from checkpoint arrays (NumPy or jax), checked (:func:`check_arrays`)."""
         if mode not in MODES:
             raise QuantError(f"{name}: FP8 mode {mode!r} is not one of {MODES}")
-        return cls(jnp.asarray(weight), scale(weight_scale, "weight_scale"),
-                   None if input_scale is None else scale(input_scale, "input_scale"), mode)
+        return cls(*(None if a is None else jnp.asarray(a)
+                     for a in check_arrays(weight, weight_scale, input_scale, name)), mode)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def stored_in(cls, ck, mod: str) -> bool:
+        return mod + SUFFIXES["weight_scale"] in ck and mod + ".weight_scale_2" not in ck  # NVFP4 has a _2
+
+    @classmethod
+    def tensor_names(cls, ck, mod: str, shape: tuple[int, int]) -> list[str]:
+        names = {k: mod + sfx for k, sfx in SUFFIXES.items()}
+        if names["weight"] not in ck:
+            raise QuantError(f"{ck.path}: quantized tensor {mod!r} has weight_scale but no {names['weight']!r}")
+        check_tensor(ck, names["weight"], tuple(shape), lambda d: d.name == "float8_e4m3fn", "F8_E4M3 codes")
+        used = [names["weight"]]
+        check_scale(ck, names["weight_scale"], used)
+        check_scale(ck, names["input_scale"], used, optional=True)
+        return used
+
+    @classmethod
+    def stored_fields(cls, ck, mods: list[str], shape: tuple[int, int]) -> dict[str, tuple[str, tuple]]:
+        fields = {"weight": (SUFFIXES["weight"], tuple(shape)), "weight_scale": (SUFFIXES["weight_scale"], ())}
+        if all(m + SUFFIXES["input_scale"] in ck for m in mods):
+            fields["input_scale"] = (SUFFIXES["input_scale"], ())
+        return fields
+
+    @classmethod
+    def read(cls, ck, mods: list[str], shape: tuple[int, int], *, stacked: bool = False, configs: dict | None = None,
+             **run_options) -> "FP8Weight":
+        """The stored tensors, each module's values checked (no NaN codes, finite positive scales)."""
+        for m in mods:
+            ins = m + SUFFIXES["input_scale"]
+            try:
+                check_arrays(ck.get(m + SUFFIXES["weight"]), ck.get(m + SUFFIXES["weight_scale"]),
+                             ck.get(ins) if ins in ck else None, m)
+            except QuantError as e:
+                raise QuantError(f"{ck.file_of(m + SUFFIXES['weight'])}: {e}") from None
+        return super().read(ck, mods, shape, stacked=stacked, configs=configs, **run_options)
+
+    def checkpoint_tensors(self, mod: str):
+        yield mod + SUFFIXES["weight"], np.asarray(self.weight)
+        yield mod + SUFFIXES["weight_scale"], np.asarray(self.weight_scale).astype(np.float32).reshape(())
+        if self.input_scale is not None:
+            yield mod + SUFFIXES["input_scale"], np.asarray(self.input_scale).astype(np.float32).reshape(())
+
+    @classmethod
+    def quant_config(cls, entries: dict[str, dict]) -> tuple[str, dict]:
+        """ModelOpt "FP8" (static per-tensor scales); ``input_activations`` only when every module has its
+        activation scale (W8A8), else the checkpoint is weight-only."""
+        w8a8 = all(e["input_scale"] for e in entries.values())
+        return "modelopt", {"quant_algo": "FP8", "group_size": None, "weights": dict(_FP8_TYPE),
+                            "input_activations": dict(_FP8_TYPE) if w8a8 else None}
+
+    # ------------------------------------------------------------------------------------------------ sharding
+    def partition_specs(self, logical: tuple, spec) -> "FP8Weight":
+        """The codes follow the weight; the per-tensor scales follow the bank axes."""
+        lead = len(logical) - 2
+        s = spec(self.weight.shape, logical)
+        return self.replace(weight=s, weight_scale=per_tensor_spec(self.weight_scale, s, lead),
+                            input_scale=per_tensor_spec(self.input_scale, s, lead))
 
 
 _quantize_jit = jax.jit(quantize, static_argnames=("export_dtype",))
+
+
+def check_arrays(weight, weight_scale, input_scale=None, name: str = "weight"):
+    """Checkpoint arrays of a node, checked (QuantError naming ``name``): e4m3 (or its uint8 bytes) weight
+    [..., N, K] without NaN codes, finite positive scales of shape [...] (a size-1 scale of a matrix is accepted).
+    Returns NumPy ``(weight e4m3, weight_scale f32 [...], input_scale f32 [...] or None)``."""
+    weight = np.asarray(weight)
+    if weight.dtype == np.uint8:
+        weight = weight.view(FP8)
+    if weight.dtype != FP8 or weight.ndim < 2:
+        raise QuantError(f"{name}.weight: FP8 needs float8_e4m3fn [..., out, in], got {weight.dtype} "
+                         f"{list(weight.shape)}")
+    if np.any((weight.view(np.uint8) & 0x7F) == 0x7F):
+        raise QuantError(f"{name}.weight: contains NaN codes (an all-zero tensor exported with scale 0?)")
+    lead = weight.shape[:-2]
+
+    def scale(a, what):
+        a = np.asarray(a, np.float32)
+        if a.shape != lead and not (a.size == 1 and not lead):
+            raise QuantError(f"{name}.{what}: shape {list(a.shape)} does not match weight {list(weight.shape)}")
+        if not np.all(np.isfinite(a) & (a > 0)):
+            raise QuantError(f"{name}.{what}: scales must be finite and positive")
+        return a.reshape(lead)
+
+    ins = None if input_scale is None else scale(input_scale, "input_scale")
+    return weight, scale(weight_scale, "weight_scale"), ins
 
 
 def check_quantizable(w, name: str) -> None:
