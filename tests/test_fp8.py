@@ -17,12 +17,11 @@ import pytest
 
 import nemojax
 from nemojax import quant
-from nemojax.convert import TARGETS
+from nemojax.checkpoint import TARGETS, CheckpointError, save_params
 from nemojax.formats import FORMATS, QuantError, is_quantized
 from nemojax.formats.fp8 import FP8Weight, activation_multiplier, dequantize, fake_quant, quantize
 from nemojax.params import param_specs, tree_paths
-from nemojax.quant.modelopt import linear_modules, quant_algos
-from nemojax.weights import CheckpointError, save_params
+from nemojax.checkpoint.modelopt import linear_modules, quant_algos
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(__file__), "data", "fp8")
@@ -557,12 +556,13 @@ import json, sys
 import jax, numpy as np
 import nemojax
 from nemojax import sharding as S
+from nemojax.checkpoint import load_sharded
 from nemojax.config import Config
 path = sys.argv[1]
 cfg = Config.from_json(path)
 log = []
 mesh = S.make_mesh(1, 4, 1)
-sp = S.load_sharded(path, cfg, mesh, "float32", read_log=log)
+sp = load_sharded(path, cfg, mesh, "float32", read_log=log)
 ref = nemojax.load(path, dtype="float32").params
 same = jax.tree.structure(sp) == jax.tree.structure(ref) and all(
     x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
@@ -582,7 +582,7 @@ print(json.dumps({"same": same, "type": type(up).__name__, "spec": str(up.weight
 
 @golden
 def test_sharded_load_reads_each_devices_experts():
-    """``sharding.load_sharded`` on 4 CPU devices (a subprocess: the device count is fixed before JAX starts):
+    """``checkpoint.load_sharded`` on 4 CPU devices (a subprocess: the device count is fixed before JAX starts):
     the stored FP8 tensors read slice by slice, equal to ``nemojax.load``'s, the same W8A8 forward."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO)
