@@ -87,7 +87,7 @@ def _as_ids(input_ids, cfg: Config) -> jax.Array:
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant",
          base: str | os.PathLike | None = None, dequantize: bool = False, progress: bool | None = None,
-         backend: str = "xla") -> Model:
+         backend: str = "xla", **run_options) -> Model:
     """Load a Hugging Face Nemotron-H checkpoint folder (config.json + safetensors).
 
     dtype: weight dtype ('bfloat16', 'float32', 'float16'); A_log, D and e_score_correction_bias stay fp32.
@@ -97,7 +97,9 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
     activations once per 128-block, codebook lookup x norm); base: the BF16 checkpoint an HLWQ checkpoint was
     made from (it supplies the e_score_correction_bias those checkpoints drop); dequantize: load every
     quantized weight as a plain ``dtype`` array. backend: the quantized matmuls' kernels, "xla" (reference),
-    "pallas" or "triton" (``nemojax.quant.set_backend``).
+    "pallas" or "triton" (``nemojax.quant.set_backend``). run_options: the run options of other registered formats
+    (``QuantFormat.run_options``), e.g. ``fp8_mode="w8a8"`` for ModelOpt FP8 checkpoints with ``input_scale``
+    ("w8a16", the default, is weight-only).
     """
     dt = resolve_dtype(dtype)
     if not os.path.isdir(path):  # else Config.from_json would parse a *.safetensors file as JSON
@@ -113,7 +115,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
 
         quant.set_backend({}, backend)  # a bad or unavailable backend fails before the weights are read
     params = load_params(path, cfg, dt, progress=progress, nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path, base=base,
-                         dequantize=dequantize)
+                         dequantize=dequantize, **run_options)
     if backend != "xla":
         params = quant.set_backend(params, backend)
     return Model(cfg, params)

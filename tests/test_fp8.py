@@ -375,6 +375,21 @@ def test_load_modelopt_export(nemotronh):
 
 
 @golden
+def test_load_time_mode(nemotronh):
+    """``nemojax.load(..., fp8_mode="w8a8")`` (a run option the format declares) equals switching the loaded model's
+    mode afterwards; an option no registered format has is a named error."""
+    ids = np.random.default_rng(11).integers(3, 200, (2, 8))
+    m = nemojax.load(EXPORT, dtype="float32", fp8_mode="w8a8")
+    assert {x.mode for x in node_paths(m.params).values() if isinstance(x, FP8Weight)} == {"w8a8"}
+    ref = nemojax.load(EXPORT, dtype="float32")
+    np.testing.assert_array_equal(np.asarray(m.logits(ids)), logits(ref, ref.params, ids, "w8a8"))
+    with pytest.raises(ValueError, match="fp8_mode='w8a4'"):
+        nemojax.load(EXPORT, fp8_mode="w8a4")
+    with pytest.raises(ValueError, match=r"unknown run option\(s\) \['fp9_mode'\]"):
+        nemojax.load(EXPORT, fp9_mode="w8a8")
+
+
+@golden
 def test_w8a16_and_w8a8_logits_equal_modelopt_fake_quant_f32(nemotronh):
     """The loaded export run in float32 against ModelOpt's fake-quant logits (FP8 KV on in both): given the weights
     ModelOpt's fake-quant model computes with (its weight fake quant rounds once where its export rounds twice),

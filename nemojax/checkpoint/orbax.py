@@ -145,15 +145,17 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_mode: str = "w4a16",
-               hlwq_path: str = "dequant", dequantize: bool = False) -> dict:
+               hlwq_path: str = "dequant", dequantize: bool = False, **run_options) -> dict:
     """Restore a folder written by :func:`save_orbax` / :func:`convert_to_orbax` into the params pytree.
 
     Plain float weights are restored as ``dtype`` (A_log, D, e_score_correction_bias stay float32); quantized
     nodes keep their codes and scales (``nvfp4_mode`` / ``hlwq_path`` set how they run) or become ``dtype``
-    arrays with ``dequantize``. Every leaf's shape is checked against ``cfg`` first.
+    arrays with ``dequantize``; ``run_options``: other formats' (``fp8_mode``). Every leaf's shape is checked
+    against ``cfg`` first.
     """
     path = os.path.abspath(os.fspath(path))
-    check_run_options(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
+    options = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path, **run_options}
+    check_run_options(**options)
     meta = read_meta(path)
     specs = dict(tree_paths(param_specs(cfg)))
     # a node's main array (its first leaf) has the leading shape of the parameter
@@ -200,7 +202,7 @@ def load_orbax(path: str | os.PathLike, cfg: Config, dtype=jnp.bfloat16, nvfp4_m
         if dequantize:
             return x.dequantize(dtype)
         try:
-            return x.configure(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
+            return x.configure(**options)
         except QuantError as e:
             raise OrbaxError(f"{path}: {e}") from None
 

@@ -128,7 +128,7 @@ class Reader:
 
 def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress: bool = False,
                 nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant", base: str | os.PathLike | None = None,
-                dequantize: bool = False) -> dict:
+                dequantize: bool = False, **run_options) -> dict:
     """Load a checkpoint folder into the parameter pytree (jax arrays on the default device).
 
     Safetensors folders (below) and nemojax orbax folders (``nemojax_orbax.json``; see
@@ -140,15 +140,18 @@ def load_params(path: str | os.PathLike, cfg: Config, dtype="bfloat16", progress
     "rotated"), with the ``e_score_correction_bias`` those checkpoints lack read from ``base`` (a BF16 checkpoint
     folder). FP8 KV scales (``k_proj.k_scale``, ``v_proj.v_scale``) become mixer leaves ``k_scale`` /
     ``v_scale``. ``dequantize=True`` turns every quantized weight into a plain array of ``dtype``.
+    ``run_options``: the run options of other registered formats (``QuantFormat.run_options``, e.g.
+    ``fp8_mode="w8a8"``).
     """
     dtype = resolve_dtype(dtype)
-    check_run_options(nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path)
+    options = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path, **run_options}
+    check_run_options(**options)
     if is_orbax_checkpoint(path):  # nemojax's own orbax format (``nemojax convert --to orbax``)
         try:
-            return load_orbax(path, cfg, dtype, nvfp4_mode, hlwq_path, dequantize)
+            return load_orbax(path, cfg, dtype, dequantize=dequantize, **options)
         except OrbaxError as e:
             raise CheckpointError(str(e)) from None
-    reader = Reader.open(path, cfg, base, {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path})
+    reader = Reader.open(path, cfg, base, options)
     flat: dict = {}
     bar = progress_bar(len(reader.items), f"loading {os.path.basename(os.path.abspath(reader.ck.path))}", progress)
     for item in reader.items:

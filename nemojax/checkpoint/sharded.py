@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from ..config import Config
 from ..formats import QuantError
+from ..formats.base import check_run_options
 from ..sharding import param_shardings
 from .plan import PlanItem, flat_params, nest
 from .read import Reader, progress_bar, read_region, resolve_dtype
@@ -24,7 +25,8 @@ def _placement(mesh: Mesh, cfg: Config, path: str, leaf):
 
 
 def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat16", *, progress: bool = False,
-                 nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant", base=None, read_log: list | None = None):
+                 nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant", base=None, read_log: list | None = None,
+                 **run_options):
     """Load a safetensors checkpoint straight into shards: every device's slice of a float parameter, or of a
     quantized node whose leaves are its tensors as stored (NVFP4; ``QuantFormat.stored_fields``), is read from the
     memory-mapped file by ``jax.make_array_from_callback`` (a device reads only its rows / its experts). Other
@@ -33,7 +35,9 @@ def load_sharded(path: str | os.PathLike, cfg: Config, mesh: Mesh, dtype="bfloat
     ``read_log`` (optional list) receives ``(path, index)`` for every slice read (for tests and diagnostics).
     """
     dtype = resolve_dtype(dtype)
-    reader = Reader.open(path, cfg, base, {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path})
+    options = {"nvfp4_mode": nvfp4_mode, "hlwq_path": hlwq_path, **run_options}
+    check_run_options(**options)
+    reader = Reader.open(path, cfg, base, options)
     ck = reader.ck
 
     def sliced(leaf_path, shape, sharding, get):

@@ -143,6 +143,12 @@ class QuantFormat(abc.ABC):
         return self.replace(mode=mode)
 
     @classmethod
+    def run_options(cls) -> tuple[str, ...]:
+        """The names of this format's load-time run options (keyword arguments of ``nemojax.load``). Default:
+        ``<name>_mode`` for a format with ``modes``, else none."""
+        return (f"{cls.name}_mode",) if cls.modes else ()
+
+    @classmethod
     def check_options(cls, **run_options) -> None:
         """Raise ValueError for a run option of this format with a value it does not take (others ignored).
         Default: ``<name>_mode`` must be one of ``modes`` (for a format with modes)."""
@@ -287,7 +293,12 @@ def format_of(x) -> type[QuantFormat] | None:
 
 
 def check_run_options(**run_options) -> None:
-    """Every format's :meth:`QuantFormat.check_options` (ValueError for a bad value)."""
+    """Every format's :meth:`QuantFormat.check_options` (ValueError for a bad value, or for an option no registered
+    format has)."""
+    known = {name for fmt in FORMATS.values() for name in fmt.run_options()}
+    unknown = sorted(set(run_options) - known)
+    if unknown:
+        raise ValueError(f"unknown run option(s) {unknown}; the registered formats take {sorted(known)}")
     for fmt in FORMATS.values():
         fmt.check_options(**run_options)
 

@@ -118,6 +118,10 @@ class HLWQWeight(QuantFormat):
     def take_rows(self, idx) -> "HLWQWeight":
         return self.replace(packed=jnp.take(self.packed, idx, axis=0), norms=jnp.take(self.norms, idx, axis=0))
 
+    @classmethod
+    def run_options(cls) -> tuple[str, ...]:
+        return ("hlwq_path",)
+
     def configure(self, hlwq_path: str | None = None, **_) -> "HLWQWeight":
         """``hlwq_path``: the inference path ("dequant" | "rotated")."""
         return self if hlwq_path is None else self.replace(path=hlwq_path)
