@@ -115,7 +115,7 @@ def _specs_by_name(cfg) -> dict:
 def test_tensor_names_and_shapes(real_cfg):
     specs = _specs_by_name(real_cfg)
     H, V = 2688, 131072
-    expect = {  # architecture reference §6: checkpoint name -> checkpoint shape
+    expect = {  # the published checkpoint's tensors: checkpoint name -> checkpoint shape
         "backbone.embeddings.weight": (V, H),
         "backbone.norm_f.weight": (H,),
         "lm_head.weight": (V, H),

@@ -28,7 +28,7 @@ for p in (_REPO, _HERE):
         sys.path.insert(0, p)
 
 SIZES = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-# the real model (expert-offload reference §3, §6)
+# the real 30B-A3B: bytes per routed expert in each format, non-expert weights in GB
 EXPERT_BYTES = {"bf16": 19.96e6, "nvfp4": 1856 * 2688 * 2 * (0.5 + 1 / 16) + 8, "hlwq-q5": 6.50e6}
 NON_EXPERT_GB = 4.40
 FULL_BF16_TOKS = 54.5  # vLLM expert-offload PR, resident BF16 (92 GB), tok/s
@@ -113,7 +113,7 @@ def decode_speed(cfg_name: str, slots: list[int], new: int):
 
 
 def non_expert_bytes(fmt: str) -> float:
-    """Weights other than the routed experts of the 30B-A3B (architecture reference shapes), as its checkpoints
+    """Weights other than the routed experts of the 30B-A3B (the real config's shapes), as its checkpoints
     store them: bf16; NVFP4 as published for Nano (Mamba in/out projections except the 6 before an attention
     layer, and the shared experts, in NVFP4; attention, embeddings, lm_head, routers bf16); HLWQ Q5 layout B
     (every linear incl. embeddings / lm_head: 5-bit codes + an fp16 norm per 128; routers bf16)."""

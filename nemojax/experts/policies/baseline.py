@@ -1,9 +1,9 @@
 """The baseline eviction policies of the per-layer expert cache: LRU, LFU and the three LFRU definitions in
-circulation (expert-offload reference, section 2), kept apart:
+circulation (docs/expert-offload.md compares them), kept apart:
 
 * ``lfru-tinyserve`` (tinyserve's ``LFRUPolicy``, where the LFRU idea of the vLLM expert-offload pull request
   #37190 comes from): freq +1 per hit (1 on insert), global access clock; evict argmin freq / (clock - last + 1).
-* ``lfru-vllm`` (``LFRUCachedWeightProvider`` of the vLLM expert-offload fork behind PR #37190,
+* ``lfru-vllm`` (``LFRUCachedWeightProvider`` of the implementation behind vLLM PR #37190,
   caiovicentino/vllm-expert-offload): freq <- 0.95 freq + 1 per access, age in forwards; evict argmin
   freq / (1 + step - last).
 * ``lfru-polarquant`` (polarquant's ``LFRUCache``): integer freq +1 per access, all halved every 1000 misses;
@@ -11,8 +11,8 @@ circulation (expert-offload reference, section 2), kept apart:
 
 Every policy sees ``pin(needed)`` and ``access(e)`` once per needed expert per forward of its layer (hits and
 misses), ``step()`` after each forward, and chooses ``victim(residents, pinned)`` among residents that the current
-batch does not need (``pinned`` -- the rule the vLLM expert-offload pull request and polarquant break, see the
-expert-offload reference).
+batch does not need (``pinned`` -- the rule the vLLM expert-offload pull request and polarquant break: they may
+evict an expert the batch still needs).
 """
 from __future__ import annotations
 
