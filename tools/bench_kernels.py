@@ -226,7 +226,6 @@ def sweep(bw: float, reps: int) -> list[dict]:
     (column block, K splits, warps) and, with jax-triton, the Triton GEMVs. Prints the best of each."""
     import itertools
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
 

@@ -375,7 +375,7 @@ def make_nemotronh(out, rep):
         f"hf_quant_config.quantization: {json.dumps(hfq['quantization'])}",
         f"config.json has quantization_config: {'quantization_config' in conf}",
         f"router quantizer modules (mixer.gate): {router_quantizers or 'none'}",
-        f"HF in-memory dtypes after from_pretrained(bf16): "
+        "HF in-memory dtypes after from_pretrained(bf16): "
         + ", ".join(f"{k}={v}" for k, v in sorted(dtypes.items())
                     if k.startswith("model.layers.0.mixer.") and k.split(".")[-1] in ("A_log", "D", "dt_bias")
                     or k.endswith("layers.1.mixer.gate.e_score_correction_bias")),

@@ -347,7 +347,7 @@ def report(result: dict) -> str:
              f"largest checkpoint tensor: {c['largest_tensor']} ({c['largest_tensor_bytes'] / GB:.3f} GB)"]
     for r in result["runs"]:
         lines += [
-            f"",
+            "",
             f"nemojax.load(dtype={r['dtype']!r}) on {r['backend']}: {r['load_seconds']:.1f} s, values match file: "
             f"{r['values_match_file']}",
             f"  parameters (sum of nbytes)       {g(r['param_bytes'])}  ({r['param_leaves']} leaves)",

@@ -152,7 +152,7 @@ def decode_breakdown(model, pkv0, tok0, steps: int) -> dict:
         res["block_ms"][k] = sum(acc[i] for i in idx) / len(idx) / steps * 1e3
     res["lm_head_ms"] = acc["lm_head"] / steps * 1e3
     res["other_ms"] = res["step_ms"] - sum(acc[i] for i in range(len(layers))) / steps * 1e3 - res["lm_head_ms"]
-    log(f"  transformers decode breakdown (ms per call): " + ", ".join(
+    log("  transformers decode breakdown (ms per call): " + ", ".join(
         f"{k} {v:.2f}" for k, v in res["block_ms"].items()) + f", lm_head {res['lm_head_ms']:.2f}, "
         f"other {res['other_ms']:.2f}; step {res['step_ms']:.2f}")
     return res
