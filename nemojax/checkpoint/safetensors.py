@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from typing import Iterable, Mapping
 
@@ -23,10 +24,17 @@ DTYPES = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
     "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
     "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz), "C64": np.dtype(np.complex64),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # NumPy dtype -> safetensors dtype name
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the official reader's limit (bytes)
+# every dtype the official reader knows, with its size in bits (F4 / F6 are packed: readable header, no array)
+_BITS = {**{k: 8 * v.itemsize for k, v in DTYPES.items()}, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_USIZE = 2 ** 64 - 1  # the official reader's usize: larger shapes / offsets / byte counts are an overflow
+_MAX_DEPTH = 127  # serde_json's nesting limit: 127 nested arrays / objects parse, 128 do not
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SafetensorsError(ValueError):
@@ -35,7 +43,8 @@ class SafetensorsError(ValueError):
 
 class SafeFile:
     """Lazily opened safetensors file: ``keys()``, ``shape(name)``, ``dtype(name)``, ``get(name)`` (a read-only
-    memory map, no copy)."""
+    memory map, no copy). Exactly as strict as the official Rust reader (``safetensors`` 0.8): every file it
+    rejects is a SafetensorsError naming the file (and tensor), every file it accepts opens."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -46,39 +55,23 @@ class SafeFile:
                 if len(head) < 8:
                     raise SafetensorsError(f"{self.path}: corrupt safetensors header (file shorter than 8 bytes)")
                 (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, _MAX_HEADER):
+                if n > _MAX_HEADER:
+                    raise SafetensorsError(f"{self.path}: corrupt safetensors header (header length {n} exceeds "
+                                           f"the limit of {_MAX_HEADER} bytes)")
+                if n > size - 8:
                     raise SafetensorsError(f"{self.path}: corrupt safetensors header (header length {n} exceeds "
                                            f"the file size {size})")
                 raw = f.read(n)
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: file not found") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise SafetensorsError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: cannot read ({e})") from None
+        metadata, entries = _parse_header(self.path, raw)
+        self.metadata = metadata or {}
         self._base = 8 + n
         self._data_size = size - self._base
-        self._info = {}
-        for name, info in header.items():
-            try:
-                dt = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                b, e = (int(v) for v in info["data_offsets"])
-            except KeyError as ex:
-                raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {name!r} "
-                                       f"(missing or unknown {ex})") from None
-            except (TypeError, ValueError) as ex:
-                raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {name!r} ({ex})") from None
-            if e - b != math.prod(shape) * dt.itemsize or b < 0:
-                raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {name!r}: offsets {b}..{e} "
-                                       f"do not hold {info['dtype']}{list(shape)}")
-            if e > self._data_size:
-                raise SafetensorsError(f"{self.path}: truncated file: tensor {name!r} needs bytes up to {e} of the "
-                                       f"data section but the file has only {self._data_size}")
-            self._info[name] = (dt, shape, b)
+        self._info = {name: (e[0], e[1], e[2][0]) for name, e in entries.items()}
+        _check_layout(self.path, entries, self._data_size)
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -90,7 +83,11 @@ class SafeFile:
         return self._entry(name)[1]
 
     def dtype(self, name: str) -> np.dtype:
-        return self._entry(name)[0]
+        dt = self._entry(name)[0]
+        if dt not in DTYPES:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has dtype {dt}, which has no NumPy array form "
+                                   f"(packed sub-byte elements)")
+        return DTYPES[dt]
 
     def _entry(self, name):
         try:
@@ -100,10 +97,157 @@ class SafeFile:
 
     def get(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view of the tensor (no copy)."""
-        dt, shape, b = self._entry(name)
+        dt, shape, b = self.dtype(name), self.shape(name), self._entry(name)[2]
         if math.prod(shape) == 0:
             return np.zeros(shape, dt)
         return np.memmap(self.path, dtype=dt, mode="r", offset=self._base + b, shape=shape)
+
+
+class _Obj(list):
+    """A JSON object as its (key, value) pairs in order, duplicates kept (the rules for duplicates differ)."""
+
+
+class _Num:
+    """A JSON number that is not a usize (negative, fractional, exponent or beyond 2**64 - 1)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def _parse_int(text: str):
+    if text.startswith("-") or len(text) > 20 or int(text) > _USIZE:
+        return _parse_float(text)  # serde_json reads these as i64 or f64: never a usize
+    return int(text)
+
+
+def _parse_float(text: str):
+    if math.isinf(float(text)):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return _Num(text)
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _load_json(path: str, raw: bytes):
+    """The header as plain JSON under the official reader's rules: an object, UTF-8, no NaN / Infinity, no
+    number out of the f64 range, no lone surrogate, at most ``_MAX_DEPTH`` levels deep."""
+    try:
+        text = raw.decode("utf-8")
+        depth = 0
+        for m in _TOKENS.finditer(text):
+            c = m.group()
+            if c in "[{":
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
+            elif c in "]}":
+                depth -= 1
+        value = json.loads(text, object_pairs_hook=_Obj, parse_int=_parse_int, parse_float=_parse_float,
+                           parse_constant=_no_constant)
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    raise ValueError("lone surrogate in a string")
+            elif isinstance(v, _Obj):
+                stack.extend(x for kv in v for x in kv)
+            elif isinstance(v, list):
+                stack.extend(v)
+        if not isinstance(value, _Obj):
+            raise ValueError("not a JSON object")
+        return value
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+
+
+def _usizes(v) -> bool:
+    return type(v) is list and all(type(x) is int for x in v)  # _parse_int made every int a usize; no _Obj, bool
+
+
+def _tensor_info(path: str, name: str, v) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype name, shape, (begin, end)) of one header entry; serde's forms: an object with the three fields
+    (unknown fields ignored, a repeated one an error) or a 3-element array; the dtype a name or {name: null}."""
+    where = f"{path}: corrupt header entry for tensor {name!r}"
+    if isinstance(v, _Obj):
+        fields = {}
+        for k, x in v:
+            if k in ("dtype", "shape", "data_offsets"):
+                if k in fields:
+                    raise SafetensorsError(f"{where} (duplicate field {k!r})")
+                fields[k] = x
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
+        if missing:
+            raise SafetensorsError(f"{where} (missing {missing[0]!r})")
+        dt, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    elif isinstance(v, list) and len(v) == 3:
+        dt, shape, offsets = v
+    else:
+        raise SafetensorsError(f"{where} (not an object with dtype, shape and data_offsets: {str(v)[:80]})")
+    if isinstance(dt, _Obj) and len(dt) == 1 and dt[0][1] is None:
+        dt = dt[0][0]
+    if not isinstance(dt, str) or dt not in _BITS:
+        raise SafetensorsError(f"{where} (missing or unknown dtype {str(dt)[:40]!r})")
+    if not _usizes(shape):
+        raise SafetensorsError(f"{where} (shape {str(shape)[:80]} is not a list of non-negative integers)")
+    if not (_usizes(offsets) and len(offsets) == 2):
+        raise SafetensorsError(f"{where}: data_offsets {str(offsets)[:80]} do not hold two non-negative "
+                               f"integer byte offsets")
+    return dt, tuple(shape), tuple(offsets)
+
+
+def _parse_header(path: str, raw: bytes):
+    """(metadata or None, {name: (dtype name, shape, (begin, end))}) of a header, the official reader's rules:
+    ``__metadata__`` absent, null or a string -> string map, given once; a repeated tensor name keeps its last
+    entry (each is checked)."""
+    metadata, seen, entries = None, False, {}
+    for name, v in _load_json(path, raw):
+        if name == "__metadata__":
+            if seen:
+                raise SafetensorsError(f"{path}: corrupt safetensors header (duplicate __metadata__)")
+            seen = True
+            if v is None:
+                continue
+            if not (isinstance(v, _Obj) and all(isinstance(x, str) for _, x in v)):
+                raise SafetensorsError(f"{path}: corrupt safetensors header (__metadata__ is not a map of "
+                                       f"strings to strings: {str(v)[:80]})")
+            metadata = dict(v)
+        else:
+            entries[name] = _tensor_info(path, name, v)
+    return metadata, entries
+
+
+def _check_layout(path: str, entries: dict, data_size: int) -> None:
+    """Sorted by offsets the tensors tile the data buffer exactly: each begins where the previous one ends
+    (the first at 0), holds prod(shape) x dtype size bytes, and the last one ends at the end of the file."""
+    start = 0
+    for name, (dt, shape, (b, e)) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+        if b != start or e < b:
+            what = "overlap" if b < start else "gap" if b > start else "end before begin"
+            raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}: data_offsets {b}..{e} "
+                                   f"do not follow the previous tensor, which ends at {start} ({what})")
+        start = e
+        nbits = 1
+        for d in shape + (_BITS[dt],):
+            nbits *= d
+            if nbits > _USIZE:
+                raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}: the byte size of "
+                                       f"{dt}{list(shape)} overflows")
+        if nbits % 8 or e - b != nbits // 8:
+            raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}: offsets {b}..{e} do not "
+                                   f"hold {dt}{list(shape)}")
+    if start > data_size:
+        last = max(entries, key=lambda k: entries[k][2])
+        raise SafetensorsError(f"{path}: truncated file: tensor {last!r} needs bytes up to {start} of the data "
+                               f"section but the file has only {data_size}")
+    if start < data_size:
+        raise SafetensorsError(f"{path}: corrupt file: {data_size - start} trailing bytes after the last tensor "
+                               f"(the data section holds {start} bytes)")
 
 
 def tensor_entry(name: str, a, offset: int, where: str) -> tuple[dict, int]:
