@@ -148,6 +148,65 @@ def test_errors(ck, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["old"]
 
 
+def _tree(folder) -> dict:
+    """Every file below ``folder`` with its bytes (what a conversion must leave untouched)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+@pytest.mark.parametrize("to", ["nvfp4", "bf16", "orbax"])
+def test_output_never_is_holds_or_lies_inside_the_source(ck, tmp_path, capsys, to):
+    """``convert models/mymodel models --force`` once deleted the source and everything beside it: an output that is,
+    holds or lies inside the source is refused even with --force (exit 2, one line), and nothing is lost."""
+    import shutil
+
+    models = tmp_path / "models"
+    src = models / "mymodel"
+    shutil.copytree(ck["src"] if to != "bf16" else ck["nvfp4"], src)
+    (models / "notes.txt").write_text("mine")
+    before = _tree(models)
+    for dst in (models, tmp_path, src / "out", src):
+        with pytest.raises(ConvertError, match="source checkpoint|must differ"):
+            convert_checkpoint(src, dst, to, force=True, progress=False)
+        capsys.readouterr()
+        assert cli_main(["convert", str(src), str(dst), "--to", to, "--force", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("source checkpoint" in err[0] or "must differ" in err[0]), err
+        assert _tree(models) == before
+    if to == "bf16":
+        with pytest.raises(ConvertError, match="source checkpoint"):
+            dequantize_checkpoint(src, models, force=True)
+        assert _tree(models) == before
+
+
+def test_force_replaces_only_a_previous_output(ck, tmp_path):
+    """--force onto a folder of other things, a regular file or a link refuses and keeps it; onto a previous output
+    it replaces it, once the new output is complete."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (other / "sub").mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("mine too")
+    link = tmp_path / "link"
+    link.symlink_to(other)
+    for dst in (other, afile, link):
+        with pytest.raises(ConvertError, match="not a checkpoint folder"):
+            convert_checkpoint(ck["src"], dst, "nvfp4", force=True, progress=False)
+    assert _tree(other) == {"keep.txt": b"mine"} and afile.read_text() == "mine too" and link.is_symlink()
+    prev = tmp_path / "prev"
+    convert_checkpoint(ck["src"], prev, "hlwq-q5", progress=False)
+    convert_checkpoint(ck["src"], prev, "nvfp4", force=True, progress=False)
+    assert _json(prev / "hf_quant_config.json")["quantization"]["quant_algo"] == "W4A16_NVFP4"
+    assert not os.path.exists(prev / "polar_config.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "other", "prev"]  # no stray .partial
+
+
 def test_disk_full_leaves_nothing(ck, tmp_path, monkeypatch, capsys):
     import nemojax.checkpoint.write as conv
 

@@ -18,7 +18,7 @@ from ..config import Config
 from ..formats import FORMATS, is_quantized
 from ..params import Spec
 from .orbax import Scratch, tensor_bytes, write_tree
-from .output import ConvertError, atomic_output, copy_side_files
+from .output import ConvertError, atomic_output, check_output, copy_side_files
 from .plan import nest, plan_format
 from .read import Reader, load_params, progress_bar
 from .source import Checkpoint
@@ -39,12 +39,13 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, bas
     """An NVFP4 or HLWQ (any polarengine layout) checkpoint -> a plain BF16 Hugging Face checkpoint
     (original ``backbone.*`` naming), like ``polarquant-convert``. ``base`` supplies buffers HLWQ files lack."""
     src = os.fspath(src)
+    check_output(dst, force, src)
     cfg = Config.from_json(src)
     params = load_params(src, cfg, dtype, progress=progress, base=base, dequantize=True)
     for i in cfg.layer_indices("*"):  # FP8 KV scales do not belong in a BF16 checkpoint
         params["layers"][i]["mixer"].pop("k_scale", None)
         params["layers"][i]["mixer"].pop("v_scale", None)
-    with atomic_output(dst, force) as tmp:
+    with atomic_output(dst, force, src) as tmp:
         save_params(params, cfg, tmp, max_shard_bytes=max_shard_bytes)
         copy_side_files(src, tmp)
     return os.fspath(dst)
@@ -56,7 +57,7 @@ def open_source(src, dst, base=None) -> tuple[Reader, str]:
     src = os.fspath(src)
     if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
         raise ConvertError("the output folder must differ from the input folder")
-    cfg = Config.from_json(src)
+    cfg = Config.from_json(src)  # a missing or broken source is named before any check of the output
     reader = Reader(Checkpoint(src), cfg, Checkpoint(base) if base is not None else None)
     return reader, plan_format(reader.items)
 
@@ -153,7 +154,7 @@ def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, 
     reader, fmt, recipe = _target(src, dst, to, None, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     entries: dict = {}  # the quantized modules' config entries, by format
-    with atomic_output(dst, force) as tmp:
+    with atomic_output(dst, force, reader.ck.path) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         label = os.path.basename(os.path.abspath(reader.ck.path))
         bar = progress_bar(len(reader.items), f"{label} -> {to}", progress)
@@ -194,7 +195,7 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
     reader, fmt, recipe = _target(src, dst, "orbax", quant, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     flat: dict = {}
-    with atomic_output(dst, force) as tmp:
+    with atomic_output(dst, force, reader.ck.path) as tmp:
         scratch = Scratch(os.path.join(tmp, ".scratch"))
         label = os.path.basename(os.path.abspath(reader.ck.path))
         bar = progress_bar(len(reader.items), f"{label} -> orbax", progress)

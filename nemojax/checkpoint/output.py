@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["atomic_output", "copy_side_files", "ConvertError"]
+__all__ = ["atomic_output", "check_output", "copy_side_files", "ConvertError"]
 
 # the checkpoint's own files: written anew by every writer, never copied from the source
 _WEIGHT_FILES = {"config.json", "polar_config.json", "hf_quant_config.json", "model.safetensors.index.json"}
@@ -17,13 +17,50 @@ class ConvertError(ValueError):
     """A conversion that cannot be done (unsupported input/target pair, disk full, ...)."""
 
 
-class atomic_output:
-    """``with atomic_output(dst, force) as tmp: ...write into tmp...`` -> renamed to ``dst`` on success."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or os.path.commonpath([path, folder]) == folder
 
-    def __init__(self, dst: str | os.PathLike, force: bool = False):
-        self.dst = os.path.abspath(os.fspath(dst))
-        if os.path.exists(self.dst) and not force:
-            raise FileExistsError(f"{self.dst}: already exists (use force=True / --force to overwrite)")
+
+def _is_checkpoint_output(path: str) -> bool:
+    """Whether ``path`` looks like what a nemojax writer leaves: a real folder with config.json and weights
+    (safetensors files or nemojax's orbax description), whose only subfolder is orbax's ``params``."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    weights = any(n.endswith(".safetensors") for n in names) or "nemojax_orbax.json" in names
+    subfolders = [n for n in names if os.path.isdir(os.path.join(path, n))]
+    return "config.json" in names and weights and set(subfolders) <= {"params"}
+
+
+def check_output(dst: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> str:
+    """The absolute output path, after refusing what would lose data: an output that is, holds or lies inside
+    ``source`` (the checkpoint being read), even with ``force``; an existing output without ``force``
+    (FileExistsError); with ``force``, an existing output that is not a checkpoint folder (a file, a link, a folder
+    of other things: ``--force`` replaces only a previous output)."""
+    out = os.path.abspath(os.fspath(dst))
+    if source is not None:
+        src = os.path.realpath(os.fspath(source))
+        real = os.path.realpath(out)
+        if _inside(real, src) or _inside(src, real):
+            how = "be" if real == src else "lie inside" if _inside(real, src) else "hold"
+            raise ConvertError(f"{out}: the output would {how} the source checkpoint {src}; nothing was written "
+                               f"(choose a folder outside it)")
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{out}: already exists (use force=True / --force to overwrite)")
+        if not _is_checkpoint_output(out):
+            raise ConvertError(f"{out}: exists and is not a checkpoint folder (config.json + weights); --force only "
+                               f"replaces a previous output, so nothing was written")
+    return out
+
+
+class atomic_output:
+    """``with atomic_output(dst, force, source) as tmp: ...write into tmp...`` -> renamed to ``dst`` on success
+    (the checks of :func:`check_output` first; an existing ``dst`` is replaced only once the new output is
+    complete)."""
+
+    def __init__(self, dst: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None):
+        self.dst = check_output(dst, force, source)
         parent = os.path.dirname(self.dst)
         os.makedirs(parent, exist_ok=True)
         self.force = force
