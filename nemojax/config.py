@@ -174,6 +174,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         """Build from a config.json dict (original NVIDIA or transformers-5 form)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         for old, new in _ALIASES.items():
             if old in d:
@@ -202,17 +204,32 @@ class Config:
             if f in d and d[f] not in ok:
                 raise ConfigError(f"config field {f!r}={d[f]!r} is not supported (supported: {ok[0]!r})")
 
-        def get(name, default=None, required=False):
-            if name in d and d[name] is not None:
-                return d[name]
-            if required:
-                raise ConfigError(f"config field {name!r} is missing")
-            return default
+        def get(name, default=None, required=False, kind="int"):
+            """Field ``name`` of type ``kind`` ("int", "bool", "float", "str", "id": an int or None); a value of
+            another JSON type (a string "128", 128.0, "false", true for a count) is a ConfigError naming it."""
+            if name not in d or d[name] is None:
+                if required:
+                    raise ConfigError(f"config field {name!r} is missing")
+                return default
+            v = d[name]
+            ok = {"int": lambda: isinstance(v, int) and not isinstance(v, bool),
+                  "id": lambda: isinstance(v, int) and not isinstance(v, bool),
+                  "bool": lambda: isinstance(v, bool),
+                  "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "str": lambda: isinstance(v, str)}[kind]()
+            if not ok:
+                what = {"int": "an integer", "id": "an integer token id", "bool": "true or false",
+                        "float": "a finite number", "str": "a string"}[kind]
+                raise ConfigError(f"config field {name!r}: expected {what}, got {v!r}")
+            return v
 
         H = get("hidden_size", required=True)
         nq = get("num_attention_heads", 0)
-        eos = get("eos_token_id", 2)
+        eos = d.get("eos_token_id", 2)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise ConfigError(f"config field 'eos_token_id': expected an integer token id or a list of them, "
+                              f"got {d.get('eos_token_id')!r}")
         tsl = d.get("time_step_limit")  # honoured only when the file gives one
         if tsl is not None:
             if not isinstance(tsl, (list, tuple)) or len(tsl) != 2:
@@ -224,7 +241,7 @@ class Config:
                 raise ConfigError(f"config field 'time_step_limit': expected [lo, hi], got {tsl!r}") from None
             if tsl == (0.0, math.inf):
                 tsl = None  # the canonical "no clamp"
-        dtype = get("torch_dtype", None) or get("dtype", "bfloat16")
+        dtype = get("torch_dtype", None, kind="str") or get("dtype", "bfloat16", kind="str")
         kwargs = dict(
             vocab_size=get("vocab_size", required=True),
             hidden_size=H,
@@ -238,7 +255,7 @@ class Config:
             n_groups=get("n_groups", 8),
             conv_kernel=get("conv_kernel", 4),
             chunk_size=get("chunk_size", 128),
-            use_conv_bias=bool(get("use_conv_bias", True)),
+            use_conv_bias=get("use_conv_bias", True, kind="bool"),
             time_step_limit=tsl,
             n_routed_experts=get("n_routed_experts", 0),
             num_experts_per_tok=get("num_experts_per_tok", 0),
@@ -247,16 +264,16 @@ class Config:
             n_shared_experts=get("n_shared_experts", 1),
             n_group=get("n_group", 1),
             topk_group=get("topk_group", 1),
-            norm_topk_prob=bool(get("norm_topk_prob", True)),
-            routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=get("norm_topk_prob", True, kind="bool"),
+            routed_scaling_factor=float(get("routed_scaling_factor", 1.0, kind="float")),
             intermediate_size=get("intermediate_size", 0),
-            layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-5)),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            residual_in_fp32=bool(get("residual_in_fp32", False)),
+            layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-5, kind="float")),
+            tie_word_embeddings=get("tie_word_embeddings", False, kind="bool"),
+            residual_in_fp32=get("residual_in_fp32", False, kind="bool"),
             max_position_embeddings=get("max_position_embeddings", 4096),
-            bos_token_id=get("bos_token_id", None),
+            bos_token_id=get("bos_token_id", None, kind="id"),
             eos_token_id=eos,
-            pad_token_id=get("pad_token_id", None),
+            pad_token_id=get("pad_token_id", None, kind="id"),
             torch_dtype=str(dtype),
         )
         for k, v in kwargs.items():
@@ -275,12 +292,14 @@ class Config:
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
         try:
-            with open(p) as f:
+            with open(p, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{p}: no config.json found") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: not valid JSON (nested too deeply)") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -325,7 +344,7 @@ def _read_pattern(d: Mapping[str, Any]) -> str:
             types = d[key]
             if not isinstance(types, (list, tuple)):
                 raise ConfigError(f"config field {key!r}: expected a list of block types, got {types!r}")
-            unknown = [t for t in types if t not in _TYPE_TO_CHAR]
+            unknown = [t for t in types if not isinstance(t, str) or t not in _TYPE_TO_CHAR]
             if unknown:
                 raise ConfigError(f"config field {key!r}: unknown block type(s) {sorted(set(map(str, unknown)))}; "
                                   f"expected one of {sorted(BLOCK_TYPES.values())}")

@@ -467,3 +467,27 @@ def test_transformers_accepts_to_dict(real_cfg, tiny_cfg):
             (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         # and transformers' own serialisation of it reads back to the same Config
         assert Config.from_dict(json.loads(hf.to_json_string())) == c
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("hidden_size", "128", "an integer"), ("hidden_size", 128.0, "an integer"), ("vocab_size", True, "an integer"),
+    ("layer_norm_epsilon", "x", "a finite number"), ("layer_norm_epsilon", math.inf, "a finite number"),
+    ("tie_word_embeddings", "false", "true or false"), ("use_conv_bias", 1, "true or false"),
+    ("pad_token_id", "0", "an integer token id"), ("eos_token_id", [2, "x"], "an integer token id"),
+    ("torch_dtype", 16, "a string")])
+def test_field_types_are_checked(field, value, what):
+    """A value of the wrong JSON type is an error naming the field, never coerced (``"false"`` is not true)."""
+    d = {**TINY, field: value}
+    with pytest.raises(ConfigError, match=f"config field '{field}': expected {what}"):
+        Config.from_dict(d)
+
+
+def test_config_file_that_is_not_an_object_utf8_or_shallow(tmp_path):
+    for i, raw in enumerate([b"null", b"[1, 2]", b'{"hidden_size": "\xff"}', b"[" * 100000 + b"]" * 100000]):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "config.json").write_bytes(raw)
+        with pytest.raises(ConfigError, match=str(folder / "config.json")):
+            Config.from_json(folder)
+    with pytest.raises(ConfigError, match="layers_block_type"):
+        Config.from_dict({**TINY, "hybrid_override_pattern": None, "layers_block_type": [{}]})
