@@ -430,6 +430,27 @@ def test_invalid_index_json(cfg, tmp_path):
     assert str(tmp_path / "model.safetensors.index.json") in msg and "not a valid safetensors index" in msg
 
 
+def test_index_entries_stay_inside_the_folder(cfg, tmp_path):
+    """An index entry naming a file outside the checkpoint folder (``../x.safetensors``, an absolute path) is refused,
+    even when that file exists and holds the tensor; a weight_map that is a list or has non-string values too."""
+    params = random_params(cfg, np.random.default_rng(20), dtype=BF16)
+    ck = tmp_path / "ck"
+    save_params(params, cfg, ck, max_shard_bytes=100_000)
+    index = ck / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    shard = sorted(set(good["weight_map"].values()))[0]
+    os.replace(ck / shard, tmp_path / shard)  # the shard now lies beside the folder
+    for where in (f"../{shard}", str(tmp_path / shard)):
+        index.write_text(json.dumps({"weight_map": {k: (where if v == shard else v)
+                                                    for k, v in good["weight_map"].items()}}))
+        msg = _load_error(ck)
+        assert str(index) in msg and "not a file of the checkpoint folder" in msg, msg
+    for bad in ([["a", "b"]], {"backbone.norm_f.weight": 3}):
+        index.write_text(json.dumps({"weight_map": bad}))
+        msg = _load_error(ck)
+        assert str(index) in msg and "'weight_map' must map tensor names to file names" in msg, msg
+
+
 def test_tensor_in_two_shards_without_index(cfg, tmp_path, tensors):
     path = write_single(tmp_path, cfg, tensors)
     os.rename(path, tmp_path / "model-00001-of-00002.safetensors")

@@ -74,12 +74,20 @@ class Checkpoint:
         index, files = checkpoint_files(self.path)
         if index is not None:
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names (strings)")
+            root = os.path.realpath(self.path)
             for name, fname in weight_map.items():
-                sf = self._open(os.path.join(self.path, fname))
+                fpath = os.path.realpath(os.path.join(self.path, fname))
+                if fpath == root or os.path.commonpath([fpath, root]) != root:
+                    raise CheckpointError(f"{index}: tensor {name!r} is listed in {fname!r}, which is not a file of "
+                                          f"the checkpoint folder {self.path}")
+                sf = self._open(fpath)
                 if name not in sf:
                     raise CheckpointError(f"{index}: tensor {name!r} is listed in {fname} but that file does not "
                                           f"contain it")
