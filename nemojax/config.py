@@ -43,6 +43,20 @@ _ALIASES = {
 }
 
 
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# config.json field types: kind -> (accepts the JSON value, what the error says was expected)
+_FIELD_TYPES = {
+    "int": (_integer, "an integer"), "id": (_integer, "an integer token id"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
 class ConfigError(ValueError):
     """An inconsistent or unsupported config.json value; the message names the field."""
 
@@ -205,29 +219,22 @@ class Config:
                 raise ConfigError(f"config field {f!r}={d[f]!r} is not supported (supported: {ok[0]!r})")
 
         def get(name, default=None, required=False, kind="int"):
-            """Field ``name`` of type ``kind`` ("int", "bool", "float", "str", "id": an int or None); a value of
-            another JSON type (a string "128", 128.0, "false", true for a count) is a ConfigError naming it."""
+            """Field ``name`` of type ``kind`` (a key of ``_FIELD_TYPES``); a value of another JSON type (a string
+            "128", 128.0, "false", true for a count) is a ConfigError naming it."""
             if name not in d or d[name] is None:
                 if required:
                     raise ConfigError(f"config field {name!r} is missing")
                 return default
-            v = d[name]
-            ok = {"int": lambda: isinstance(v, int) and not isinstance(v, bool),
-                  "id": lambda: isinstance(v, int) and not isinstance(v, bool),
-                  "bool": lambda: isinstance(v, bool),
-                  "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                  "str": lambda: isinstance(v, str)}[kind]()
-            if not ok:
-                what = {"int": "an integer", "id": "an integer token id", "bool": "true or false",
-                        "float": "a finite number", "str": "a string"}[kind]
-                raise ConfigError(f"config field {name!r}: expected {what}, got {v!r}")
-            return v
+            ok, what = _FIELD_TYPES[kind]
+            if not ok(d[name]):
+                raise ConfigError(f"config field {name!r}: expected {what}, got {d[name]!r}")
+            return d[name]
 
         H = get("hidden_size", required=True)
         nq = get("num_attention_heads", 0)
         eos = d.get("eos_token_id", 2)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        if not all(_integer(e) for e in eos):
             raise ConfigError(f"config field 'eos_token_id': expected an integer token id or a list of them, "
                               f"got {d.get('eos_token_id')!r}")
         tsl = d.get("time_step_limit")  # honoured only when the file gives one
@@ -276,13 +283,6 @@ class Config:
             pad_token_id=get("pad_token_id", None, kind="id"),
             torch_dtype=str(dtype),
         )
-        for k, v in kwargs.items():
-            if k in ("time_step_limit", "bos_token_id", "pad_token_id", "eos_token_id", "pattern", "torch_dtype"):
-                continue
-            if isinstance(v, bool):
-                continue
-            if not isinstance(v, (int, float)):
-                raise ConfigError(f"config field {k!r}: expected a number, got {v!r}")
         return cls(**kwargs)
 
     @classmethod

@@ -171,12 +171,12 @@ def test_output_never_is_holds_or_lies_inside_the_source(ck, tmp_path, capsys, t
     (models / "notes.txt").write_text("mine")
     before = _tree(models)
     for dst in (models, tmp_path, src / "out", src):
-        with pytest.raises(ConvertError, match="source checkpoint|must differ"):
+        with pytest.raises(ConvertError, match="source checkpoint"):
             convert_checkpoint(src, dst, to, force=True, progress=False)
         capsys.readouterr()
         assert cli_main(["convert", str(src), str(dst), "--to", to, "--force", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and ("source checkpoint" in err[0] or "must differ" in err[0]), err
+        assert len(err) == 1 and "source checkpoint" in err[0], err
         assert _tree(models) == before
     if to == "bf16":
         with pytest.raises(ConvertError, match="source checkpoint"):

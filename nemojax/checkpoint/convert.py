@@ -18,7 +18,7 @@ from ..config import Config
 from ..formats import FORMATS, is_quantized
 from ..params import Spec
 from .orbax import Scratch, tensor_bytes, write_tree
-from .output import ConvertError, atomic_output, check_output, copy_side_files
+from .output import ConvertError, atomic_output, check_apart, check_output, copy_side_files
 from .plan import nest, plan_format
 from .read import Reader, load_params, progress_bar
 from .source import Checkpoint
@@ -55,9 +55,8 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, bas
 def open_source(src, dst, base=None) -> tuple[Reader, str]:
     """A conversion's input: the reader of ``src`` (its plan checked) and its format (``plan_format``)."""
     src = os.fspath(src)
-    if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
-        raise ConvertError("the output folder must differ from the input folder")
-    cfg = Config.from_json(src)  # a missing or broken source is named before any check of the output
+    check_apart(dst, src)  # before anything is read
+    cfg = Config.from_json(src)
     reader = Reader(Checkpoint(src), cfg, Checkpoint(base) if base is not None else None)
     return reader, plan_format(reader.items)
 

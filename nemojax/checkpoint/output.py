@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["atomic_output", "check_output", "copy_side_files", "ConvertError"]
+__all__ = ["atomic_output", "check_apart", "check_output", "copy_side_files", "ConvertError"]
 
 # the checkpoint's own files: written anew by every writer, never copied from the source
 _WEIGHT_FILES = {"config.json", "polar_config.json", "hf_quant_config.json", "model.safetensors.index.json"}
@@ -32,6 +32,16 @@ def _is_checkpoint_output(path: str) -> bool:
     return "config.json" in names and weights and set(subfolders) <= {"params"}
 
 
+def check_apart(dst: str | os.PathLike, source: str | os.PathLike) -> None:
+    """ConvertError if the output ``dst`` would be, hold or lie inside the checkpoint ``source`` (links resolved)."""
+    src = os.path.realpath(os.fspath(source))
+    real = os.path.realpath(os.path.abspath(os.fspath(dst)))
+    if _inside(real, src) or _inside(src, real):
+        how = "be" if real == src else "lie inside" if _inside(real, src) else "hold"
+        raise ConvertError(f"{os.path.abspath(os.fspath(dst))}: the output would {how} the source checkpoint {src}; "
+                           f"nothing was written (choose a folder outside it)")
+
+
 def check_output(dst: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> str:
     """The absolute output path, after refusing what would lose data: an output that is, holds or lies inside
     ``source`` (the checkpoint being read), even with ``force``; an existing output without ``force``
@@ -39,12 +49,7 @@ def check_output(dst: str | os.PathLike, force: bool = False, source: str | os.P
     of other things: ``--force`` replaces only a previous output)."""
     out = os.path.abspath(os.fspath(dst))
     if source is not None:
-        src = os.path.realpath(os.fspath(source))
-        real = os.path.realpath(out)
-        if _inside(real, src) or _inside(src, real):
-            how = "be" if real == src else "lie inside" if _inside(real, src) else "hold"
-            raise ConvertError(f"{out}: the output would {how} the source checkpoint {src}; nothing was written "
-                               f"(choose a folder outside it)")
+        check_apart(out, source)
     if os.path.lexists(out):
         if not force:
             raise FileExistsError(f"{out}: already exists (use force=True / --force to overwrite)")
