@@ -20,7 +20,8 @@ LAYERS = {
     "nemojax.experts": 6, "nemojax.quant": 6,
     "nemojax.checkpoint": 7,
     "nemojax.api": 8,
-    "nemojax.cli": 9, "nemojax.__main__": 9, "nemojax": 10,
+    "nemojax.serve": 9,
+    "nemojax.cli": 10, "nemojax.__main__": 10, "nemojax": 11,
 }
 
 
