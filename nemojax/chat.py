@@ -13,9 +13,9 @@ Rules (one scan for both):
   (the chat template writes ``<think>\\n`` + reasoning + ``\\n</think>\\n`` + content, so the strip round-trips).
 * A call is ``[<tool_call>] <function=NAME> (<parameter=P>VALUE</parameter>)* </function> [</tool_call>]``. A
   value ends at ``</parameter`` (drifted spellings like ``</parameter1>`` too) followed by whitespace and then
-  ``<parameter=`` or ``</function>``; any other tag-like text is part of the value. One leading and one
-  trailing newline of a value are dropped. At the end of output a call missing its ``</parameter>`` tags is
-  still read if its ``</function>`` came.
+  ``<parameter=`` or ``</function>``; any other tag-like text is part of the value. A forgotten
+  ``</parameter>`` is tolerated before a line starting ``<parameter=``, or before ``</function>`` followed by
+  ``</tool_call>`` or the end of output. One leading and one trailing newline of a value are dropped.
 * A call with an unknown name (when tools are given) or without ``</function>`` stays text where it stands.
 * ``<|im_end|>`` / ``<|endoftext|>`` end the output (normally stop tokens, removed upstream).
 """
@@ -35,8 +35,8 @@ FUNCTION, END_FUNCTION, PARAMETER = "<function=", "</function>", "<parameter="
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 _NAME = re.compile(r"[^<>\n]{0,256}")              # a function or parameter name, up to its ">"
 _CLOSE = re.compile(r"</parameter([^<>\n]{0,32})(>)?")  # "</parameter>" and drifted spellings
-_LOOSE_PARAM = re.compile(r"<parameter=([^<>\n]{1,256})>(.*?)(?:</parameter[^<>\n]{0,32}>|(?=<parameter=)|\Z)",
-                          re.S)
+_CLOSE_DONE = re.compile(r"</parameter[^<>\n]{0,32}>")
+_VALUE_STOP = re.compile(r"</parameter|</function>|\n<parameter=")
 
 
 @dataclass
@@ -71,33 +71,33 @@ class Message:
 
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-_TYPE_ORDER = ("null", "boolean", "integer", "number", "object", "array")
+_ALIASES = {"int": "integer", "float": "number", "double": "number", "bool": "boolean", "dict": "object",
+            "list": "array", "str": "string"}
 _PY_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null",
              dict: "object", list: "array"}
 
 
-def schema_types(schema: Any) -> set[str]:
-    """The JSON types a schema allows: ``type`` (a name or a list), ``anyOf`` / ``oneOf`` / ``allOf``,
-    ``nullable``, ``enum`` / ``const`` values, ``properties`` (object) / ``items`` (array). Empty: unknown."""
+def schema_types(schema: Any) -> list[str]:
+    """The JSON types a schema allows, in its order: ``type`` (a name or a list), ``anyOf`` / ``oneOf`` /
+    ``allOf``, ``nullable``, ``enum`` / ``const`` values, ``properties`` (object) / ``items`` (array)."""
     if not isinstance(schema, dict):
-        return set()
-    out: set[str] = set()
+        return []
+    out: list[str] = []
     t = schema.get("type")
-    for name in (t if isinstance(t, list) else [t]):
-        if isinstance(name, str):
-            out.add(name.strip().lower())
+    out += [_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in (t if isinstance(t, list) else [t])
+            if isinstance(n, str)]
     for key in ("anyOf", "oneOf", "allOf"):
-        for sub in schema.get(key) or []:
-            out |= schema_types(sub)
+        for sub in schema.get(key) if isinstance(schema.get(key), list) else []:
+            out += schema_types(sub)
     if schema.get("nullable") is True:
-        out.add("null")
+        out.append("null")
     values = list(schema.get("enum") or []) + ([schema["const"]] if "const" in schema else [])
-    out.update(_PY_TYPES.get(type(v), "string") for v in values)
+    out += [_PY_TYPES.get(type(v), "string") for v in values]
     if not out and "properties" in schema:
-        out.add("object")
+        out.append("object")
     if not out and "items" in schema:
-        out.add("array")
-    return out
+        out.append("array")
+    return list(dict.fromkeys(out))
 
 
 def _jsonable(x: Any) -> Any:
@@ -118,6 +118,8 @@ def _jsonable(x: Any) -> Any:
 def _as_type(text: str, kind: str) -> Any:
     """text read as JSON type ``kind``; ValueError when it is not one."""
     s = text.strip()
+    if kind == "string":
+        return text
     if kind == "null" and s in ("null", "None"):
         return None
     if kind == "boolean" and s.lower() in ("true", "false"):
@@ -130,27 +132,28 @@ def _as_type(text: str, kind: str) -> Any:
             return int(v) if kind == "integer" else v
     if kind in ("object", "array"):
         try:
-            v = json.loads(s)
-        except ValueError:
-            try:  # Python literals, as the chat template writes them: True / False / None, 'quotes'
+            try:
+                v = json.loads(s)
+            except ValueError:  # Python literals, as the chat template writes them: True / False / None
                 v = ast.literal_eval(s)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                raise ValueError(f"not {kind}") from None
-        v = _jsonable(v)
+            v = _jsonable(v)
+            json.dumps(v)  # nested too deeply to write back?
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(f"not {kind}") from None
         if isinstance(v, dict if kind == "object" else list):
             return v
     raise ValueError(f"not {kind}")
 
 
 def convert_value(text: str, schema: Any) -> Any:
-    """A parameter's raw text as the schema's type (the first of null, boolean, integer, number, object, array
-    that reads); the text itself when the schema allows only strings, says nothing, or nothing reads."""
-    for kind in _TYPE_ORDER:
-        if kind in schema_types(schema):
-            try:
-                return _as_type(text, kind)
-            except ValueError:
-                pass
+    """A parameter's raw text as the first type of the schema that reads it (null first: ``null`` / ``None``
+    when the schema allows null); the text itself when no type reads it or the schema names none."""
+    kinds = schema_types(schema)
+    for kind in (["null"] if "null" in kinds else []) + [k for k in kinds if k != "null"]:
+        try:
+            return _as_type(text, kind)
+        except ValueError:
+            pass
     return text
 
 
@@ -207,26 +210,57 @@ def _name(buf: str, i: int, final: bool) -> tuple[str, int]:
     return name, e + 1
 
 
-def _value_end(buf: str, i: int, final: bool) -> tuple[int, int]:
-    """(end of the value starting at i, index of the ``<parameter=`` / ``</function>`` after its close)."""
-    k = i
+def _value_end(buf: str, i: int, final: bool, memo: dict) -> tuple[int, int]:
+    """(end of the value starting at i, where the scan goes on). A value ends at the first of: a close marker
+    followed by whitespace and ``<parameter=`` / ``</function>``; a line starting ``<parameter=`` (its close
+    tag forgotten); ``</function>`` followed by whitespace and ``</tool_call>`` or the end of output. In the
+    last two cases a close marker left inside the value still ends it (what follows it is dropped).
+
+    memo[i]: where the search resumes (candidates before it were ruled out) or the answer, so a long value
+    streamed in many pieces is scanned once, not once per piece."""
+    k = memo.get(i, i)
+    if isinstance(k, tuple):
+        return k
     while True:
-        k = buf.find("</parameter", k)
-        if k < 0:
+        m = _VALUE_STOP.search(buf, k)
+        if m is None:
+            memo[i] = max(k, len(buf) - 12)  # a stop string may be starting in the last 11 characters
             if final:
                 raise _Bad
             raise _More
-        m = _CLOSE.match(buf, k)
-        if m.group(2) is None:
-            if m.end() == len(buf) and not final:
+        k = memo[i] = m.start()
+        found = None
+        if m.group() == "</parameter":
+            c = _CLOSE.match(buf, k)
+            if c.group(2) is None:
+                if c.end() == len(buf) and not final:
+                    raise _More
+            else:
+                p = _skip_ws(buf, c.end())
+                if p == len(buf) and not final:
+                    raise _More
+                if _at(buf, p, PARAMETER, final) or _at(buf, p, END_FUNCTION, final):
+                    found = k, p
+        elif m.group() == END_FUNCTION:
+            q = _skip_ws(buf, m.end())
+            if q == len(buf) and not final:
                 raise _More
-        else:
-            p = _skip_ws(buf, m.end())
-            if p == len(buf) and not final:
-                raise _More
-            if _at(buf, p, PARAMETER, final) or _at(buf, p, END_FUNCTION, final):
-                return k, p
+            if q == len(buf) or _at(buf, q, END_TOOL_CALL, final):
+                found = _cut(buf, i, k), k
+        else:  # "\n<parameter="
+            found = _cut(buf, i, k + 1), k + 1
+        if found:
+            memo[i] = found
+            return found
         k += 1
+
+
+def _cut(buf: str, i: int, end: int) -> int:
+    """end, or the start of the last complete close marker in buf[i:end]."""
+    last = None
+    for last in _CLOSE_DONE.finditer(buf, i, end):
+        pass
+    return last.start() if last else end
 
 
 def _strip_newline(v: str) -> str:
@@ -242,11 +276,13 @@ def _tail(buf: str, i: int, final: bool) -> int:
     return q + len(END_TOOL_CALL) if _at(buf, q, END_TOOL_CALL, final) else i
 
 
-def scan_call(buf: str, final: bool) -> tuple[int, str, dict[str, str]] | None:
+def scan_call(buf: str, final: bool, memo: dict | None = None) -> tuple[int, str, dict[str, str]] | None:
     """Read the call block at the start of buf (which starts with ``<tool_call>`` or ``<function=``).
 
     Returns (its length, name, {parameter: raw value}); None when it is not a call. Raises _More when the
-    answer depends on text not yet in buf (never when final: buf is then the whole rest of the output)."""
+    answer depends on text not yet in buf (never when final: buf is then the whole rest of the output).
+    memo: kept by the caller between scans of the same growing buf (see _value_end)."""
+    memo = {} if memo is None else memo
     i = 0
     if buf.startswith(TOOL_CALL):
         i = _skip_ws(buf, len(TOOL_CALL))
@@ -258,7 +294,7 @@ def scan_call(buf: str, final: bool) -> tuple[int, str, dict[str, str]] | None:
         name, i = _name(buf, i + len(FUNCTION), final)
     except _Bad:
         return None
-    head, args = i, {}
+    args = {}
     try:
         while True:
             i = _skip_ws(buf, i)
@@ -269,20 +305,10 @@ def scan_call(buf: str, final: bool) -> tuple[int, str, dict[str, str]] | None:
             if not _at(buf, i, PARAMETER, final):
                 raise _Bad
             key, start = _name(buf, i + len(PARAMETER), final)
-            end, i = _value_end(buf, start, final)
+            end, i = _value_end(buf, start, final, memo)
             args[key] = _strip_newline(buf[start:end])
     except _Bad:
-        return _loose_call(buf, head, name) if final else None
-
-
-def _loose_call(buf: str, head: int, name: str) -> tuple[int, str, dict[str, str]] | None:
-    """At the end of output: the call whose header ends at head, read up to its first ``</function>`` with
-    parameters that may lack their close tags (a value then ends at the next ``<parameter=``)."""
-    f = buf.find(END_FUNCTION, head)
-    if f < 0:
         return None
-    args = {m.group(1).strip(): _strip_newline(m.group(2)) for m in _LOOSE_PARAM.finditer(buf[head:f])}
-    return _tail(buf, f + len(END_FUNCTION), True), name, args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,6 +348,7 @@ class OutputParser:
         self._finished = False
         self._started = {"reasoning": False, "content": False}
         self._ws = {"reasoning": "", "content": ""}  # trailing whitespace held until text follows it
+        self._memo: dict = {}                    # scan_call's memo for the call open at the start of _buf
 
     def feed(self, text: str) -> Delta:
         """The next piece of decoded output (any split) -> what is now certain."""
@@ -379,15 +406,17 @@ class OutputParser:
                 self._emit(out, buf[:len(buf) - n])
                 buf = buf[len(buf) - n:]
                 break
-            self._emit(out, buf[:m.start()])
-            buf = buf[m.start():]
+            if m.start():
+                self._emit(out, buf[:m.start()])
+                buf, self._memo = buf[m.start():], {}
             if m.group() == END_THINK:
                 buf, self.in_reasoning = buf[len(END_THINK):], False
                 continue
             try:
-                call = scan_call(buf, final)
+                call = scan_call(buf, final, self._memo)
             except _More:
                 break
+            self._memo = {}
             if call is None:  # not a call: its opening tag is text
                 self._emit(out, m.group())
                 buf = buf[len(m.group()):]
