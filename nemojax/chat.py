@@ -158,15 +158,17 @@ def convert_value(text: str, schema: Any) -> Any:
 
 
 def _tool_schemas(tools: list | None) -> dict[str, dict]:
-    """{function name: its parameters' property schemas} from OpenAI-style tools (``{"type": "function",
-    "function": {...}}`` or the bare function dict)."""
+    """{function name: its parameters' property schemas} from OpenAI-style tools: ``{"type": "function",
+    "function": {"name", "parameters"}}``, the bare function dict, or pydantic models of either."""
     out = {}
-    for t in tools or []:
+    for n, t in enumerate(tools or []):
+        t = t.model_dump() if hasattr(t, "model_dump") else t
         fn = t.get("function", t) if isinstance(t, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
-            props = params.get("properties")
-            out[fn["name"]] = props if isinstance(props, dict) else {}
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"tools[{n}]: expected {{'type': 'function', 'function': {{'name': ...}}}}, got {t!r:.80}")
+        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+        props = params.get("properties")
+        out[fn["name"]] = props if isinstance(props, dict) else {}
     return out
 
 
@@ -376,9 +378,9 @@ class OutputParser:
         self._run(out, final=True)
         return out
 
-    def _emit(self, out: Delta, text: str, channel: str | None = None) -> None:
+    def _emit(self, out: Delta, text: str) -> None:
         """Route text to reasoning or content; each is stripped at both ends, inner whitespace kept."""
-        ch = channel or ("reasoning" if self.in_reasoning else "content")
+        ch = "reasoning" if self.in_reasoning else "content"
         text = self._ws[ch] + text
         if not self._started[ch]:
             text = text.lstrip()

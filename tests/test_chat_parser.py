@@ -219,3 +219,60 @@ def test_streaming_equals_full_parse_on_tag_soup(parts, points, thinking, tools)
         assert got == full
     if full.reasoning is None and not full.tool_calls:  # all of it was content, none lost
         assert full.content == (text.split("<|im_end|>")[0].strip() or None)
+
+
+def render_call(name: str, args: dict) -> str:
+    """A call written the way the Nemotron chat template writes one: lists / dicts as JSON, anything else
+    through Python ``str`` (so ``True`` / ``False`` / ``None``)."""
+    out = f"<tool_call>\n<function={name}>\n"
+    for k, v in args.items():
+        out += f"<parameter={k}>\n{json.dumps(v) if isinstance(v, (dict, list)) else v}\n</parameter>\n"
+    return out + "</function>\n</tool_call>\n"
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False,
+                     allow_infinity=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                     max_leaves=8)
+_TEXT = st.lists(st.sampled_from(["a", "b ", "\n", "<div>", "</div>", "<function=g>", "</parameter> x", "<tool_call>",
+                                  "</think>", "True", "None", "3", " <parameter x>"]), max_size=8).map("".join)
+ROUND_TRIP = {"s": ({"type": "string"}, _TEXT), "i": ({"type": "integer"}, st.integers(-10**20, 10**20)),
+              "n": ({"type": "number"}, st.floats(allow_nan=False, allow_infinity=False)),
+              "b": ({"type": "boolean"}, st.booleans()), "z": ({"type": ["object", "null"]}, st.none()),
+              "o": ({"type": "object"}, st.dictionaries(st.text(max_size=4), _JSON, max_size=3)),
+              "a": ({"type": "array"}, st.lists(_JSON, max_size=3))}
+ROUND_TRIP_TOOLS = [tool("f", **{k: s for k, (s, _) in ROUND_TRIP.items()})]
+
+
+@settings(max_examples=100, deadline=None)
+@given(args=st.fixed_dictionaries({}, optional={k: v for k, (_, v) in ROUND_TRIP.items()}),
+       points=st.lists(st.integers(0, 2000), max_size=10),
+       reasoning=st.lists(st.sampled_from(["a", "b ", "\n", "<div>", "x < y", "<tool", "</thi"]), max_size=6).map(
+           lambda p: "".join(p).strip()))
+def test_template_written_calls_read_back(args, points, reasoning):
+    """What the chat template writes for a call (Python-style scalars, JSON containers, values holding tags)
+    reads back to the same arguments, the reasoning and the content around it too, in any split."""
+    text = f"{reasoning}\n</think>\nCalling f.\n" + render_call("f", args) + render_call("f", {"b": True})
+    want = (reasoning, "Calling f.", [("f", json.loads(json.dumps(args))), ("f", {"b": True})])
+    check(parse(text, ROUND_TRIP_TOOLS, True), want)
+    check(stream(cuts(text, points), ROUND_TRIP_TOOLS, True), want)
+
+
+def test_tools_as_pydantic_models_and_bad_tools():
+    from pydantic import BaseModel
+
+    class Function(BaseModel):
+        name: str
+        parameters: dict
+
+    class Tool(BaseModel):
+        type: str
+        function: Function
+
+    t = Tool(type="function", function=Function(name="get_weather", parameters=WEATHER["function"]["parameters"]))
+    m = parse("<function=get_weather>\n<parameter=days>\n2\n</parameter>\n</function>", [t], False)
+    assert [(c.name, c.arguments) for c in m.tool_calls] == [("get_weather", '{"days": 2}')]
+    with pytest.raises(ValueError, match=r"tools\[1\]"):
+        OutputParser([WEATHER, {"type": "function", "function": {"description": "no name"}}])
+    with pytest.raises(ValueError, match=r"tools\[0\]"):
+        OutputParser(["get_weather"])
