@@ -82,6 +82,10 @@ CASES = [
      "</tool_call>", [WEATHER], False, (None, None, [call("get_weather", city="Lima")])),
     ("one_newline_stripped", "<function=f>\n<parameter=x>\n\n  two\n\n</parameter>\n</function>", None, False,
      (None, None, [call("f", x="\n  two\n")])),
+    ("indented_layout", " <tool_call>\n  <function=typed> <parameter=i>\n      30\n    </parameter>\n    "
+     "<parameter=b>\n      false\n    </parameter>\n    <parameter=s>\n  kept as written\n</parameter>\n"
+     "<parameter=extra>\n</parameter>\n  </function> </tool_call>\n\n", [TYPED], False,
+     (None, None, [call("typed", i=30, b=False, s="  kept as written", extra="")])),
     ("typed_arguments", "<tool_call>\n<function=typed>\n<parameter=i>\n-42\n</parameter>\n<parameter=n>\n2.5e1\n"
      "</parameter>\n<parameter=b>\nTrue\n</parameter>\n<parameter=o>\n{'k': [True, None, 1.5], 'j': False}\n"
      "</parameter>\n<parameter=a>\n[1, \"two\", {\"three\": 3}]\n</parameter>\n<parameter=z>\nNone\n</parameter>\n"
@@ -116,6 +120,7 @@ CASES = [
 
 
 def check(msg: Message, exp) -> None:
+    """msg has exactly the expected (reasoning, content, [(name, arguments)])."""
     reasoning, content, calls = exp
     assert msg.reasoning == reasoning
     assert msg.content == content
@@ -126,6 +131,7 @@ def check(msg: Message, exp) -> None:
 
 
 def stream(pieces, tools, thinking) -> Message:
+    """The Message a client assembles from the deltas of feeding pieces one by one."""
     p = OutputParser(tools, thinking)
     deltas = [p.feed(x) for x in pieces] + [p.finish()]
     reasoning = "".join(d.reasoning for d in deltas)
@@ -135,6 +141,7 @@ def stream(pieces, tools, thinking) -> Message:
 
 
 def cuts(text: str, points) -> list[str]:
+    """text split at the given indices (clamped, deduplicated)."""
     points = sorted({min(max(0, k), len(text)) for k in points})
     return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
 
