@@ -209,6 +209,17 @@ def test_deepest_of_several_tails_under_the_node():
     assert cache.lookup(seq[:9] + [0, 0]) == (9, [node, tails[9]])
 
 
+def test_a_full_budget_keeps_the_first_part_of_a_long_chain():
+    rng = np.random.default_rng(7)
+    seq = rng.integers(0, 1000, size=5 * 16 + 3).tolist()
+    cache = PrefixCache(35, 16)
+    assert [cache.insert(seq, n, object(), 10) for n in (16, 32, 48, 64, 80, 83)] == [True] * 3 + [False] * 3
+    n, entries = cache.lookup(seq)
+    assert n == 48 and len(entries) == 3
+    assert cache.stats() == {"queries": 83, "hits": 48, "entries": 3, "bytes": 30, "evictions": 1,
+                             "capacity_bytes": 35}
+
+
 def test_evicting_a_node_takes_everything_below_it():
     """The recency rule keeps parents more recent than their descendants, so eviction normally takes leaves; here a
     node is made the least recent by hand to check that its subtree goes with it and the byte count stays exact."""
