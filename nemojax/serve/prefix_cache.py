@@ -122,6 +122,8 @@ class PrefixCache:
         entry (one copy is kept) and refreshes it; an entry larger than the capacity is ignored (a stored copy
         stays). Returns whether the checkpoint is stored when the call returns (eviction to make room never
         removes the nodes above it first, but can remove the new checkpoint itself when those fill the capacity).
+        Cost: the walk from the root, at most ``n / block`` dict lookups (the stored chain is at most
+        ``capacity_bytes / nbytes`` deep), plus evictions.
         """
         n = _positive_int("n", n, 1)
         nbytes = _positive_int("nbytes", nbytes, 1)
