@@ -211,15 +211,15 @@ def test_disk_full_leaves_nothing(ck, tmp_path, monkeypatch, capsys):
     import nemojax.checkpoint.write as conv
 
     calls = {"n": 0}
-    real = conv._write_array
+    real = conv.write_array
 
-    def full(f, a):
+    def full(f, a, where):
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(f, a)
+        return real(f, a, where)
 
-    monkeypatch.setattr(conv, "_write_array", full)
+    monkeypatch.setattr(conv, "write_array", full)
     with pytest.raises(ConvertError, match="disk is full.*nothing was written"):
         convert_checkpoint(ck["src"], tmp_path / "out", "nvfp4", progress=False)
     assert os.listdir(tmp_path) == []
