@@ -34,13 +34,16 @@ class DiskFullError(ConvertError):
                  what: str = "writing"):
         if free is None:
             free = _free_bytes(path)
-        self.path, self.need, self.free, self.written = path, need, free, written
+        self.path, self.need, self.free, self.written, self.what = path, need, free, written, what
         need_text = f"{need} more bytes needed" if need is not None else "more space needed"
         msg = f"{path}: the disk is full (no space left on device while {what}: {need_text}, {free} bytes free)"
         if written is not None:
             msg += (f"; nothing was written (the partial output, {written} bytes, was removed; the source and any "
                     f"previous output are untouched)")
         super().__init__(msg)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.need, self.free, self.written, self.what)
 
 
 _FULL_TEXT = re.compile(r"no space left|not enough (free )?space|disk (is )?full|quota exceeded|"
@@ -79,15 +82,15 @@ def is_disk_full(exc: BaseException | None) -> bool:
     return any(_full(e) for e in _chain(exc))
 
 
-def _need(exc: BaseException | None) -> int | None:
-    """The bytes the failed write asked for, where the error says."""
+def _need(exc: BaseException | None) -> tuple[int | None, str]:
+    """The bytes the failed write asked for, where the error says, and what was being done."""
     for e in _chain(exc):
         if isinstance(e, DiskFullError) and e.need is not None:
-            return e.need
+            return e.need, e.what
         m = _NEED.search(str(e))
         if m:
-            return int(m.group(1)) if m.group(1) else int(m.group(2)) - int(m.group(3))
-    return None
+            return (int(m.group(1)) if m.group(1) else int(m.group(2)) - int(m.group(3))), "writing"
+    return None, "writing"
 
 
 def _free_bytes(path: str) -> int | None:
@@ -280,7 +283,8 @@ class atomic_output:
         written = folder_bytes(self.tmp) if full else None
         shutil.rmtree(self.tmp, ignore_errors=True)
         if full:
-            raise DiskFullError(self.dst, need=_need(exc), written=written) from exc
+            need, what = _need(exc)
+            raise DiskFullError(self.dst, need=need, written=written, what=what) from exc
 
     def __exit__(self, exc_type, exc, tb):
         self._beat.stop()
@@ -293,16 +297,26 @@ class atomic_output:
             if not os.path.exists(self.dst):
                 os.rename(self.tmp, self.dst)
             elif _exchange(self.tmp, self.dst):
-                shutil.rmtree(self.tmp)  # the previous output
-            else:  # move the previous output aside (put back by the next run if this one dies here), then swap
-                aside = self.tmp + PREVIOUS_SUFFIX
-                os.rename(self.dst, aside)
-                os.rename(self.tmp, self.dst)
-                shutil.rmtree(aside)
+                shutil.rmtree(self.tmp, ignore_errors=True)  # now the previous output
+            else:
+                self._replace_aside()
         except BaseException as e:
             self._fail(e)
             raise
         return False
+
+    def _replace_aside(self) -> None:
+        """Replace ``dst`` where folders cannot be swapped in one step: the previous output moved aside beside
+        ``tmp`` (put back by the next run if this one dies before the new output is in place), then ``tmp``
+        renamed in."""
+        aside = self.tmp + PREVIOUS_SUFFIX
+        os.rename(self.dst, aside)
+        try:
+            os.rename(self.tmp, self.dst)
+        except BaseException:
+            os.rename(aside, self.dst)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def copy_side_files(src: str, dst: str) -> None:

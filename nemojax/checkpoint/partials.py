@@ -120,7 +120,10 @@ def clean_partials(parent: str, name: str, stale_after_s: float = STALE_AFTER_S)
                 continue
             out = os.path.join(parent, m.group("out"))
             if not os.path.lexists(out):
-                os.rename(path, out)
+                try:
+                    os.rename(path, out)
+                except OSError:  # another run got there first
+                    continue
                 done.append(f"restored the previous output {out} from {path} ({why})")
                 continue
         else:
