@@ -222,7 +222,7 @@ def tensor_bytes(folder: str | os.PathLike) -> int:
 
 
 class Scratch:
-    """Memory-mapped ``.npy`` files for the leaves of a tree being built (removed with the folder): a tree of
+    """Memory-mapped raw files for the leaves of a tree being built (removed with the folder): a tree of
     them is written by :func:`write_tree` with one parameter in memory at a time."""
 
     def __init__(self, folder: str):
