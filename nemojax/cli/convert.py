@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import textwrap
 
 from ..checkpoint import TARGETS, CheckpointError, ConvertError, QuantConfigError, convert_checkpoint
@@ -81,6 +82,8 @@ def cmd_convert(a) -> int:
         raise UsageError(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from e
     except (ConvertError, ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
         raise UsageError(str(e)) from None
+    for line in res["removed_partials"]:
+        print(f"nemojax convert: {line}", file=sys.stderr)
     if a.json:
         print(json.dumps(res))
     else:
