@@ -105,10 +105,8 @@ class Engine:
         params = model.params
         if kv_dtype is None and any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*")):
             kv_dtype = FP8  # calibrated FP8 KV scales: cache K/V in float8_e4m3fn
-        # a chunk written at any prompt position < max_model_len stays inside the row
-        self.cache = init_cache(cfg, max_num_seqs, max_model_len + chunk, compute_dtype(params), kv_dtype,
-                                per_row=True)
-        self.logits = jnp.zeros((max_num_seqs, cfg.vocab_size), jnp.float32)
+        self.kv_dtype = kv_dtype
+        self._fresh_state()
         self.positional = tuple(tuple(BLOCKS[c].positional) for c in cfg.pattern)
         self.prefix = PrefixCache(prefix_cache_bytes, chunk) if prefix_cache_bytes else None
         self._slots: list[_Seq | None] = [None] * max_num_seqs
@@ -120,6 +118,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counts = collections.Counter()
+
+    def _fresh_state(self) -> None:
+        """An empty batched cache (a chunk written at any prompt position < max_model_len stays inside a row) and
+        next-token logits [max_num_seqs, V]."""
+        self.cache = init_cache(self.cfg, self.max_num_seqs, self.max_model_len + self.chunk,
+                                compute_dtype(self.model.params), self.kv_dtype, per_row=True)
+        self.logits = jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), jnp.float32)
 
     # ------------------------------------------------------------------------------------------ the public side
     def start(self) -> None:
@@ -240,11 +245,12 @@ class Engine:
                     self._prefill_one()
                 if any(s is not None and s.done == len(s.prompt) for s in self._slots):
                     self._decode()
-            except Exception:  # a failed step: fail the running requests, keep serving
+            except Exception:  # a failed step (its donated cache may be gone): abort the running requests, restart
                 log.exception("engine step failed")
                 for b, s in enumerate(self._slots):
                     if s is not None:
                         self._finish(b, [], "abort")
+                self._fresh_state()
         for b, s in enumerate(self._slots):
             if s is not None:
                 self._finish(b, [], "abort")
