@@ -114,9 +114,9 @@ def test_greedy_mix_equals_generate_alone(model, engines):
     np.testing.assert_allclose(first, full, atol=1e-4, rtol=0)
 
 
-def test_sampled_requests_do_not_depend_on_their_neighbours(model, engines):
-    """Sampled requests (own temperature / top_k / top_p / seed) give the same tokens alone and in a mix with
-    greedy ones, and the same as ``generate`` with that seed."""
+def test_sampled_requests_do_not_depend_on_their_neighbours(model, engines, monkeypatch):
+    """Sampled requests (own temperature / top_k / top_p / seed) give the same tokens alone (decoded several steps
+    per call) and in a mix with greedy ones, and the same as ``generate`` with that seed."""
     eng = engines[1]
     rng = np.random.default_rng(3)
     ps = prompts(rng, [7, 20, 11, 26, 4, 14, 9])
@@ -125,12 +125,15 @@ def test_sampled_requests_do_not_depend_on_their_neighbours(model, engines):
             dict(temperature=0.9, seed=15)]
     reqs = [Request(f"s{i}", p, 10, **kw) for i, (p, kw) in enumerate(zip(ps, sets))]
     mixed = run(eng, reqs)
+    calls, multi = [], steps.decode_steps
+    monkeypatch.setattr(steps, "decode_steps", lambda *a: calls.append(a[2]) or multi(*a))
     for i, r in enumerate(reqs):
         alone = run(eng, [r])[r.request_id][0]
         assert mixed[r.request_id][0] == alone
         kw = {k: v for k, v in sets[i].items()}
         ref = generate(model.params, model.config, [r.prompt_ids], 16, **kw)[0, :10]
         np.testing.assert_array_equal(alone, ref)
+    assert calls and set(calls) == {eng.decode_steps}
     assert mixed["s0"][0] != run(eng, [Request("s0", ps[0], 10, temperature=1.0, seed=99)])["s0"][0]
 
 
@@ -230,4 +233,5 @@ def test_no_compilation_after_warm_up(engines):
     """Everything above (every mix of rows, prompt lengths, sampling settings, prefix restores) ran on the
     programs compiled at start()."""
     assert dict(steps.TRACE_COUNTS) == engines[2]
-    assert set(engines[2]) == {"prefill_chunk", "decode_step", "reset_row", "restore_row", "extract_row"}
+    assert set(engines[2]) == {"prefill_chunk", "decode_step", "decode_steps", "reset_row", "restore_row",
+                               "extract_row"}

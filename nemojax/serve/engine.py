@@ -1,7 +1,8 @@
 """The continuous-batching engine: ``max_num_seqs`` cache slots of ``max_model_len`` positions, one background
 thread that admits waiting requests into free slots between decode steps, prefills prompts one chunk of
 ``chunk`` tokens per loop iteration (so the running rows keep decoding) and decodes every running row in one
-compiled step ``[max_num_seqs, 1]``. Each row samples with its own setting and key (``fold_in(PRNGKey(seed),
+compiled step ``[max_num_seqs, 1]`` (``decode_steps`` of them in one call while no request waits or prefills).
+Each row samples with its own setting and key (``fold_in(PRNGKey(seed),
 n_generated)``), so a request's tokens do not depend on its neighbours.
 
 Prefix caching (hybrid): at each chunk boundary of a prompt and at its end the row is checkpointed to host memory
@@ -85,7 +86,7 @@ class Engine:
     calling ``on_output`` from the engine thread."""
 
     def __init__(self, model, *, max_num_seqs: int = 8, max_model_len: int | None = None, chunk: int = 64,
-                 prefix_cache_bytes: int = 1 << 30, kv_dtype=None, max_waiting: int = 256):
+                 prefix_cache_bytes: int = 1 << 30, kv_dtype=None, max_waiting: int = 256, decode_steps: int = 4):
         cfg = model.config
         if model.experts is not None and model.experts.host_driven:
             raise ValueError("the engine runs resident experts: serve the model without offload()")
@@ -93,7 +94,7 @@ class Engine:
             max_model_len = min(cfg.max_position_embeddings, 8192)
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_model_len", max_model_len, 2),
                             ("chunk", chunk, 1), ("max_waiting", max_waiting, 0),
-                            ("prefix_cache_bytes", prefix_cache_bytes, 0)):
+                            ("prefix_cache_bytes", prefix_cache_bytes, 0), ("decode_steps", decode_steps, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if max_model_len > cfg.max_position_embeddings:
@@ -102,6 +103,7 @@ class Engine:
         self.model, self.cfg = model, cfg
         self.max_num_seqs, self.max_model_len, self.chunk, self.max_waiting = (max_num_seqs, max_model_len, chunk,
                                                                                 max_waiting)
+        self.decode_steps = decode_steps
         params = model.params
         if kv_dtype is None and any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*")):
             kv_dtype = FP8  # calibrated FP8 KV scales: cache K/V in float8_e4m3fn
@@ -212,7 +214,8 @@ class Engine:
         s0 = np.int32(0)
         self.cache, self.logits = steps.prefill_chunk(self.model.params, self.cfg, self.cache, self.logits, s0,
                                                       np.zeros(self.chunk, np.int32), np.int32(1))
-        self._decode_call(np.zeros(self.max_num_seqs, bool), [None] * self.max_num_seqs)
+        for k in sorted({1, self.decode_steps}):
+            self._decode_call(np.zeros(self.max_num_seqs, bool), [None] * self.max_num_seqs, k)
         if self.prefix is not None:
             self._checkpoint_row(0, 0)
             self.cache = steps.restore_row(self.cache, s0, self._row_state([]), np.int32(0))
@@ -306,36 +309,50 @@ class Engine:
             self._prefilling.popleft()
 
     def _decode(self) -> None:
+        """Decode every running row: one step, or ``decode_steps`` in one call when no request waits or prefills
+        and none wants logits (a finished row's extra tokens are dropped)."""
         active = np.array([s is not None and s.done == len(s.prompt) for s in self._slots])
-        tok, logits = self._decode_call(active, self._slots)
+        want = any(s is not None and active[b] and s.req.return_logits for b, s in enumerate(self._slots))
+        k = 1 if want or self._waiting or self._prefilling else self.decode_steps
+        tok, logits = self._decode_call(active, self._slots, k, want)
         for b in np.flatnonzero(active):
             seq = self._slots[b]
-            t = int(tok[b])
-            seq.n_gen += 1
-            with self._cv:
-                self._counts["gen"] += 1
-            lg = logits[b:b + 1] if logits is not None and seq.req.return_logits else None
-            if t in seq.req.stop_token_ids:
-                self._finish(b, [], "stop", lg)
-            elif seq.n_gen >= seq.req.max_tokens:
-                self._finish(b, [t], "length", lg)
-            else:
-                self._emit(seq, [t], None, lg)
+            for t in tok[b]:
+                if t < 0:
+                    break
+                t = int(t)
+                seq.n_gen += 1
+                with self._cv:
+                    self._counts["gen"] += 1
+                lg = logits[b:b + 1] if want and seq.req.return_logits else None
+                if t in seq.req.stop_token_ids:
+                    self._finish(b, [], "stop", lg)
+                elif seq.n_gen >= seq.req.max_tokens:
+                    self._finish(b, [t], "length", lg)
+                else:
+                    self._emit(seq, [t], None, lg)
+                    continue
+                break
 
-    def _decode_call(self, active: np.ndarray, slots: list) -> tuple[np.ndarray, np.ndarray | None]:
+    def _decode_call(self, active: np.ndarray, slots: list, k: int = 1,
+                     want: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``k`` decode steps over the rows ``active`` [B] -> (tokens [B, k] (-1: none), the logits [B, V]
+        the first step sampled from when ``want``)."""
         B = self.max_num_seqs
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
-        keys, n_gen = np.zeros((B, 2), np.uint32), np.zeros(B, np.int32)
+        keys, n_gen, left = np.zeros((B, 2), np.uint32), np.zeros(B, np.int32), np.zeros(B, np.int32)
         for b, s in enumerate(slots):
             if s is not None and active[b]:
                 temp[b], top_k[b], top_p[b], keys[b], n_gen[b] = (s.req.temperature, s.req.top_k, s.req.top_p,
                                                                   s.key, s.n_gen)
-        want = any(s is not None and active[b] and s.req.return_logits for b, s in enumerate(slots))
+                left[b] = s.req.max_tokens - s.n_gen
         logits = np.asarray(self.logits) if want else None
         sp = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
-        tok, self.cache, self.logits = steps.decode_step(self.model.params, self.cfg, self.cache, self.logits,
-                                                         jnp.asarray(active), jnp.asarray(keys), jnp.asarray(n_gen),
-                                                         sp)
+        args = (self.cache, self.logits, jnp.asarray(active), jnp.asarray(keys), jnp.asarray(n_gen), sp)
+        if k == 1:
+            tok, self.cache, self.logits = steps.decode_step(self.model.params, self.cfg, *args)
+            return np.asarray(tok)[:, None], logits
+        tok, self.cache, self.logits = steps.decode_steps(self.model.params, self.cfg, k, *args, jnp.asarray(left))
         return np.asarray(tok), logits
 
     # ------------------------------------------------------------------------------------------ prefix checkpoints

@@ -3,7 +3,7 @@ its own position), each with fixed shapes so that nothing recompiles once warmed
 
 A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a prompt in one row,
 :func:`decode_step` samples one token for every row and feeds it back (inactive rows fully masked: their state
-is unchanged), :func:`reset_row` / :func:`restore_row` start a row empty or from a prefix checkpoint and
+is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` / :func:`restore_row` start a row empty or from a prefix checkpoint and
 :func:`extract_row` reads a row's state back for a checkpoint.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from ..config import Config
 from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
-__all__ = ["TRACE_COUNTS", "take_row", "put_row", "prefill_chunk", "decode_step", "reset_row", "restore_row",
-           "extract_row"]
+__all__ = ["TRACE_COUNTS", "take_row", "put_row", "prefill_chunk", "decode_once", "decode_step", "decode_steps",
+           "reset_row", "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
 
@@ -46,15 +46,38 @@ def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
     return put_row(cache, row, slot), jax.lax.dynamic_update_slice_in_dim(logits, out[:, 0], slot, axis=0)
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def decode_step(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
     """One token for each row: sampled from ``logits`` [B, V] with the row's key ``fold_in(keys[b], n_gen[b])``
     (keys [B, 2] uint32, n_gen [B] int32) and setting (``sp`` fields [B]), then fed back where ``active`` [B].
     Returns (tokens [B] int32, cache, next logits [B, V] float32)."""
-    TRACE_COUNTS["decode_step"] += 1
     tok = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, n_gen), sp)
     out, cache = forward(params, cfg, tok[:, None], active.astype(jnp.int32)[:, None], cache, last_only=True)
     return tok, cache, out[:, 0]
+
+
+@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
+def decode_step(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_once`, compiled."""
+    TRACE_COUNTS["decode_step"] += 1
+    return decode_once(params, cfg, cache, logits, active, keys, n_gen, sp)
+
+
+@partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
+def decode_steps(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
+    """``k`` :func:`decode_once` steps in one loop; row b takes part in its first ``left[b]`` of them (its tokens
+    left before max_tokens), then sits out. Returns (tokens [B, k] int32, -1 where the row sat out; cache, next
+    logits [B, V])."""
+    TRACE_COUNTS["decode_steps"] += 1
+
+    def body(i, c):
+        cache, logits, out = c
+        live = active & (i < left)
+        tok, cache, logits = decode_once(params, cfg, cache, logits, live, keys, n_gen + i, sp)
+        return cache, logits, out.at[:, i].set(jnp.where(live, tok, -1))
+
+    out0 = jnp.full((active.shape[0], k), -1, jnp.int32)
+    cache, logits, out = jax.lax.fori_loop(0, k, body, (cache, logits, out0))
+    return out, cache, logits
 
 
 @partial(jax.jit, donate_argnames=("cache",))
