@@ -172,6 +172,22 @@ def test_cancel_frees_the_slot_for_a_queued_request(model, engines):
     eng.stop()
 
 
+def test_a_failed_step_aborts_its_requests_and_serving_goes_on(engines, monkeypatch):
+    eng = engines[1]
+    p = prompts(np.random.default_rng(7), [20])[0]
+    good = run(eng, [Request("ok", p, 5)])["ok"][0]
+    chunk = steps.prefill_chunk
+
+    def broken(*a):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(steps, "prefill_chunk", broken)
+    out = run(eng, [Request("bad", p, 5), Request("bad2", p[:7], 5)])
+    assert out["bad"][1].finish_reason == out["bad2"][1].finish_reason == "abort"
+    monkeypatch.setattr(steps, "prefill_chunk", chunk)
+    assert run(eng, [Request("again", p, 5)])["again"][0] == good
+
+
 def test_queue_full_and_bad_requests(model):
     eng = Engine(model, max_num_seqs=SLOTS, max_model_len=MAX_LEN, chunk=CHUNK, max_waiting=2)  # not started
     eng.submit(Request("a", [5, 6], 4), print)

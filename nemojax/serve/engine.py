@@ -242,8 +242,9 @@ class Engine:
                     for b, s in enumerate(self._slots):
                         if s is not None and s.req.request_id == rid:
                             self._finish(b, [], "abort")
-                for seq in admit:
-                    self._admit(seq)
+                while admit:
+                    self._admit(admit[0])
+                    admit.pop(0)
                 if self._prefilling:
                     self._prefill_one()
                 if any(s is not None and s.done == len(s.prompt) for s in self._slots):
@@ -253,6 +254,8 @@ class Engine:
                 for b, s in enumerate(self._slots):
                     if s is not None:
                         self._finish(b, [], "abort")
+                for seq in admit:  # not admitted yet
+                    self._emit(seq, [], "abort")
                 self._fresh_state()
         for b, s in enumerate(self._slots):
             if s is not None:
