@@ -92,7 +92,7 @@ class Spec:
 class BlockInput(NamedTuple):
     """What a mixer may read besides its parameters and normed input (each kind reads what it needs)."""
 
-    mask: Any = None  # [B, T]: 1 = token, 0 = left pad (None: all tokens)
+    mask: Any = None  # [B, T]: 1 = token, 0 = pad (left pads, or right pads with a per-row pos; None: all tokens)
     state: Any = None  # the layer's cache state (``nemojax.cache``), None for a cache-free forward
     pos: Any = None  # [] or [B] int32: the cache's write position (of the batch, or of each row)
     kv_mask: Any = None  # [B, S]: cache slots holding real tokens, the new ones included
