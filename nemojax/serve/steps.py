@@ -3,8 +3,9 @@ its own position), each with fixed shapes so that nothing recompiles once warmed
 
 A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a prompt in one row,
 :func:`decode_step` samples one token for every row and feeds it back (inactive rows fully masked: their state
-is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` / :func:`restore_row` start a row empty or from a prefix checkpoint and
-:func:`extract_row` reads a row's state back for a checkpoint.
+is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
+:func:`restore_row` start a row empty or from a prefix checkpoint and :func:`extract_row` reads a row's state
+back for a checkpoint.
 """
 from __future__ import annotations
 
