@@ -76,17 +76,21 @@ def _run(argv: list[str], interrupts: Interrupts) -> int:
                 raise OutputError(OSError(9, "closed"))
             sys.stdout = GuardedStream(stdout)
             a = build_parser().parse_args(argv)
+            interrupts.started()
             rc = a.func(a)
             sys.stdout.flush()
             return rc
         finally:
             sys.stdout = stdout
     except SystemExit as e:  # --help, --version
-        return e.code if isinstance(e.code, int) else 0
-    except OutputError as e:
+        if isinstance(e.code, str):
+            _say(f"{prog}: error: {one_line(e.code)}")
+            return 1
+        return 0 if e.code is None else e.code
+    except (OutputError, BrokenPipeError) as e:
         if stdout is sys.__stdout__:
             silence_stdout()
-        if isinstance(e.cause, BrokenPipeError):
+        if isinstance(e, BrokenPipeError) or isinstance(e.cause, BrokenPipeError):
             return EXIT_BROKEN_PIPE
         _say(f"{prog}: error: standard output: {one_line(e)}")
         return 1
@@ -105,8 +109,9 @@ def _run(argv: list[str], interrupts: Interrupts) -> int:
 def main(argv=None) -> int:
     """Run one command; returns its exit code (see the module docstring) and never raises (``--help`` /
     ``--version`` return 0)."""
+    program = argv is None  # the program itself (not a caller in-process): Ctrl-C while starting exits at once
     argv = list(sys.argv[1:] if argv is None else argv)
-    interrupts = Interrupts()
+    interrupts = Interrupts(EXIT_INTERRUPTED, exit_early=program)
     interrupts.install()
     try:
         rc = _run(argv, interrupts)
