@@ -11,7 +11,15 @@ from .cli import main  # noqa: E402  (after the handler: importing the command l
 
 
 def run() -> None:
-    sys.exit(main())
+    rc = main()
+    if rc == 130:  # interrupted: skip the interpreter's teardown, which can crash on device work cut short
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, AttributeError, ValueError):
+                pass
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

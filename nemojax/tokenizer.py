@@ -137,7 +137,7 @@ class Tokenizer:
                 enable_thinking=enable_thinking, bos_token=self._special("bos_token") or "",
                 eos_token=self._special("eos_token") or "", **kwargs)
         except Exception as e:  # noqa: BLE001  (the template is the checkpoint's code: any failure is its own)
-            raise TokenizerError(f"{self.config_path}: chat_template failed while rendering "
+            raise TokenizerError(f"{self.config_path}: field 'chat_template' failed while rendering "
                                  f"({type(e).__name__}: {e})") from None
 
 
