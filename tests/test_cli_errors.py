@@ -73,7 +73,7 @@ def one_error(capsys, code, *args, cmd):
 
 def python_m(*args, **kw):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "nemojax", *map(str, args)], env=env, **kw)
+    return subprocess.Popen([sys.executable, "-m", "nemojax", *map(str, args)], env=env, cwd=ROOT, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -325,6 +325,24 @@ def test_interrupt_exit_130_even_when_swallowed(monkeypatch, capsys):
 
     rc, _ = _interrupted_main(monkeypatch, capsys, cleanup_not_cut_short)
     assert rc == 130 and cleaned == [True]
+
+
+def test_interrupted_convert_leaves_nothing(monkeypatch, capsys, model_dir, tmp_path):
+    from nemojax.checkpoint.write import ShardWriter
+
+    add, calls = ShardWriter.add, []
+
+    def add_then_interrupt(self, name, a):
+        calls.append(name)
+        add(self, name, a)
+        if len(calls) == 5:  # a few tensors are written into the temporary folder
+            assert list(tmp_path.iterdir())  # the temporary output folder
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ShardWriter, "add", add_then_interrupt)
+    assert main(["convert", str(model_dir), str(tmp_path / "out"), "--to", "nvfp4", "--no-progress"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    assert len(calls) >= 5 and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("when", ["starting", "streaming"])
