@@ -152,3 +152,40 @@ def test_missing_base_and_bad_tensors(tmp_path):
     del bad["backbone.layers.0.mixer.in_proj.norms"]
     with pytest.raises(CheckpointError, match="in_proj.*no norms"):
         nemojax.load(write(bad), base=SRC)
+
+
+@pytest.mark.parametrize("layout,suffix", [("layout_a", ".ct"), ("layout_b", ".ct_scaled")])
+def test_bad_codebooks_and_layer_fields_are_named_errors(layout, suffix, tmp_path):
+    from nemojax.checkpoint import save_file
+
+    lay = os.path.join(DATA, layout)
+    ck = Checkpoint(lay)
+    tensors = {n: np.array(ck.get(n)) for n in ck.names}
+    name = "backbone.layers.0.mixer.in_proj" + suffix
+    table = tensors[name]
+    rng = np.random.default_rng()
+
+    def load_with(t=None, polar=None):
+        d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        shutil.copy(os.path.join(lay, "config.json"), d / "config.json")
+        with open(os.path.join(lay, "polar_config.json")) as f:
+            pc = json.load(f)
+        if polar:
+            polar(pc)
+        (d / "polar_config.json").write_text(json.dumps(pc))
+        save_file({**tensors, **(t or {})}, d / "model.safetensors")
+        return nemojax.load(d, base=SRC)
+
+    cases = [(table[: rng.integers(3, 31)], r"in_proj\.ct.*shape \[2\*\*bits\]"),
+             (table.reshape(-1)[:1].reshape(()), r"in_proj\.ct.*shape \[2\*\*bits\]"),
+             (np.concatenate([table, table, table]), r"in_proj\.ct.*shape \[2\*\*bits\]"),
+             (table.astype(np.int32), r"in_proj\.ct.*floating point, got int32"),
+             (np.where(rng.random(table.shape) < 0.5, np.nan, table).astype(table.dtype), "NaN or Inf")]
+    for bad, match in cases:
+        with pytest.raises(CheckpointError, match=match):
+            load_with({name: bad})
+    with pytest.raises(CheckpointError, match=r"polar_config.json: backbone.layers.0.mixer.in_proj.bits"):
+        load_with(polar=lambda pc: pc["layers"]["backbone.layers.0.mixer.in_proj"].update(bits="five"))
+    with pytest.raises(CheckpointError, match=r"in_proj.in_features must be an integer"):
+        load_with(polar=lambda pc: pc["layers"]["backbone.layers.0.mixer.in_proj"].update(in_features=128.5))

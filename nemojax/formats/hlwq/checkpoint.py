@@ -55,12 +55,32 @@ def _unscale(ct_scaled: np.ndarray) -> np.ndarray:
     return t
 
 
+def read_table(ck, name: str) -> np.ndarray:
+    """A stored codebook (``.ct`` levels or ``.ct_scaled``) as float32 ``[2**bits]``: floating point, one dimension,
+    2..256 finite levels, a power of two in number (QuantError naming the tensor otherwise)."""
+    t = np.asarray(ck.get(name))
+    if t.dtype.kind != "f":
+        raise QuantError(f"{name}: an HLWQ codebook must be floating point, got {t.dtype}")
+    if t.ndim != 1 or t.size < 2 or t.size > 256 or t.size & (t.size - 1):
+        raise QuantError(f"{name}: an HLWQ codebook has shape [2**bits] (2..256 levels), got {list(t.shape)}")
+    t = t.astype(np.float32)
+    if not np.all(np.isfinite(t)):
+        raise QuantError(f"{name}: HLWQ codebook contains NaN or Inf")
+    return t
+
+
 def read_layout(ck, mod: str, shape: tuple[int, int], pc: dict | None):
     """One HLWQ linear ``[out, in]`` from any layout: ``(codes, norms, table, bits, in_features)`` as NumPy arrays
     for ``HLWQWeight`` (codes one per weight or LSB-first packed; the raw levels), checked so far as the layout
     goes (QuantError naming the file and module)."""
     out_f, in_f = shape
     layer = ((pc or {}).get("layers") or {}).get(mod, {})
+    if not isinstance(layer, dict):
+        raise QuantError(f"polar_config.json: layers[{mod!r}] must be an object, got {type(layer).__name__}")
+    for key, lo, hi in (("bits", 1, 8), ("in_features", 1, 1 << 31)):
+        v = layer.get(key, (pc or {}).get(key) if key == "bits" else None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise QuantError(f"polar_config.json: {mod}.{key} must be an integer in [{lo}, {hi}], got {v!r}")
     in_f = int(layer.get("in_features", in_f))
     k_pad = padded_in(in_f)
     kind = layout_kind(ck, mod)
@@ -69,9 +89,9 @@ def read_layout(ck, mod: str, shape: tuple[int, int], pc: dict | None):
         if kind == "codes":
             codes, norms = np.asarray(ck.get(mod + ".codes")), np.asarray(ck.get(mod + ".norms"))
             if mod + ".ct" in ck:
-                table = np.asarray(ck.get(mod + ".ct"), np.float32)
+                table = read_table(ck, mod + ".ct")
             elif mod + ".ct_scaled" in ck:
-                table = _unscale(np.asarray(ck.get(mod + ".ct_scaled"), np.float32))
+                table = _unscale(read_table(ck, mod + ".ct_scaled"))
             else:
                 table = None
             bits = int(layer.get("bits") or (round(math.log2(table.size)) if table is not None else 5))

@@ -265,8 +265,8 @@ def _checked_arrays(codes, norms, table, bits, in_features, name: str, path: str
         raise QuantError(f"{name}: HLWQ norms contain NaN/Inf/negative values (after the float16 cast)")
     t = np.asarray(table, np.float32)
     if t.shape not in ((1 << bits,), (*lead, 1 << bits)):
-        raise QuantError(f"{name}: HLWQ table shape {list(t.shape)}, expected [{1 << bits}] or "
-                         f"{[*lead, 1 << bits]} for {bits} bits")
+        want = [1 << bits] if not lead else f"[{1 << bits}] or {[*lead, 1 << bits]}"
+        raise QuantError(f"{name}: HLWQ table shape {list(t.shape)}, expected {want} for {bits} bits")
     if not np.all(np.isfinite(t)):
         raise QuantError(f"{name}: HLWQ table contains NaN or Inf")
     return packed, n, np.broadcast_to(t, (*lead, 1 << bits)), bits, in_features
