@@ -127,7 +127,9 @@ def test_usage_errors_are_one_line(capsys):
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/m/f/x"), 2, "/m/f/x: Not a directory"),
     (jinja2.TemplateError("no system role"), 2, "no system role"),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2, "not valid UTF-8"),
-    (OSError(errno.ENOSPC, "No space left on device", "/out/x"), 1, "/out/x: No space left on device"),
+    (OSError(errno.ENOSPC, "No space left on device", "/out/x"), 2, "/out/x: No space left on device"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/out"), 2, "/ro/out: Read-only file system"),
+    (OSError(errno.EIO, "Input/output error", "/m/w"), 1, "/m/w: Input/output error"),
     (RuntimeError("boom\nmore"), 1, "internal error: RuntimeError: boom more"),
 ])
 def test_describe(exc, code, text):
@@ -189,6 +191,31 @@ def test_force_onto_file_or_link_exit_2(capsys, model_dir, tmp_path):
                          cmd="convert")
         assert str(out) in line and "nothing was written" in line
     assert f.read_text() == "keep me" and os.path.islink(tmp_path / "link")
+
+
+def test_output_on_read_only_places_exit_2(capsys, model_dir, tmp_path):
+    """An output folder on a read-only file system (a real read-only tmpfs where mounting is allowed) or, for a
+    user without root, a read-only folder: one line naming the place, exit 2, nothing left behind."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)],
+                             capture_output=True).returncode == 0
+    try:
+        if not mounted:
+            if os.geteuid() == 0:
+                pytest.skip("cannot mount a read-only tmpfs here, and root writes into read-only folders")
+            ro.chmod(0o555)
+        line = one_error(capsys, 2, "convert", model_dir, ro / "out", "--to", "nvfp4", "--no-progress",
+                         cmd="convert")
+        assert str(ro) in line and ("Read-only file system" in line or "Permission denied" in line), line
+        assert os.listdir(ro) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)
+        else:
+            ro.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer files

@@ -82,6 +82,8 @@ def _input_error_types() -> tuple[type, ...]:
 
 # file errors that mean the input (or the output path) named on the command line is unusable
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# ... and the same told by errno: a read-only file system, a full disk or quota, a name too long, a link loop
+_PATH_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _path_message(e: OSError) -> str:
@@ -94,15 +96,15 @@ def _path_message(e: OSError) -> str:
 def describe(e: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that ended a command: 2 and the message for bad input (the
     library's named errors, a file that is missing / unreadable / a folder, a file that is not UTF-8 or not
-    JSON, a chat template that fails); 1 and ``internal error: TYPE: message`` for anything else (an ``OSError``
-    such as a full disk: 1 and its message)."""
+    JSON, a chat template that fails; an output path on a read-only file system or a full disk); 1 and
+    ``internal error: TYPE: message`` for anything else (another ``OSError``: 1 and its message)."""
     if isinstance(e, UnicodeDecodeError):
         return 2, one_line(f"an input file is not valid UTF-8 ({e})")
     if isinstance(e, json.JSONDecodeError):
         return 2, one_line(f"an input file is not valid JSON ({e})")
     if isinstance(e, _input_error_types()):
         return 2, one_line(e)
-    if isinstance(e, _PATH_ERRORS):
+    if isinstance(e, _PATH_ERRORS) or (isinstance(e, OSError) and e.errno in _PATH_ERRNOS):
         return 2, one_line(_path_message(e))
     if isinstance(e, OSError):
         return 1, one_line(_path_message(e))
