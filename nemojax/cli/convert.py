@@ -14,7 +14,7 @@ from ..formats import QuantError
 from ..quant import RECIPES
 from .errors import UsageError, need_folders
 
-__all__ = ["add_parser", "cmd_convert"]
+__all__ = ["add_parser", "cmd_convert", "parse_size"]
 
 _CONVERT_EPILOG = """\
 supported conversions:
@@ -39,7 +39,8 @@ def _epilog() -> str:
         for name, r in RECIPES.items()))
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """A size argument (``5GB``, ``500MB``, ``2GiB``, ``1000000``) in bytes (argparse type)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("dst", metavar="OUT", help="output folder (must not exist unless --force)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format (see below)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", dest="max_shard_bytes",
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", dest="max_shard_bytes",
                    help="maximum safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
     p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
     p.add_argument("--quant", default=None, metavar="RECIPE",
