@@ -203,6 +203,7 @@ def make_checkpoint(config: str, out: str, fmt: str = "bf16", layers: int | None
     work = [(path, s, e) for path, spec in specs for s, e in pieces(spec)]
     bar = Progress(len(work), sum(math.prod(s.shape) for _, s, _ in work), progress)
     entries: dict = {}
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     with atomic_output(out, force) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -231,11 +232,13 @@ def make_checkpoint(config: str, out: str, fmt: str = "bf16", layers: int | None
                                                                        "norm")), cfg, seed)
                for i in cfg.layer_indices("E")}
     shard_sizes = [os.path.getsize(os.path.join(out, f)) for f in files]
+    largest = max(math.prod(s.shape) * np.dtype(leaf_dtype(s, bf16)).itemsize for _, s, _ in work)
     res = {"output": os.path.abspath(out), "format": fmt, "layers": cfg.num_hidden_layers, "pattern": cfg.pattern,
            "parameters": len(work), "tensors": n_tensors, "shards": len(files), "tensor_bytes": writer.total,
            "largest_shard_bytes": max(shard_sizes), "max_shard_bytes": max_shard_bytes,
            "seconds": round(seconds, 2), "tensors_per_s": round(n_tensors / seconds, 1),
            "gb_per_s": round(writer.total / GB / seconds, 3),
+           "largest_tensor_bytes": largest, "baseline_rss_bytes": baseline,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "routing": routers, "tokenizer": fits, "tokenizer_note": tok_note}
     if routers:
@@ -275,7 +278,8 @@ def main(argv=None) -> int:
     print(f"{r['output']}: {r['format']}, {r['layers']} layers {r['pattern']!r}, {r['tensors']} tensors, "
           f"{r['tensor_bytes'] / GB:.3f} GB in {r['shards']} shard(s) (largest {r['largest_shard_bytes'] / GB:.3f} GB)"
           f"\n  {r['seconds']:.1f} s: {r['tensors_per_s']:.0f} tensors/s, {r['gb_per_s']:.3f} GB/s; peak RSS "
-          f"{r['peak_rss_bytes'] / GB:.2f} GB")
+          f"{r['peak_rss_bytes'] / GB:.2f} GB ({r['baseline_rss_bytes'] / GB:.2f} GB before writing; largest tensor "
+          f"{r['largest_tensor_bytes'] / GB:.3f} GB as bf16)")
     if r["routing"]:
         print(f"  routing on {ROUTING_TOKENS} random tokens, {len(r['routing'])} MoE layer(s): experts used >= "
               f"{100 * r['routing_min_used']:.1f}%, max expert load <= {r['routing_max_over_mean']:.2f}x the mean")
