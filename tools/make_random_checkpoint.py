@@ -13,7 +13,8 @@ pattern), plus what nemojax's loaders read for the format: ModelOpt's ``hf_quant
 
 One parameter (one expert) at a time: drawn in float32, cast to bf16, quantized when the recipe selects it,
 written (``nemojax.checkpoint.ShardWriter``) and dropped, so the peak memory is about the largest tensor (the
-embeddings), never a shard or the model. Progress on stderr (tensors done / total, GB written, ETA); at the end
+embeddings) and its quantizer's temporaries, never the model (hlwq-q5, which quantizes the embeddings and lm_head
+in one piece each: ~7x the bf16 embeddings; docs/real-shapes.md). Progress on stderr (tensors done / total, GB written, ETA); at the end
 the peak RSS (``resource.getrusage``) and the routing spread of each MoE router on random tokens.
 
 Values look like a trained model's (each tensor from its own PCG64 stream keyed by ``--seed`` and its checkpoint
