@@ -23,8 +23,8 @@ from .read import Reader, load_params, progress_bar
 from .source import Checkpoint
 from .write import ShardWriter, expert_spec, param_tensors, save_params, write_config
 
-__all__ = ["dequantize_checkpoint", "convert_checkpoint", "convert_to_orbax", "open_source", "ConvertError",
-           "DiskFullError", "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "SUPPORTED"]
+__all__ = ["dequantize_checkpoint", "convert_checkpoint", "convert_to_orbax", "open_source", "Quantize", "pieces",
+           "write_piece", "ConvertError", "DiskFullError", "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "SUPPORTED"]
 
 TARGETS = (*qlib.RECIPES, "bf16", "orbax")  # every registered format's recipes (nemojax.quant.RECIPES)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
@@ -89,7 +89,7 @@ def _target(src, dst, to: str, quant, base, exclude: tuple[str, ...] = ()
 
 
 # ================================================================================================ the transform
-class _Quantize:
+class Quantize:
     """The transform: the float weights a recipe selects -> nodes of its format (weight-only: no calibration, so
     no ``input_scale`` and no FP8 KV scales); everything else unchanged. No recipe: the identity."""
 
@@ -105,10 +105,20 @@ class _Quantize:
         return self.fmt.from_float(jnp.asarray(w), name=what, **self.options)
 
 
-def _pieces(spec: Spec) -> list[tuple[Spec, int | None]]:
+def pieces(spec: Spec) -> list[tuple[Spec, int | None]]:
     """What a parameter is converted as: itself, or an expert bank one expert at a time (same bytes: scales are
     per expert)."""
     return [(spec, None)] if not spec.stacked else [(expert_spec(spec, e), e) for e in range(spec.shape[0])]
+
+
+def write_piece(writer: ShardWriter, entries: dict, path: str, spec: Spec, leaf) -> None:
+    """One parameter or one expert (``spec``: from :func:`pieces`) as its checkpoint tensors into ``writer``; a
+    quantized ``leaf`` records its config entry in ``entries`` (``{format: {module: QuantFormat.config_entry()}}``,
+    what :func:`nemojax.checkpoint.write.write_config` takes)."""
+    if is_quantized(leaf):
+        entries.setdefault(type(leaf), {})[spec.ckpt.removesuffix(".weight")] = leaf.config_entry()
+    for name, a in param_tensors(path, spec, leaf):
+        writer.add(name, np.asarray(a))
 
 
 # ================================================================================================ conversions
@@ -144,7 +154,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
 def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, progress: bool,
                     exclude: tuple[str, ...] = ()) -> dict:
     reader, fmt, recipe = _target(src, dst, to, None, base, exclude)
-    quantize = _Quantize(reader.cfg, recipe)
+    quantize = Quantize(reader.cfg, recipe)
     entries: dict = {}  # the quantized modules' config entries, by format
     out = atomic_output(dst, force, reader.ck.path)
     with out as tmp:
@@ -156,13 +166,8 @@ def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, 
                 if item.spec is None:  # FP8 KV scales: not part of these checkpoints
                     bar.update(1)
                     continue
-                for spec, e in _pieces(item.spec):
-                    leaf = quantize(item.path, reader.float(item, _BF16, e), e)
-                    if is_quantized(leaf):
-                        entries.setdefault(type(leaf), {})[spec.ckpt.removesuffix(".weight")] = leaf.config_entry()
-                    for name, a in param_tensors(item.path, spec, leaf):
-                        writer.add(name, np.asarray(a))
-                    del leaf
+                for spec, e in pieces(item.spec):
+                    write_piece(writer, entries, item.path, spec, quantize(item.path, reader.float(item, _BF16, e), e))
                 bar.update(1)
             bar.close()
             files = writer.close()
@@ -187,7 +192,7 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
     temporary folder renamed at the end. Returns a summary dict.
     """
     reader, fmt, recipe = _target(src, dst, "orbax", quant, base, exclude)
-    quantize = _Quantize(reader.cfg, recipe)
+    quantize = Quantize(reader.cfg, recipe)
     flat: dict = {}
     out = atomic_output(dst, force, reader.ck.path)
     with out as tmp:

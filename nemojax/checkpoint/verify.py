@@ -17,7 +17,7 @@ __all__ = ["verify_checkpoint"]
 
 
 def verify_checkpoint(d: str, base: str | None = None, tokens: int = 8) -> dict:
-    """Load + one forward pass; ``{"ok": bool, "error": str | None, ...}``. Raises on unusable input
+    """Load + one forward pass; ``{"ok": bool, "error": str | None, "logits_std", ...}``. Raises on unusable input
     (ConfigError / CheckpointError / QuantError) so the caller can tell bad input from a failed check."""
     if not os.path.isdir(d):
         raise CheckpointError(f"{os.fspath(d)}: not a folder")
@@ -38,5 +38,6 @@ def verify_checkpoint(d: str, base: str | None = None, tokens: int = 8) -> dict:
     elif tuple(logits.shape) != want:
         err = f"logits have shape {list(logits.shape)}, expected {list(want)}"
     return {"path": os.path.abspath(d), "ok": ok, "error": err, "tokens": tokens,
-            "logits_shape": list(logits.shape), "finite": finite, "load_s": round(load_s, 3),
+            "logits_shape": list(logits.shape), "finite": finite,
+            "logits_std": float(np.std(logits)) if finite else None, "load_s": round(load_s, 3),
             "forward_s": round(fwd_s, 3)}

@@ -13,7 +13,7 @@ from ..checkpoint import TARGETS, convert_checkpoint
 from ..quant import RECIPES
 from .errors import UsageError, need_folders
 
-__all__ = ["add_parser", "cmd_convert", "MAX_SHARD_BYTES"]
+__all__ = ["add_parser", "cmd_convert", "parse_size", "MAX_SHARD_BYTES"]
 
 MAX_SHARD_BYTES = 10**15  # 1 PB: far above any file system's file size a shard could need
 
@@ -40,7 +40,7 @@ def _epilog() -> str:
         for name, r in RECIPES.items()))
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     """A byte count: a number and an optional unit (K, M, G, T: powers of 1000; KiB, MiB, ...: of 1024)."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) in ("I", "IB"):
@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     p.add_argument("dst", metavar="OUT", help="output folder (must not exist unless --force)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format (see below)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", dest="max_shard_bytes",
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", dest="max_shard_bytes",
                    help="maximum safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
     p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
     p.add_argument("--quant", default=None, metavar="RECIPE",
