@@ -122,7 +122,7 @@ def scripted(btok):
 
 def _reference(model, tok, ids, n):
     """Greedy tokens straight from the model, cut before the first stop token."""
-    out = model.generate([ids], n, stop_token_ids=tok.stop_token_ids)[0].tolist()
+    out = model.generate([ids], n, stop_token_ids=tok.stop_token_ids, chunk=4)[0].tolist()  # chunk as ModelEngine
     stop = next((i for i, t in enumerate(out) if t in tok.stop_token_ids), len(out))
     return out[:stop], stop < len(out)
 
@@ -131,10 +131,10 @@ def _reference(model, tok, ids, n):
 def test_chat_against_direct_generation_streamed_and_not(live, model, tok):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2 plus 3"}]
     c = live.client()
-    res = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0, seed=5)
+    res = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0, seed=5)
     prompt = tok.apply_chat_template(msgs)
     ids = tok.encode(prompt)
-    want_ids, stopped = _reference(model, tok, ids, 12)
+    want_ids, stopped = _reference(model, tok, ids, 8)
     want = chat.parse(tok.decode(want_ids), thinking=True)
     msg = res.choices[0].message
     assert (msg.content, msg.reasoning_content) == (want.content, want.reasoning)
@@ -144,7 +144,7 @@ def test_chat_against_direct_generation_streamed_and_not(live, model, tok):
     assert res.usage.total_tokens == len(ids) + len(want_ids)
     assert res.usage.prompt_tokens_details.cached_tokens == 0
 
-    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0, seed=5,
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0, seed=5,
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
@@ -159,16 +159,16 @@ def test_completions_text_and_token_ids(live, model, tok):
     c = live.client()
     text = "hello world the answer is"
     ids = tok.encode(text, add_special_tokens=True)
-    want_ids, stopped = _reference(model, tok, ids, 10)
-    a = c.completions.create(model=NAME, prompt=text, max_tokens=10, temperature=0)
-    b = c.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
-    d = c.completions.create(model=NAME, prompt=[ids], max_tokens=10, temperature=0)
+    want_ids, stopped = _reference(model, tok, ids, 8)
+    a = c.completions.create(model=NAME, prompt=text, max_tokens=8, temperature=0)
+    b = c.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    d = c.completions.create(model=NAME, prompt=[ids], max_tokens=8, temperature=0)
     want = tok.decode(want_ids, skip_special_tokens=True)
     assert a.choices[0].text == b.choices[0].text == d.choices[0].text == want
     assert a.object == "text_completion" and a.id.startswith("cmpl-")
     assert a.choices[0].finish_reason == ("stop" if stopped else "length")
     assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (len(ids), len(want_ids))
-    parts = list(c.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0, stream=True,
+    parts = list(c.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, stream=True,
                                       stream_options={"include_usage": True}))
     assert "".join(p.choices[0].text for p in parts if p.choices) == want
     assert parts[-1].choices == [] and parts[-1].usage.prompt_tokens == len(ids)
@@ -177,10 +177,10 @@ def test_completions_text_and_token_ids(live, model, tok):
 def test_sixteen_concurrent_clients_get_what_they_get_alone(live, model, tok):
     prompts = [f"the answer is {i} plus {i * 3}" for i in range(16)]
     ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
-    want = [tok.decode(_reference(model, tok, x, 6)[0], skip_special_tokens=True) for x in ids]
+    want = [tok.decode(_reference(model, tok, x, 8)[0], skip_special_tokens=True) for x in ids]
     c = live.client()
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=6, temperature=0)
+        got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0)
                             .choices[0].text, prompts))
     assert got == want and len(set(want)) > 1
 
@@ -241,17 +241,17 @@ def test_tool_choice_none_and_thinking_off(scripted):
 
 def test_stop_strings_across_deltas_and_multibyte_text(scripted):
     c = scripted.client()
-    parts = list(c.completions.create(model=NAME, prompt="PLAIN", max_tokens=100, stream=True))
+    parts = list(c.completions.create(model=NAME, prompt="PLAIN", max_tokens=80, stream=True))
     texts = [p.choices[0].text for p in parts]
     assert "".join(texts) == SCRIPTS["PLAIN"] and not any("\ufffd" in t for t in texts)
     for stream in (False, True):
-        r = c.completions.create(model=NAME, prompt="STOPME", max_tokens=100, stop=["zzz", "STOP"], stream=stream)
+        r = c.completions.create(model=NAME, prompt="STOPME", max_tokens=80, stop=["zzz", "STOP"], stream=stream)
         rs = list(r) if stream else [r]
         assert "".join(p.choices[0].text for p in rs) == "héllo wörld 🙂 "
         assert rs[-1].choices[0].finish_reason == "stop"
         assert rs[0].id in scripted.engine.cancelled  # the engine stops generating at the match
     r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "THINK"}], stop="is 5",
-                                  max_tokens=100)
+                                  max_tokens=80)
     assert r.choices[0].message.content.strip() == "The answer" and r.choices[0].finish_reason == "stop"
 
 
@@ -361,3 +361,38 @@ def test_models_and_metrics(scripted):
     assert 0 < val["nemojax:time_to_first_token_seconds_sum"] < 10 * ttft
     assert "nemojax:expert_cache_hit_rate" not in text  # only when the experts are offloaded
     assert serve_fakes.install_stand_ins() == []  # idempotent: installed once at import
+
+
+def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch, capsys):
+    import nemojax.serve.engine as engine_mod
+    import nemojax.serve.server as server_mod
+    from nemojax.cli import main
+    from nemojax.formats.kv import FP8
+
+    seen = {}
+
+    class RecordingEngine:
+        def __init__(self, model, **kw):
+            seen["engine"] = (model, kw)
+
+    monkeypatch.setattr(engine_mod, "Engine", RecordingEngine, raising=False)
+    monkeypatch.setattr(server_mod, "serve", lambda engine, tok, **kw: seen.setdefault("serve", (engine, tok, kw)))
+    assert main(["serve", "--port", "8123", "--max-num-seqs", "4", "--max-model-len", "512", "--kv-cache-dtype",
+                 "fp8", "--prefix-cache-gb", "0.5", "--chunk", "32", "--api-key", "k", "--served-model-name",
+                 "nemo", "--mesh", "1,1,1"]) == 0
+    model, kw = seen["engine"]
+    assert kw == dict(max_num_seqs=4, max_model_len=512, chunk=32, prefix_cache_bytes=1 << 29, kv_dtype=FP8,
+                      max_waiting=256)
+    assert model.config.vocab_size == 1024  # the bundled model by default
+    engine, tok, skw = seen["serve"]
+    assert isinstance(engine, RecordingEngine) and tok.folder == default_model_path()
+    assert skw == dict(served_model_name="nemo", max_model_len=512, api_key="k", host="127.0.0.1", port=8123,
+                       log_level="info")
+    capsys.readouterr()
+    for argv, msg in ((["--mesh", "2,1,1"], "sharded serving is not supported"),
+                      (["--mesh", "2,x"], "three positive integers"),
+                      (["--max-model-len", "99999"], "exceeds the model's context of 1024"),
+                      (["--max-num-seqs", "0"], "--max-num-seqs 0"),
+                      (["--model", "/nonexistent/m"], "not a folder")):
+        assert main(["serve", *argv]) == 2, argv
+        assert msg in capsys.readouterr().err

@@ -10,13 +10,13 @@ import argparse
 import sys
 
 from ..version import __version__
-from . import convert, generate, inspect, verify
+from . import convert, generate, inspect, serve, verify
 from .errors import UsageError
 from .generate import default_model_path
 
 __all__ = ["main", "build_parser", "default_model_path", "UsageError"]
 
-SUBCOMMANDS = (generate, convert, inspect, verify)
+SUBCOMMANDS = (generate, convert, inspect, verify, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
