@@ -374,6 +374,7 @@ def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch
     class RecordingEngine:
         def __init__(self, model, **kw):
             seen["engine"] = (model, kw)
+            self.max_model_len = kw["max_model_len"]
 
     monkeypatch.setattr(engine_mod, "Engine", RecordingEngine, raising=False)
     monkeypatch.setattr(server_mod, "serve", lambda engine, tok, **kw: seen.setdefault("serve", (engine, tok, kw)))

@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output token limit per request (default: the model's context)")
+                   help="prompt + output token limit per request (default: the engine's, at most the model's "
+                        "context)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="attention KV cache dtype: auto (the weights' dtype, or FP8 with calibrated scales), fp8")
     p.add_argument("--prefix-cache-gb", type=float, default=1.0, help="host memory for the prefix cache (GB)")
@@ -77,9 +78,8 @@ def cmd_serve(a) -> int:
 
     tok, model = load_model(folder, a.dtype, a.backend)
     ctx = model.config.max_position_embeddings
-    max_len = a.max_model_len or ctx
-    if max_len > ctx:
-        raise UsageError(f"--max-model-len {max_len} exceeds the model's context of {ctx} tokens")
+    if a.max_model_len is not None and a.max_model_len > ctx:
+        raise UsageError(f"--max-model-len {a.max_model_len} exceeds the model's context of {ctx} tokens")
     if a.expert_cache is not None:
         model = model.offload(a.expert_cache)
 
@@ -87,11 +87,12 @@ def cmd_serve(a) -> int:
     from ..serve.server import serve
 
     try:
-        engine = Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=max_len, chunk=a.chunk,
+        engine = Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, chunk=a.chunk,
                         prefix_cache_bytes=int(a.prefix_cache_gb * (1 << 30)),
                         kv_dtype=FP8 if a.kv_cache_dtype == "fp8" else None, max_waiting=a.max_waiting)
     except (ValueError, NotImplementedError) as e:  # an option this engine cannot run
         raise UsageError(f"the serving engine refused the options: {e}") from None
+    max_len = engine.max_model_len  # the engine's default when --max-model-len is not given
     name = a.served_model_name or (a.model or os.path.basename(folder))
     print(f"nemojax serve: {name} on http://{a.host}:{a.port}/v1 (max {a.max_num_seqs} sequences, "
           f"{max_len} tokens each)", file=sys.stderr)
