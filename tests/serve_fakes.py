@@ -69,7 +69,8 @@ def _partial_tail(s: str, tag: str) -> int:
 
 class StandInParser:
     """Incremental reasoning / content / tool-call split with the OutputParser interface (tool calls through
-    today's ``nemojax.chat.parse_tool_calls``, emitted whole when ``</tool_call>`` closes)."""
+    today's ``nemojax.chat.parse_tool_calls``, emitted whole when ``</tool_call>`` closes; calls to names the
+    tools do not define stay text)."""
 
     def __init__(self, tools=None, thinking=True):
         self.tools, self.mode, self.buf = tools, ("reasoning" if thinking else "content"), ""
@@ -92,8 +93,12 @@ class StandInParser:
                     return d
                 block = self.buf if i < 0 else self.buf[:i + len("</tool_call>")]
                 self.buf = "" if i < 0 else self.buf[i + len("</tool_call>"):]
-                d.tool_calls += [StandInToolCall(c["name"], json.dumps(c["arguments"]))
-                                 for c in parse_tool_calls(block, self.tools)[1]]
+                calls = parse_tool_calls(block, self.tools)[1]
+                names = {t["function"]["name"] for t in self.tools}
+                if all(c["name"] in names for c in calls):
+                    d.tool_calls += [StandInToolCall(c["name"], json.dumps(c["arguments"])) for c in calls]
+                else:  # calls to names the tools do not define stay text
+                    d.content += block
                 self.mode = "content"
                 continue
             tag = "</think>" if self.mode == "reasoning" else ("<tool_call>" if self.tools else None)

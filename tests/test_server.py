@@ -26,7 +26,7 @@ from .serve_fakes import ModelEngine, ScriptedEngine
 from .tiny_tokenizer import make_tokenizer
 
 from nemojax import chat  # noqa: E402  (after serve_fakes: the OutputParser stand-in until the real one lands)
-from nemojax.serve.server import build_app  # noqa: E402
+from nemojax.serve.server import NO_TOOLS, build_app  # noqa: E402
 
 NAME = "tiny-nemotron"
 CTX = 256       # the tiny model's context
@@ -100,9 +100,18 @@ def _serve(engine, tok, ctx=CTX, **kw):
     return LiveServer(build_app(engine, tok, served_model_name=NAME, max_model_len=ctx, **kw), engine)
 
 
+def model_engine(model):
+    """The real continuous-batching engine where this tree has it, else the sequential stand-in."""
+    try:
+        from nemojax.serve.engine import Engine
+    except ImportError:  # the stand-in module of serve_fakes: no Engine
+        return ModelEngine(model)
+    return Engine(model, max_num_seqs=4, max_model_len=CTX, chunk=16, prefix_cache_bytes=1 << 24)
+
+
 @pytest.fixture(scope="module")
 def live(model, tok):
-    s = _serve(ModelEngine(model), tok)
+    s = _serve(model_engine(model), tok)
     yield s
     s.close()
 
@@ -135,7 +144,7 @@ def test_chat_against_direct_generation_streamed_and_not(live, model, tok):
     prompt = tok.apply_chat_template(msgs)
     ids = tok.encode(prompt)
     want_ids, stopped = _reference(model, tok, ids, 8)
-    want = chat.parse(tok.decode(want_ids), thinking=True)
+    want = chat.parse(tok.decode(want_ids), tools=NO_TOOLS, thinking=True)  # no tools: no call parsing
     msg = res.choices[0].message
     assert (msg.content, msg.reasoning_content) == (want.content, want.reasoning)
     assert res.choices[0].finish_reason == ("stop" if stopped else "length")
@@ -397,3 +406,24 @@ def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch
                       (["--model", "/nonexistent/m"], "not a folder")):
         assert main(["serve", *argv]) == 2, argv
         assert msg in capsys.readouterr().err
+
+
+def _metric_values(url: str) -> dict:
+    text = httpx.get(url + "/metrics").text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_cached_tokens_agree_with_the_prefix_cache_metrics(live, tok):
+    ids = tok.encode("what is the answer plus the model " * 6, add_special_tokens=True)  # > 2 engine chunks
+    c = live.client()
+    first = c.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    before = _metric_values(live.url)
+    again = c.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    after = _metric_values(live.url)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens == \
+        after["nemojax:prefix_cache_hits_total"] - before["nemojax:prefix_cache_hits_total"]
+    assert after["nemojax:prefix_cache_queries_total"] - before["nemojax:prefix_cache_queries_total"] == len(ids)
+    assert after["nemojax:prompt_tokens_total"] - before["nemojax:prompt_tokens_total"] == len(ids)
+    if not isinstance(live.engine, ModelEngine):  # the real engine restores whole chunks of the repeated prompt
+        assert again.usage.prompt_tokens_details.cached_tokens >= 16

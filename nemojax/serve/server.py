@@ -35,10 +35,15 @@ from .protocol import (
 )
 from .textstream import Detokenizer, StopMatcher
 
-__all__ = ["build_app", "serve", "APIError"]
+__all__ = ["build_app", "serve", "APIError", "NO_TOOLS"]
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+# Without tools (none given, or tool_choice "none") tool calls are not parsed, as in vLLM: the parser keeps calls to
+# names its tool list does not define as text, and this list defines no name a model can write.
+NO_TOOLS = [{"type": "function", "function": {"name": "\x00"}}]
 
 
 class APIError(Exception):
@@ -241,7 +246,7 @@ class _Server:
         ids, tools, thinking = self.chat_prompt(body)
         rid = new_id("chatcmpl-")
         gen = self.generation(body, rid, ids, False)  # the parser reads <think> / <tool_call> tags
-        parser = OutputParser(tools=tools, thinking=thinking)
+        parser = OutputParser(tools=tools or NO_TOOLS, thinking=thinking)
         if body.stream:
             return StreamingResponse(self.chat_stream(body, gen, parser), media_type="text/event-stream")
         reasoning, content, calls = [], [], []
