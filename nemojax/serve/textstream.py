@@ -46,8 +46,8 @@ class Detokenizer:
 class StopMatcher:
     """Stop strings matched on the accumulated text, also across piece boundaries.
 
-    :meth:`push` returns (text to emit, matched): the text before the first stop string (the stop string itself is
-    not emitted), holding back a tail that could be the start of a stop string."""
+    :meth:`push` returns (text to emit, matched): the text before the stop string that completes first (the stop
+    string itself is not emitted), holding back a tail that could be the start of a stop string."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
@@ -60,10 +60,10 @@ class StopMatcher:
         if not self.stops:
             return text, False
         s = self.held + text
-        hits = [i for i in (s.find(stop) for stop in self.stops) if i >= 0]
-        if hits:
+        hits = [(i + len(stop), i) for stop in self.stops if (i := s.find(stop)) >= 0]
+        if hits:  # the match that completes first (then the longest): the same whatever the split
             self.matched, self.held = True, ""
-            return s[:min(hits)], True
+            return s[:min(hits)[1]], True
         keep = 0
         for stop in self.stops:  # the longest tail of s that is a proper prefix of a stop string
             for k in range(min(len(stop) - 1, len(s)), keep, -1):
