@@ -156,6 +156,7 @@ class SequentialEngine:
         self.jobs: queue.Queue = queue.Queue()
         self.cancelled: list[str] = []
         self.prompts: dict[str, list[int]] = {}
+        self.requests: dict = {}
         self.lock = threading.Lock()
         self.n_waiting = self.n_running = 0
         self.totals = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_queries_total=0,
@@ -181,6 +182,7 @@ class SequentialEngine:
                 raise QueueFull(f"{self.n_waiting} requests are waiting")
             self.n_waiting += 1
             self.prompts[req.request_id] = list(req.prompt_ids)
+            self.requests[req.request_id] = req
         self.jobs.put((req, on_output))
 
     def cancel(self, request_id: str) -> None:

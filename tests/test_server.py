@@ -350,6 +350,24 @@ def test_api_key_and_queue_full(btok):
         s.close()
 
 
+def test_sampling_defaults_come_from_generation_config():
+    btok = Tokenizer(default_model_path())
+    btok.generation_config = {**btok.generation_config, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    eng = ScriptedEngine(btok, SCRIPTS)
+    s = _serve(eng, btok, SCTX)
+    try:
+        c = s.client()
+        a = c.completions.create(model=NAME, prompt="PLAIN", max_tokens=50)
+        b = c.completions.create(model=NAME, prompt="PLAIN", max_tokens=50, temperature=0, top_p=0.5, seed=7,
+                                 extra_body={"top_k": -1})
+        ra, rb = eng.requests[a.id], eng.requests[b.id]
+        assert (ra.temperature, ra.top_p, ra.top_k, ra.seed) == (0.6, 0.95, 20, None)
+        assert (rb.temperature, rb.top_p, rb.top_k, rb.seed) == (0.0, 0.5, 0, 7)
+        assert ra.max_tokens == 50 and set(ra.stop_token_ids) == set(btok.stop_token_ids)
+    finally:
+        s.close()
+
+
 def test_models_and_metrics(scripted):
     models = scripted.client().models.list().data
     assert [(m.id, m.object) for m in models] == [(NAME, "model")] and models[0].max_model_len == SCTX

@@ -94,12 +94,12 @@ class ServerProc:
 
         self.label, self.url = label, f"http://127.0.0.1:{port}"
         log(f"starting {label}: {' '.join(argv)}")
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_serve_", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < timeout:
             if self.proc.poll() is not None:
-                err = [line for line in self.proc.stderr.read().splitlines() if line.strip()]
-                raise RuntimeError(f"{label} exited with {self.proc.returncode}: {err[-1] if err else ''}")
+                raise RuntimeError(f"{label} exited with {self.proc.returncode}: {self.last_error()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     log(f"{label} up after {time.perf_counter() - t0:.1f} s")
@@ -109,6 +109,13 @@ class ServerProc:
             time.sleep(0.5)
         self.close()
         raise RuntimeError(f"{label} did not answer /health within {timeout} s")
+
+    def last_error(self) -> str:
+        """The last line of the server's log that names an error (else its last line)."""
+        with open(self.log.name) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        errs = [line for line in lines if "Error" in line or "error" in line]
+        return (errs or lines or [""])[-1][:300]
 
     def metrics(self) -> dict:
         import httpx
@@ -127,6 +134,8 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)
 
 
 def timed_stream(client, model: str, out_tokens: int, *, prompt=None, messages=None) -> dict:
@@ -330,7 +339,7 @@ def main(argv=None) -> int:
                 srv = ServerProc(label, argv_, port, env, a.startup_timeout)
             except RuntimeError as e:
                 log(f"{label}: {e}")
-                notes.append(f"{label}: could not be run here ({str(e).splitlines()[0][:200]})")
+                notes.append(f"{label}: could not be run here ({e})")
                 continue
             try:
                 warm_up(srv, model_name, tok, a)
@@ -338,8 +347,9 @@ def main(argv=None) -> int:
                     levels.append(run_level(srv, model_name, prompts[c], c, a.out_tokens))
                 turns += run_multiturn(srv, model_name, tok, random.Random(1), a)
             except Exception as e:  # a server that fails mid-run: report, go on with the next
-                log(f"{label} failed: {type(e).__name__}: {e}")
-                notes.append(f"{label}: failed during the run ({type(e).__name__}: {str(e)[:200]})")
+                why = f"{type(e).__name__}: {str(e)[:200]}; server log: {srv.last_error()}"
+                log(f"{label} failed: {why}")
+                notes.append(f"{label}: failed during the run ({why})")
             finally:
                 srv.close()
         md = markdown(levels, turns, notes)

@@ -127,20 +127,22 @@ class SamplingFields(_Body):
                 raise ValueError(f"{name} is not supported (only 0)")
         if self.repetition_penalty not in (None, 1, 1.0):
             raise ValueError("repetition_penalty is not supported (only 1)")
-        top_k = self.top_k if self.top_k not in (None, -1) else 0  # vLLM: -1 = off
-        check_sampling(self.temperature_or_default(), top_k, 1.0 if self.top_p is None else self.top_p)
+        sp = self.sampling({})
+        check_sampling(sp["temperature"], sp["top_k"], sp["top_p"])
         if any(not s for s in self.stop_list()):
             raise ValueError("stop strings must not be empty")
         return self
 
-    def temperature_or_default(self) -> float:
-        return 1.0 if self.temperature is None else float(self.temperature)
+    def sampling(self, defaults: dict) -> dict:
+        """temperature, top_p, top_k (0 = off), seed for ``nemojax.serve.engine.Request``: the request's values,
+        else ``defaults`` (the model's generation_config, as vLLM reads it), else 1, 1, off."""
+        def pick(name, fallback):
+            v = getattr(self, name)
+            return defaults.get(name, fallback) if v is None else v
 
-    def sampling(self) -> dict:
-        """temperature, top_p, top_k (0 = off), seed for ``nemojax.serve.engine.Request``."""
-        top_k = self.top_k if self.top_k not in (None, -1) else 0
-        return dict(temperature=self.temperature_or_default(), top_p=1.0 if self.top_p is None else self.top_p,
-                    top_k=top_k, seed=self.seed)
+        top_k = pick("top_k", 0)
+        return dict(temperature=float(pick("temperature", 1.0)), top_p=float(pick("top_p", 1.0)),
+                    top_k=0 if top_k in (None, -1) else int(top_k), seed=self.seed)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -199,6 +199,8 @@ class _Server:
         self.model_name, self.max_model_len = served_model_name, max_model_len
         self.metrics = ServerMetrics(engine)
         self.stop_token_ids = list(tokenizer.stop_token_ids)
+        gen_cfg = getattr(tokenizer, "generation_config", None) or {}
+        self.sampling_defaults = {k: gen_cfg[k] for k in ("temperature", "top_p", "top_k") if k in gen_cfg}
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -214,7 +216,8 @@ class _Server:
                                 f"tokens ({n} in the prompt, {limit or 0} in the completion). Please reduce the "
                                 f"length of the prompt or of max_tokens.", "max_tokens")
         stops = [] if body.ignore_eos else self.stop_token_ids
-        gen = Generation(self, request_id, prompt_ids, limit or L - n, body.sampling(), body.stop_list(),
+        gen = Generation(self, request_id, prompt_ids, limit or L - n, body.sampling(self.sampling_defaults),
+                         body.stop_list(),
                          list(dict.fromkeys(stops + list(body.stop_token_ids or []))), skip_special_tokens)
         gen.submit()
         return gen
@@ -245,14 +248,20 @@ class _Server:
         self.check_model(body.model)
         ids, tools, thinking = self.chat_prompt(body)
         rid = new_id("chatcmpl-")
+        try:
+            parser = OutputParser(tools=tools or NO_TOOLS, thinking=thinking)
+        except ValueError as e:
+            raise APIError(400, f"tools: {e}", "tools") from None
         gen = self.generation(body, rid, ids, False)  # the parser reads <think> / <tool_call> tags
-        parser = OutputParser(tools=tools or NO_TOOLS, thinking=thinking)
         if body.stream:
             return StreamingResponse(self.chat_stream(body, gen, parser), media_type="text/event-stream")
         reasoning, content, calls = [], [], []
-        async for piece in gen.pieces(http):
-            _collect(parser.feed(piece), reasoning, content, calls)
-        _collect(parser.finish(), reasoning, content, calls)
+        try:
+            async for piece in gen.pieces(http):
+                _collect(parser.feed(piece), reasoning, content, calls)
+            _collect(parser.finish(), reasoning, content, calls)
+        finally:
+            gen.abort()
         msg = ResponseMessage(content="".join(content) or None, reasoning_content="".join(reasoning) or None,
                               tool_calls=[MessageToolCall(id=new_id("call_"), function=ToolCallFunction(
                                   name=c.name, arguments=c.arguments)) for c in calls])
@@ -321,7 +330,10 @@ class _Server:
         gen = self.generation(body, rid, self.completion_prompt(body), body.skip_special_tokens)
         if body.stream:
             return StreamingResponse(self.completion_stream(body, gen), media_type="text/event-stream")
-        text = "".join([piece async for piece in gen.pieces(http)])
+        try:
+            text = "".join([piece async for piece in gen.pieces(http)])
+        finally:
+            gen.abort()
         return JSONResponse(CompletionResponse(
             id=rid, model=self.model_name, usage=gen.usage(),
             choices=[CompletionChoice(text=text, finish_reason=gen.finish_reason)]).model_dump())
