@@ -311,9 +311,24 @@ def test_error_statuses(scripted, btok):
     assert "gpt-4" in e["message"]
     with pytest.raises(openai.NotFoundError):
         scripted.client().chat.completions.create(model="gpt-4", messages=chat_body["messages"])
+    _error(httpx.post(u + "/embeddings", json={"input": "x"}), 404)  # an unknown path: an error object too
     # unknown fields are ignored, as vLLM does
     r = httpx.post(u + "/chat/completions", json={**chat_body, "frobnicate": 3, "max_tokens": 100})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["reasoning_content"] == SCRIPTS["PLAIN"]
+
+
+def test_an_internal_failure_answers_500_and_the_server_keeps_serving(scripted, monkeypatch):
+    srv = scripted.server.config.app.state.server
+
+    def broken(*a, **kw):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(srv.tokenizer, "encode", broken)
+    e = _error(httpx.post(scripted.url + "/v1/completions", json={"model": NAME, "prompt": "PLAIN"}), 500)
+    assert "tokenizer exploded" in e["message"]
+    monkeypatch.undo()
+    r = scripted.client().completions.create(model=NAME, prompt="PLAIN", max_tokens=50)
+    assert r.choices[0].text == SCRIPTS["PLAIN"]
 
 
 def test_api_key_and_queue_full(btok):

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -111,10 +112,11 @@ class ServerProc:
         raise RuntimeError(f"{label} did not answer /health within {timeout} s")
 
     def last_error(self) -> str:
-        """The last line of the server's log that names an error (else its last line)."""
+        """The last exception line of the server's log (``ValueError: ...``), else its last line."""
+        time.sleep(1)  # a traceback is logged after the 500 answer went out
         with open(self.log.name) as f:
             lines = [line.strip() for line in f if line.strip()]
-        errs = [line for line in lines if "Error" in line or "error" in line]
+        errs = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b.*:", line)]
         return (errs or lines or [""])[-1][:300]
 
     def metrics(self) -> dict:
