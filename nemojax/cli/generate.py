@@ -10,29 +10,12 @@ import time
 from ..chat import parse_response
 from .errors import UsageError
 
-__all__ = ["add_parser", "cmd_generate", "default_model_path", "load_model"]
+__all__ = ["add_parser", "cmd_generate", "default_model_path"]
 
 
 def default_model_path() -> str:
     """The small trained model bundled with the package (``nemojax/default_model``)."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
-
-
-def load_model(folder: str, dtype: str, backend: str):
-    """(Tokenizer, Model) of a checkpoint folder; UsageError for an unreadable checkpoint or backend."""
-    from .. import api
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..tokenizer import Tokenizer, TokenizerError
-
-    try:
-        return Tokenizer(folder), api.load(folder, dtype=dtype, backend=backend)
-    except (ConfigError, CheckpointError, TokenizerError) as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:  # an unavailable --backend
-        if "backend=" not in str(e):
-            raise
-        raise UsageError(str(e).replace("backend=", "--backend ")) from None
 
 
 def add_parser(sub) -> None:
@@ -140,10 +123,21 @@ def cmd_generate(a) -> int:
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise UsageError(f"{folder}: no config.json (not a Hugging Face model folder)")
 
-    from ..tokenizer import TokenizerError
+    from .. import api
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..tokenizer import Tokenizer, TokenizerError
 
     t0 = time.perf_counter()
-    tok, model = load_model(folder, a.dtype, a.backend)
+    try:
+        tok = Tokenizer(folder)
+        model = api.load(folder, dtype=a.dtype, backend=a.backend)
+    except (ConfigError, CheckpointError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # an unavailable --backend
+        if "backend=" not in str(e):
+            raise
+        raise UsageError(str(e).replace("backend=", "--backend ")) from None
     load_s = time.perf_counter() - t0
     thinking = not a.no_thinking
     if a.chat:

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .errors import UsageError, need_folders
-from .generate import default_model_path, load_model
+from .generate import default_model_path
 
 __all__ = ["add_parser", "cmd_serve", "parse_mesh"]
 
@@ -74,9 +74,20 @@ def cmd_serve(a) -> int:
     folder = a.model or default_model_path()
     need_folders(folder)
 
+    from .. import api
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
     from ..formats.kv import FP8
+    from ..tokenizer import Tokenizer, TokenizerError
 
-    tok, model = load_model(folder, a.dtype, a.backend)
+    try:  # an unusable checkpoint, tokenizer or --backend is the user's error
+        tok, model = Tokenizer(folder), api.load(folder, dtype=a.dtype, backend=a.backend)
+    except (ConfigError, CheckpointError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        if "backend=" not in str(e):  # not an unavailable --backend
+            raise
+        raise UsageError(str(e).replace("backend=", "--backend ")) from None
     ctx = model.config.max_position_embeddings
     if a.max_model_len is not None and a.max_model_len > ctx:
         raise UsageError(f"--max-model-len {a.max_model_len} exceeds the model's context of {ctx} tokens")
