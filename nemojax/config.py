@@ -147,6 +147,10 @@ class Config:
         for f in ("vocab_size", "hidden_size"):
             need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
         need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be positive")
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, f)
+            for i in (v if isinstance(v, tuple) else () if v is None else (v,)):
+                need(0 <= i < self.vocab_size, f, f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         if "*" in self.pattern:
             for f in ("num_attention_heads", "num_key_value_heads", "head_dim"):
                 need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")

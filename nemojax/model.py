@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .blocks.base import BLOCKS, BlockInput
+from .blocks.base import BLOCKS, BlockInput, write_at
 from .blocks.moe import MOE, RoutedExperts, moe_output, moe_route, resident_experts
 from .cache import Cache
 from .config import Config
@@ -74,14 +74,15 @@ def lm_head(params: dict, cfg: Config, h: jax.Array) -> jax.Array:
 
 def start(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None):
     """The residual stream's start (embeddings, fp32 with ``residual_in_fp32``) and, with a cache, the KV mask:
-    the cache's mask with the new tokens written at ``cache.pos``. -> (h [B, T, H], kv_mask [B, S] or None)."""
+    the cache's mask with the new tokens' mask written at ``cache.pos`` (per row where ``pos`` is [B]).
+    -> (h [B, T, H], kv_mask [B, S] or None)."""
     h = embed(params, tokens)
     if cfg.residual_in_fp32:
         h = h.astype(jnp.float32)
     if cache is None:
         return h, None
     new = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-    return h, jax.lax.dynamic_update_slice_in_dim(cache.mask, new, cache.pos, axis=1)
+    return h, write_at(cache.mask, new, cache.pos)
 
 
 def head(params: dict, cfg: Config, h: jax.Array, last_only: bool = False) -> jax.Array:
@@ -108,10 +109,12 @@ _INLINE = Pieces(start, block, moe_input, moe_residual, head)  # inside the call
 
 def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, cache: Cache | None = None, *,
             return_hidden_states: bool = False, last_only: bool = False, experts: RoutedExperts | None = None,
-            mesh=None):
+            mesh=None, logits_at=None):
     """Forward over tokens [B, T] (int).
 
-    attention_mask [B, T]: 1 = token, 0 = left pad (None: all tokens).
+    attention_mask [B, T]: 1 = token, 0 = pad (None: all tokens). Pads come first (left padding) with a scalar
+    ``cache.pos`` or no cache; with a per-row ``cache.pos`` [B] they come last (right padding: row b has its
+    ``attention_mask[b].sum()`` real tokens first, written at ``pos[b]``, and advances by that many).
     Without a cache: returns logits [B, T, V] float32 (or [B, 1, V] with ``last_only``), and with
     ``return_hidden_states`` also a list of L+1 arrays [B, T, H]: the embeddings, the residual stream after
     blocks 0..L-2, and the final-normed output (transformers' ``output_hidden_states`` convention).
@@ -122,6 +125,8 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
     inside ``jit``). Default: expert-parallel over ``mesh`` where it splits the experts, else grouped.
     mesh: the ``nemojax.sharding`` mesh the params are sharded on (static): the new cache keeps its shardings.
     Without it the SPMD partitioner still runs sharded inputs, but gathers each expert bank.
+    logits_at: [B] int32, the one position of each row whose logits to return (logits [B, 1, V]; e.g. the last
+    real token of right-padded rows).
     """
     experts = resident_experts(cfg, mesh) if experts is None else experts
     stepwise = experts.host_driven
@@ -146,9 +151,16 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, attention_mask=None, c
             h, st = run.block(lp, cfg, kind, h, attention_mask, st, pos, kv_mask)
         hidden.append(h)
         states.append(st)
-    logits = run.head(params, cfg, h, last_only)
+    if logits_at is not None:
+        logits = run.head(params, cfg, jnp.take_along_axis(h, jnp.asarray(logits_at)[:, None, None], axis=1), False)
+    else:
+        logits = run.head(params, cfg, h, last_only)
     if cache is not None:
-        cache = Cache(layers=tuple(states), mask=kv_mask, pos=pos + tokens.shape[1])
+        if pos.ndim == 0 or attention_mask is None:
+            pos = pos + tokens.shape[1]
+        else:  # per row: the real tokens written
+            pos = pos + attention_mask.astype(jnp.int32).sum(axis=1)
+        cache = Cache(layers=tuple(states), mask=kv_mask, pos=pos)
         if mesh is not None:
             from .sharding import constrain_cache
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["SamplingParams", "sample", "filter_logits", "check_sampling"]
+__all__ = ["SamplingParams", "sample", "sample_rows", "filter_logits", "check_sampling"]
 
 
 @struct.dataclass
@@ -59,3 +59,13 @@ def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
         return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(sp.temperature > 0, draw, lambda _: greedy, None)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Each row with its own key and setting: logits [B, V] float32, keys [B, 2] uint32, ``sp`` fields [B]
+    -> token ids [B] int32. Row b's token is ``sample(logits[b:b+1], keys[b], sp[b])`` whatever the other rows."""
+    def draw(_):
+        return jax.vmap(lambda lg, k, s: sample(lg[None], k, s)[0])(logits, keys, sp)
+
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)

@@ -15,11 +15,49 @@ class TokenizerError(ValueError):
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from ``path`` ({} when there is no such file); TokenizerError naming the file otherwise."""
+    if not os.path.exists(path):
+        return {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not valid JSON (nested too deeply)") from None
+    except IsADirectoryError:
+        raise TokenizerError(f"{path}: is a folder, not a JSON file") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _token_ids(value, path: str, field: str, vocab: int) -> list[int]:
+    """A token id or a list of them (``null``: none) from ``field`` of ``path``, each in [0, vocab)."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TokenizerError(f"{path}: field {field!r}: expected an integer token id or a list of them, got "
+                                 f"{value!r}")
+        if not 0 <= i < vocab:
+            raise TokenizerError(f"{path}: field {field!r}: token id {i} is outside the vocabulary [0, {vocab}) "
+                                 f"of tokenizer.json")
+    return ids
+
+
+def _chat_template(cfg: dict, path: str) -> str | None:
+    """tokenizer_config.json's ``chat_template``: a string, or a list of {"name", "template"} (the "default" one,
+    else the first)."""
+    t = cfg.get("chat_template")
+    if isinstance(t, list):
+        if not all(isinstance(x, dict) and isinstance(x.get("template"), str) for x in t):
+            raise TokenizerError(f"{path}: field 'chat_template': a list must hold "
+                                 f"{{\"name\": ..., \"template\": \"...\"}} objects")
+        named = {x.get("name"): x["template"] for x in t}
+        t = named.get("default") or next(iter(named.values()), None)
+    if t is not None and not isinstance(t, str):
+        raise TokenizerError(f"{path}: field 'chat_template': expected a string, got {type(t).__name__}")
+    return t
 
 
 class Tokenizer:
@@ -36,14 +74,21 @@ class Tokenizer:
             self._tok = _Tok.from_file(path)
         except Exception as e:  # tokenizers raises its own exception type
             raise TokenizerError(f"{path}: cannot be read by tokenizers ({e})") from None
-        cfg_path = os.path.join(self.folder, "tokenizer_config.json")
-        self.config = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+        self.config_path = os.path.join(self.folder, "tokenizer_config.json")
+        self.config = _read_json(self.config_path)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            v = self.config.get(key)
+            if v is not None and not isinstance(v, str) and not (isinstance(v, dict)
+                                                                 and isinstance(v.get("content"), str)):
+                raise TokenizerError(f"{self.config_path}: field {key!r}: expected a token string or "
+                                     f"{{\"content\": \"...\"}}, got {v!r}")
         gen_path = os.path.join(self.folder, "generation_config.json")
-        self.generation_config = _read_json(gen_path) if os.path.exists(gen_path) else {}
-        self.chat_template = self.config.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self.generation_config = _read_json(gen_path)
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            ids = _token_ids(self.generation_config.get(key), gen_path, key, self.vocab_size)
+            if key != "eos_token_id" and len(ids) > 1:
+                raise TokenizerError(f"{gen_path}: field {key!r}: expected one token id, got {ids}")
+        self.chat_template = _chat_template(self.config, self.config_path)
         self._template = None
 
     # ------------------------------------------------------------------ tokens
@@ -85,11 +130,15 @@ class Tokenizer:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         if self._template is None:
-            self._template = _compile(self.chat_template, self.folder)
-        return self._template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-            enable_thinking=enable_thinking, bos_token=self._special("bos_token") or "",
-            eos_token=self._special("eos_token") or "", **kwargs)
+            self._template = _compile(self.chat_template, self.config_path)
+        try:
+            return self._template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking, bos_token=self._special("bos_token") or "",
+                eos_token=self._special("eos_token") or "", **kwargs)
+        except Exception as e:  # noqa: BLE001  (the template is the checkpoint's code: any failure is its own)
+            raise TokenizerError(f"{self.config_path}: field 'chat_template' failed while rendering "
+                                 f"({type(e).__name__}: {e})") from None
 
 
 def _compile(source: str, where: str):
@@ -109,4 +158,5 @@ def _compile(source: str, where: str):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise TokenizerError(f"{where}: chat_template is not valid jinja ({e})") from None
+        raise TokenizerError(f"{where}: field 'chat_template' is not valid jinja (line {e.lineno}: {e.message})") \
+            from None

@@ -38,6 +38,17 @@ def _fresh_jit_caches():
     jax.clear_caches()
 
 
+def folder_files(folder) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes (what a failed or refused conversion must leave untouched)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
 @pytest.fixture
 def tiny_cfg() -> Config:
     return tiny_config()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import nemojax
-from nemojax.chat import parse_response, parse_tool_calls, split_reasoning
+from nemojax.chat import parse_response
 from nemojax.cli import main
 from nemojax.params import init_params_numpy
 from nemojax.tokenizer import Tokenizer
@@ -47,11 +47,14 @@ def test_chat_template_thinking_on_and_off(model_dir):
 
 
 def test_reasoning_split():
-    assert split_reasoning("step one\nstep two\n</think>\nThe answer is 5.<|im_end|>") == \
+    def split(text, thinking=True):
+        r = parse_response(text, thinking=thinking)
+        return r["reasoning"], r["content"]
+    assert split("step one\nstep two\n</think>\nThe answer is 5.<|im_end|>") == \
         ("step one\nstep two", "The answer is 5.")
-    assert split_reasoning("<think>why</think>ok") == ("why", "ok")
-    assert split_reasoning("plain answer", opened=False) == (None, "plain answer")
-    assert split_reasoning("still thinking", opened=True) == ("still thinking", "")
+    assert split("<think>why</think>ok") == ("why", "ok")
+    assert split("plain answer", thinking=False) == (None, "plain answer")
+    assert split("still thinking") == ("still thinking", "")
 
 
 def test_tool_calls_parsed_into_json():
@@ -59,16 +62,21 @@ def test_tool_calls_parsed_into_json():
            "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n"
            "<function=now>\n</function>\n</tool_call><|im_end|>")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
     r = parse_response(out, thinking=True, tools=tools)
     assert r["reasoning"] == "I need the weather."
     assert r["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}},
                                {"name": "now", "arguments": {}}]
     assert r["content"] == ""
+    # a name the tools do not define stays text
+    r = parse_response(out, thinking=True, tools=tools[:1])
+    assert r["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]
+    assert r["content"] == "<tool_call>\n<function=now>\n</function>\n</tool_call>"
     # without a schema the values stay raw strings; multi-line values keep inner newlines
-    _, calls = parse_tool_calls("<tool_call>\n<function=f>\n<parameter=code>\na\nb\n</parameter>\n</function>"
-                                "\n</tool_call>")
-    assert calls == [{"name": "f", "arguments": {"code": "a\nb"}}]
+    r = parse_response("<tool_call>\n<function=f>\n<parameter=code>\na\nb\n</parameter>\n</function>\n</tool_call>",
+                       thinking=False)
+    assert r["tool_calls"] == [{"name": "f", "arguments": {"code": "a\nb"}}]
     # the model omitted </think> before the tool call
     r = parse_response("let me call it\n<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n"
                        "</tool_call>", thinking=True)

@@ -20,13 +20,13 @@ from nemojax.cli import default_model_path
 from nemojax.params import init_params_numpy
 from nemojax.tokenizer import Tokenizer
 
-from . import serve_fakes
-from .conftest import tiny_config
-from .serve_fakes import ModelEngine, ScriptedEngine
-from .tiny_tokenizer import make_tokenizer
+from nemojax import chat
+from nemojax.serve.engine import Engine
+from nemojax.serve.server import NO_TOOLS, build_app
 
-from nemojax import chat  # noqa: E402  (after serve_fakes: the OutputParser stand-in until the real one lands)
-from nemojax.serve.server import NO_TOOLS, build_app  # noqa: E402
+from .conftest import tiny_config
+from .serve_fakes import ScriptedEngine
+from .tiny_tokenizer import make_tokenizer
 
 NAME = "tiny-nemotron"
 CTX = 256       # the tiny model's context
@@ -100,18 +100,9 @@ def _serve(engine, tok, ctx=CTX, **kw):
     return LiveServer(build_app(engine, tok, served_model_name=NAME, max_model_len=ctx, **kw), engine)
 
 
-def model_engine(model):
-    """The real continuous-batching engine where this tree has it, else the sequential stand-in."""
-    try:
-        from nemojax.serve.engine import Engine
-    except ImportError:  # the stand-in module of serve_fakes: no Engine
-        return ModelEngine(model)
-    return Engine(model, max_num_seqs=4, max_model_len=CTX, chunk=16, prefix_cache_bytes=1 << 24)
-
-
 @pytest.fixture(scope="module")
 def live(model, tok):
-    s = _serve(model_engine(model), tok)
+    s = _serve(Engine(model, max_num_seqs=4, max_model_len=CTX, chunk=16, prefix_cache_bytes=1 << 24), tok)
     yield s
     s.close()
 
@@ -131,7 +122,7 @@ def scripted(btok):
 
 def _reference(model, tok, ids, n):
     """Greedy tokens straight from the model, cut before the first stop token."""
-    out = model.generate([ids], n, stop_token_ids=tok.stop_token_ids, chunk=4)[0].tolist()  # chunk as ModelEngine
+    out = model.generate([ids], n, stop_token_ids=tok.stop_token_ids, chunk=4)[0].tolist()
     stop = next((i for i, t in enumerate(out) if t in tok.stop_token_ids), len(out))
     return out[:stop], stop < len(out)
 
@@ -402,7 +393,6 @@ def test_models_and_metrics(scripted):
     assert ttft >= 1 and val["nemojax:time_per_output_token_seconds_count"] >= 1
     assert 0 < val["nemojax:time_to_first_token_seconds_sum"] < 10 * ttft
     assert "nemojax:expert_cache_hit_rate" not in text  # only when the experts are offloaded
-    assert serve_fakes.install_stand_ins() == []  # idempotent: installed once at import
 
 
 def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch, capsys):
@@ -435,10 +425,15 @@ def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch
     for argv, msg in ((["--mesh", "2,1,1"], "sharded serving is not supported"),
                       (["--mesh", "2,x"], "three positive integers"),
                       (["--max-model-len", "99999"], "exceeds the model's context of 1024"),
-                      (["--max-num-seqs", "0"], "--max-num-seqs 0"),
+                      (["--max-num-seqs", "0"], "--max-num-seqs: must be an integer in [1,"),
+                      (["--prefix-cache-gb", "-1"], "--prefix-cache-gb must be >= 0"),
                       (["--model", "/nonexistent/m"], "not a folder")):
         assert main(["serve", *argv]) == 2, argv
         assert msg in capsys.readouterr().err
+    monkeypatch.undo()  # the real engine refuses offloaded experts: a clear exit 2, not a silent resident run
+    monkeypatch.setattr(server_mod, "serve", lambda *a, **kw: pytest.fail("served an engine it should refuse"))
+    assert main(["serve", "--expert-cache", "2"]) == 2
+    assert "the serving engine refused the options: the engine runs resident experts" in capsys.readouterr().err
 
 
 def _metric_values(url: str) -> dict:
@@ -458,5 +453,4 @@ def test_cached_tokens_agree_with_the_prefix_cache_metrics(live, tok):
         after["nemojax:prefix_cache_hits_total"] - before["nemojax:prefix_cache_hits_total"]
     assert after["nemojax:prefix_cache_queries_total"] - before["nemojax:prefix_cache_queries_total"] == len(ids)
     assert after["nemojax:prompt_tokens_total"] - before["nemojax:prompt_tokens_total"] == len(ids)
-    if not isinstance(live.engine, ModelEngine):  # the real engine restores whole chunks of the repeated prompt
-        assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16  # whole engine chunks of the repeated prompt

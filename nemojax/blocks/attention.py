@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from ..config import Config
 from ..ops import linear
 from ..formats.kv import FP8, fp8_fake_quant, fp8_load, fp8_store
-from .base import BlockInput, BlockKind, Spec, register
+from .base import BlockInput, BlockKind, Spec, register, write_at
 
 __all__ = ["attention_mixer", "attend", "ATTENTION"]
 
@@ -40,8 +40,9 @@ def attention_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, kv=None, pos=
     """Self-attention over x [B, T, H] (block-normed).
 
     Without a cache: mask [B, T] (1 = token) or None; returns (out [B, T, H], {"k", "v"} [B, T, nkv, Dh]).
-    With a cache: kv = {"k", "v"} [B, S, nkv, Dh], the new keys/values are written at ``pos``; kv_mask [B, S]
-    marks real tokens (already including the new ones). Returns (out, updated kv).
+    With a cache: kv = {"k", "v"} [B, S, nkv, Dh], the new keys/values are written at ``pos`` ([]: the batch's
+    position, or [B]: each row's); query t of row b sees slot s iff s <= pos(b) + t and kv_mask[b, s]; kv_mask
+    [B, S] marks real tokens (already including the new ones). Returns (out, updated kv).
     """
     Bsz, T, _ = x.shape
     nq, nkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -63,11 +64,11 @@ def attention_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, kv=None, pos=
         k, v = fp8_store(k, p["k_scale"]), fp8_store(v, p["v_scale"])
     elif fp8:
         k, v = fp8_fake_quant(k, p["k_scale"]), fp8_fake_quant(v, p["v_scale"])
-    kc = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), pos, axis=1)
-    vc = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), pos, axis=1)
+    kc = write_at(kv["k"], k.astype(kv["k"].dtype), pos)
+    vc = write_at(kv["v"], v.astype(kv["v"].dtype), pos)
     S = kc.shape[1]
-    qpos = pos + jnp.arange(T)
-    allowed = (jnp.arange(S)[None, None, :] <= qpos[None, :, None]) & kv_mask.astype(bool)[:, None, :]
+    qpos = jnp.broadcast_to(jnp.reshape(pos, (-1, 1)) + jnp.arange(T), (Bsz, T))  # [B, T]
+    allowed = (jnp.arange(S)[None, None, :] <= qpos[:, :, None]) & kv_mask.astype(bool)[:, None, :]
     kr, vr = kc, vc
     if kc.dtype == FP8:
         kr, vr = fp8_load(kc, p["k_scale"], q.dtype), fp8_load(vc, p["v_scale"], q.dtype)
@@ -105,4 +106,4 @@ def _mixer(p: dict, cfg: Config, x: jax.Array, inp: BlockInput):
 ATTENTION = register(BlockKind(
     char="*", type_name="full_attention", params=_params, mixer=_mixer, init_state=_init_state,
     state_axes={"k": ("batch", None, "heads", None), "v": ("batch", None, "heads", None)},
-    linears=("q_proj", "k_proj", "v_proj", "o_proj"), optional=_optional))
+    linears=("q_proj", "k_proj", "v_proj", "o_proj"), optional=_optional, positional=("k", "v")))

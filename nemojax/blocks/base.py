@@ -16,8 +16,10 @@ A kind declares, in one place:
 * ``optional(cfg, prefix)``: parameters a model *may* add to the mixer later (FP8 KV-cache scales), same form;
 * ``mixer(p, cfg, x, inp)``: the mixer on the block-normed input ``x`` [B, T, H] with the :class:`BlockInput`
   ``inp``; returns ``(out [B, T, H], the layer's new cache state)``;
-* ``init_state(cfg, batch, max_len, dtype, kv_dtype)``: the layer's empty cache state (``{}``: stateless) and
-  ``state_axes``: the logical axes of each state array;
+* ``init_state(cfg, batch, max_len, dtype, kv_dtype)``: the layer's empty cache state (``{}``: stateless),
+  ``state_axes``: the logical axes of each state array, and ``positional``: the names of those indexed by cache
+  position along axis 1 (attention's K/V; the rest, e.g. Mamba's conv window and SSM state, is the state after
+  the last position);
 * ``linears``: the mixer-relative paths of its linear layers a quantization recipe may select.
 
 A new kind: its pattern character and config.json type name in ``nemojax.config.BLOCK_TYPES`` (with the config
@@ -31,12 +33,13 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
+import jax
 import numpy as np
 
 from ..config import BLOCK_TYPES, Config
 
 __all__ = ["Spec", "BlockKind", "BlockInput", "BLOCKS", "register", "fan_in", "Normal", "near_one", "no_state",
-           "no_params"]
+           "no_params", "write_at"]
 
 Init = Callable[[np.random.Generator, tuple], np.ndarray]  # (rng, shape) -> float64 values
 
@@ -89,9 +92,9 @@ class Spec:
 class BlockInput(NamedTuple):
     """What a mixer may read besides its parameters and normed input (each kind reads what it needs)."""
 
-    mask: Any = None  # [B, T]: 1 = token, 0 = left pad (None: all tokens)
+    mask: Any = None  # [B, T]: 1 = token, 0 = pad (left pads, or right pads with a per-row pos; None: all tokens)
     state: Any = None  # the layer's cache state (``nemojax.cache``), None for a cache-free forward
-    pos: Any = None  # [] int32: the cache's write position
+    pos: Any = None  # [] or [B] int32: the cache's write position (of the batch, or of each row)
     kv_mask: Any = None  # [B, S]: cache slots holding real tokens, the new ones included
     experts: Any = None  # how routed experts run (``nemojax.blocks.moe.RoutedExperts``; None: grouped)
     layer: int = 0  # the block's index
@@ -118,6 +121,7 @@ class BlockKind:
     init_state: Callable[..., dict] = no_state
     state_axes: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     linears: tuple[str, ...] = ()
+    positional: tuple[str, ...] = ()
     optional: Callable[[Config, str], dict] = no_params
 
 
@@ -134,3 +138,11 @@ def register(kind: BlockKind) -> BlockKind:
                          f"{BLOCK_TYPES}: add it there (the config validates layer patterns against it)")
     BLOCKS[kind.char] = kind
     return kind
+
+
+def write_at(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
+    """buf [B, S, ...] with new [B, T, ...] written at positions pos..pos+T-1 along axis 1: pos [] (every row at
+    the same position) or [B] (row b at pos[b]). The caller keeps pos + T <= S (a write past the end is clamped)."""
+    if pos.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=1)
+    return jax.vmap(lambda b, n, p: jax.lax.dynamic_update_slice_in_dim(b, n, p, axis=0))(buf, new, pos)

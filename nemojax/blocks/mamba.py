@@ -27,21 +27,30 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, w: jax.Array, n_groups: int, eps:
     return w.astype(dtype) * g.reshape(shp).astype(dtype)
 
 
-def causal_conv(xbc: jax.Array, window: jax.Array, w: jax.Array, bias) -> tuple[jax.Array, jax.Array]:
+def causal_conv(xbc: jax.Array, window: jax.Array, w: jax.Array, bias, mask=None) -> tuple[jax.Array, jax.Array]:
     """Depthwise causal conv + SiLU, in fp32.
 
-    xbc [B, T, C] (new inputs), window [B, K-1, C] (previous inputs, zeros at the start), w [C, K].
-    Returns (u [B, T, C] fp32, new window [B, K-1, C] = the last K-1 inputs).
+    xbc [B, T, C] (new inputs), window [B, K-1, C] (previous inputs, zeros at the start), w [C, K], mask [B, T]
+    (1 = real input) or None. Returns (u [B, T, C] fp32, new window [B, K-1, C]): the K-1 inputs up to each row's
+    last real one (the last K-1 inputs for left pads; for right pads those before the pads; a row without real
+    inputs keeps its window).
     """
     K = w.shape[1]
     T = xbc.shape[1]
-    xp = jnp.concatenate([window.astype(xbc.dtype), xbc], axis=1).astype(jnp.float32)  # [B, T+K-1, C]
+    cat = jnp.concatenate([window.astype(xbc.dtype), xbc], axis=1)  # [B, T+K-1, C]
+    xp = cat.astype(jnp.float32)
     wf = w.astype(jnp.float32)
     acc = sum(xp[:, j:j + T, :] * wf[:, j] for j in range(K))
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
-    new_window = jnp.concatenate([window.astype(xbc.dtype), xbc], axis=1)[:, T:, :] if K > 1 else window
-    return jax.nn.silu(acc), new_window
+    if K == 1:
+        new_window = window
+    elif mask is None:
+        new_window = cat[:, T:, :]
+    else:  # the window ends at each row's last real input: slice cat at (last real index + 1)
+        end = jnp.max(jnp.arange(1, T + 1) * mask.astype(jnp.int32), axis=1)  # [B]; 0 without real inputs
+        new_window = jax.vmap(lambda c, e: jax.lax.dynamic_slice_in_dim(c, e, K - 1, axis=0))(cat, end)
+    return jax.nn.silu(acc), new_window.astype(window.dtype)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk: int, init_state=None):
@@ -107,10 +116,10 @@ def ssd_step(state, x, dt, A, B, C):
 def mamba_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, state=None):
     """Mamba2 mixer over a sequence.
 
-    p: the layer's mixer params; x [B, T, H] (already block-normed); mask [B, T] (1 = token, 0 = pad) or None;
-    state: None or {"conv": window [B, K-1, C], "ssm": [B, nh, P, N] fp32} to continue from.
-    Returns (out [B, T, H], {"conv", "ssm"} final state). Pads are zeroed and get dt = 0, so they do not touch
-    the state.
+    p: the layer's mixer params; x [B, T, H] (already block-normed); mask [B, T] (1 = token, 0 = pad; pads on
+    the left or on the right) or None; state: None or {"conv": window [B, K-1, C], "ssm": [B, nh, P, N] fp32} to
+    continue from. Returns (out [B, T, H], {"conv", "ssm"} final state). Pads are zeroed and get dt = 0, so they
+    do not touch the SSM state (an identity step); the conv window ends at each row's last real token.
     """
     Bsz, T, _ = x.shape
     nh, P, G, N, K = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
@@ -125,7 +134,7 @@ def mamba_mixer(p: dict, cfg: Config, x: jax.Array, mask=None, state=None):
         ssm0 = None
     else:
         window, ssm0 = state["conv"], state["ssm"]
-    u, new_window = causal_conv(xbc, window, p["conv1d"], p.get("conv1d_bias"))
+    u, new_window = causal_conv(xbc, window, p["conv1d"], p.get("conv1d_bias"), mask)
     dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))  # [B, T, nh]
     if cfg.time_step_limit is not None:
         dt = jnp.clip(dt, *cfg.time_step_limit)

@@ -8,11 +8,12 @@ inspected and verified.
 - ``plan``: every parameter matched to its tensors (``PlanItem``), checked before anything is read;
 - ``read``: the one ``Reader`` of plan items, ``load_params``; ``sharded``: ``load_sharded``;
 - ``write``: checkpoint tensor names, the quantization configs, the shard writer, ``save_params``;
-- ``orbax``: nemojax's orbax format; ``output``: the atomic output folder and the side files;
+- ``orbax``: nemojax's orbax format; ``output``: the atomic output folder, disk-full errors and the side files;
+  ``partials``: owner markers of partial output folders, stale ones removed;
 - ``convert``: reader -> transform -> writer; ``inspect`` and ``verify``: ``nemojax inspect`` / ``verify``.
 """
-from .convert import (DEFAULT_MAX_SHARD_BYTES, TARGETS, ConvertError, convert_checkpoint, convert_to_orbax,
-                      dequantize_checkpoint)
+from .convert import (DEFAULT_MAX_SHARD_BYTES, TARGETS, ConvertError, DiskFullError, convert_checkpoint,
+                      convert_to_orbax, dequantize_checkpoint)
 from .inspect import inspect_checkpoint
 from .modelopt import QuantConfigError
 from .orbax import OrbaxError, is_orbax_checkpoint, load_orbax, save_orbax
@@ -25,6 +26,6 @@ from .write import checkpoint_tensors, save_params
 
 __all__ = ["CheckpointError", "Checkpoint", "load_params", "resolve_dtype", "save_params", "checkpoint_tensors",
            "load_sharded", "convert_checkpoint", "dequantize_checkpoint", "convert_to_orbax", "ConvertError",
-           "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "inspect_checkpoint", "verify_checkpoint", "save_orbax",
-           "load_orbax", "is_orbax_checkpoint", "OrbaxError", "QuantConfigError", "SafeFile", "SafetensorsError",
+           "DiskFullError", "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "inspect_checkpoint", "verify_checkpoint",
+           "save_orbax", "load_orbax", "is_orbax_checkpoint", "OrbaxError", "QuantConfigError", "SafeFile", "SafetensorsError",
            "save_file"]

@@ -6,7 +6,6 @@ interrupted run leaves nothing half-written."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import shutil
 
@@ -18,14 +17,14 @@ from ..config import Config
 from ..formats import FORMATS, is_quantized
 from ..params import Spec
 from .orbax import Scratch, tensor_bytes, write_tree
-from .output import ConvertError, atomic_output, check_apart, check_output, copy_side_files
+from .output import ConvertError, DiskFullError, atomic_output, check_apart, check_output, copy_side_files
 from .plan import nest, plan_format
 from .read import Reader, load_params, progress_bar
 from .source import Checkpoint
 from .write import ShardWriter, expert_spec, param_tensors, save_params, write_config
 
 __all__ = ["dequantize_checkpoint", "convert_checkpoint", "convert_to_orbax", "open_source", "ConvertError",
-           "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "SUPPORTED"]
+           "DiskFullError", "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "SUPPORTED"]
 
 TARGETS = (*qlib.RECIPES, "bf16", "orbax")  # every registered format's recipes (nemojax.quant.RECIPES)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
@@ -125,7 +124,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
     ``e_score_correction_bias`` HLWQ files lack), or "orbax" (the parameter pytree as an orbax checkpoint, see
     ``nemojax.checkpoint.orbax``; ``quant``: a recipe to quantize a BF16 source on the way, e.g. "nvfp4").
     ``exclude``: globs of modules the recipe keeps in high precision besides its own. Output goes to a temporary
-    folder beside ``dst``, renamed at the end: any error leaves nothing. Returns a summary dict.
+    folder beside ``dst``, renamed at the end: any error leaves nothing (a full disk: ``DiskFullError``), and
+    partial folders killed runs left beside ``dst`` are removed first. Returns a summary dict
+    (``removed_partials``: what was removed).
     """
     if quant is not None and to != "orbax":
         raise ConvertError(f"quant={quant!r} applies to --to orbax only (use --to {quant} for safetensors)")
@@ -135,17 +136,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         raise ConvertError(f"--to {to!r}: unknown target; supported: {', '.join(TARGETS)} ({SUPPORTED})")
     if to != "orbax" and max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ConvertError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
-    try:
-        if to == "orbax":
-            return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress,
-                                    exclude=exclude)
-        return _to_safetensors(src, dst, to, force, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, base, progress,
-                               exclude)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ConvertError(f"{os.path.abspath(os.fspath(dst))}: the disk is full (no space left on device while "
-                               f"writing); nothing was written (the partial output was removed)") from None
-        raise
+    if to == "orbax":
+        return convert_to_orbax(src, dst, quant=quant, force=force, base=base, progress=progress, exclude=exclude)
+    return _to_safetensors(src, dst, to, force, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, base, progress, exclude)
 
 
 def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, progress: bool,
@@ -153,7 +146,8 @@ def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, 
     reader, fmt, recipe = _target(src, dst, to, None, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     entries: dict = {}  # the quantized modules' config entries, by format
-    with atomic_output(dst, force, reader.ck.path) as tmp:
+    out = atomic_output(dst, force, reader.ck.path)
+    with out as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         label = os.path.basename(os.path.abspath(reader.ck.path))
         bar = progress_bar(len(reader.items), f"{label} -> {to}", progress)
@@ -178,7 +172,8 @@ def _to_safetensors(src, dst, to: str, force: bool, max_shard_bytes: int, base, 
         write_config(tmp, reader.cfg, entries, kv_fp8=False)
         copy_side_files(reader.ck.path, tmp)
     return {"source": reader.ck.path, "output": os.path.abspath(os.fspath(dst)), "from": fmt, "to": to,
-            "parameters": len(reader.items), "shards": len(files), "tensor_bytes": writer.total}
+            "parameters": len(reader.items), "shards": len(files), "tensor_bytes": writer.total,
+            "removed_partials": out.removed}
 
 
 def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None = None,
@@ -194,7 +189,8 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
     reader, fmt, recipe = _target(src, dst, "orbax", quant, base, exclude)
     quantize = _Quantize(reader.cfg, recipe)
     flat: dict = {}
-    with atomic_output(dst, force, reader.ck.path) as tmp:
+    out = atomic_output(dst, force, reader.ck.path)
+    with out as tmp:
         scratch = Scratch(os.path.join(tmp, ".scratch"))
         label = os.path.basename(os.path.abspath(reader.ck.path))
         bar = progress_bar(len(reader.items), f"{label} -> orbax", progress)
@@ -218,4 +214,4 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, quant: s
         nbytes = tensor_bytes(tmp)
     return {"source": reader.ck.path, "output": os.path.abspath(os.fspath(dst)), "from": fmt,
             "to": "orbax" + (f" ({recipe.name})" if recipe else ""), "parameters": len(reader.items), "shards": 1,
-            "tensor_bytes": nbytes}
+            "tensor_bytes": nbytes, "removed_partials": out.removed}

@@ -5,7 +5,8 @@ A folder holds ``config.json``, the side files (tokenizer, chat template), ``par
 dtype plus the static fields of each quantized node, so the abstract tree is rebuilt without reading arrays
 or relying on orbax's metadata API. A conversion streams (``nemojax.checkpoint.convert.convert_to_orbax``):
 every output leaf is filled one parameter (one expert) at a time into a memory-mapped :class:`Scratch` file, so
-peak memory stays about one parameter.
+peak memory stays about one parameter (each file's disk reserved before it is mapped: a full disk is a
+DiskFullError, never a SIGBUS).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..config import Config
 from ..formats import FORMATS, QuantError, is_quantized
 from ..formats.base import check_run_options
 from ..params import leaf_dtype, param_specs, tree_paths
-from .output import atomic_output, copy_side_files
+from .output import DiskFullError, atomic_output, copy_side_files, is_disk_full, preallocate
 from .plan import flat_params, nest
 
 __all__ = ["META", "is_orbax_checkpoint", "save_orbax", "load_orbax", "read_meta", "write_tree", "tensor_bytes",
@@ -95,7 +96,13 @@ def _save_tree(folder: str, tree: dict) -> None:
 
 
 def _write(folder: str, tree: dict, cfg: Config, meta: dict) -> None:
-    _save_tree(os.path.join(folder, "params"), tree)
+    try:
+        _save_tree(os.path.join(folder, "params"), tree)
+    except Exception as e:  # tensorstore: ValueError("RESOURCE_EXHAUSTED: ... No space left on device")
+        if is_disk_full(e):
+            need = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in meta["leaves"].values())
+            raise DiskFullError(os.path.join(folder, "params"), need=need, what="writing the orbax arrays") from e
+        raise
     with open(os.path.join(folder, META), "w") as f:
         json.dump({"format": "nemojax-orbax", "version": FORMAT_VERSION, **meta}, f, indent=1)
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -215,7 +222,7 @@ def tensor_bytes(folder: str | os.PathLike) -> int:
 
 
 class Scratch:
-    """Memory-mapped ``.npy`` files for the leaves of a tree being built (removed with the folder): a tree of
+    """Memory-mapped raw files for the leaves of a tree being built (removed with the folder): a tree of
     them is written by :func:`write_tree` with one parameter in memory at a time."""
 
     def __init__(self, folder: str):
@@ -224,9 +231,16 @@ class Scratch:
         self.n = 0
 
     def new(self, shape, dtype) -> np.ndarray:
+        """A zero-filled ``shape`` ``dtype`` array mapped from a new file whose disk space is reserved first."""
         self.n += 1
-        return np.lib.format.open_memmap(os.path.join(self.folder, f"{self.n}.npy"), mode="w+",
-                                         dtype=np.dtype(dtype), shape=tuple(shape))
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes == 0:
+            return np.zeros(shape, dtype)
+        path = os.path.join(self.folder, f"{self.n}.bin")
+        with open(path, "wb") as f:
+            preallocate(f, nbytes, path)
+        return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
     def bank(self, n: int, get):
         """A stacked leaf or node of ``n`` experts from ``get(e)`` (one expert's array or node) into memmaps."""

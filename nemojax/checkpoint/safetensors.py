@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from .output import check_size, write_array
+
 __all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header"]
 
 DTYPES = {
@@ -278,7 +280,9 @@ def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray
     for name, a in items:
         header[name], nb = tensor_entry(name, a, off, os.fspath(path))
         off += nb
+    head = encode_header(header, metadata)
     with open(path, "wb") as f:
-        f.write(encode_header(header, metadata))
+        f.write(head)
         for _, a in items:
-            np.ascontiguousarray(a).reshape(-1).tofile(f)
+            write_array(f, a, os.fspath(path))
+        check_size(f, len(head) + off, os.fspath(path))

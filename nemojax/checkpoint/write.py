@@ -16,18 +16,13 @@ from ..config import Config
 from ..formats import QuantFormat, is_quantized
 from ..params import Spec, param_specs, tree_paths
 from .modelopt import config_quantization, hf_quant_config, linear_modules
-from .output import ConvertError
+from .output import ConvertError, check_size, write_array
 from .plan import flat_params
 from .safetensors import SafetensorsError, encode_header, save_file, tensor_entry
 from .source import INDEX, hf5_name, naming_function
 
 __all__ = ["ShardWriter", "checkpoint_tensors", "param_tensors", "expert_spec", "quant_modules",
            "write_quant_configs", "write_config", "save_params"]
-
-
-def _write_array(f, a: np.ndarray) -> None:
-    """Append one array's bytes to an open file (module-level so tests can simulate a full disk)."""
-    np.ascontiguousarray(a).reshape(-1).tofile(f)
 
 
 class ShardWriter:
@@ -65,7 +60,7 @@ class ShardWriter:
             self._open()
         entry["data_offsets"] = [self._size, self._size + nb]
         self._header[name] = entry
-        _write_array(self._data, a)
+        write_array(self._data, a, self._data_path)
         self._size += nb
         self.total += nb
 
@@ -75,8 +70,10 @@ class ShardWriter:
         k = len(self.shards) + 1
         path = os.path.join(self.folder, f".shard-{k:05d}.safetensors")
         with open(path, "wb") as out, open(self._data_path, "rb") as src:
-            out.write(encode_header(self._header, {"format": "pt"}))
+            head = encode_header(self._header, {"format": "pt"})
+            out.write(head)
             shutil.copyfileobj(src, out, 16 << 20)
+            check_size(out, len(head) + self._size, path)
         os.remove(self._data_path)
         self.shards.append((path, list(self._header)))
 

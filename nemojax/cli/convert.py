@@ -5,15 +5,17 @@ import argparse
 import json
 import os
 import re
+import sys
 import textwrap
+from fractions import Fraction
 
-from ..checkpoint import TARGETS, CheckpointError, ConvertError, QuantConfigError, convert_checkpoint
-from ..config import ConfigError
-from ..formats import QuantError
+from ..checkpoint import TARGETS, convert_checkpoint
 from ..quant import RECIPES
 from .errors import UsageError, need_folders
 
-__all__ = ["add_parser", "cmd_convert"]
+__all__ = ["add_parser", "cmd_convert", "MAX_SHARD_BYTES"]
+
+MAX_SHARD_BYTES = 10**15  # 1 PB: far above any file system's file size a shard could need
 
 _CONVERT_EPILOG = """\
 supported conversions:
@@ -39,15 +41,16 @@ def _epilog() -> str:
 
 
 def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m:
+    """A byte count: a number and an optional unit (K, M, G, T: powers of 1000; KiB, MiB, ...: of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) in ("I", "IB"):
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
     unit = m.group(2).rstrip("B")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
             "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}[unit]
-    v = int(float(m.group(1)) * mult)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    v = int(Fraction(m.group(1)) * mult)  # exact: no float rounding or overflow
+    if not 0 < v <= MAX_SHARD_BYTES:
+        raise argparse.ArgumentTypeError(f"size must be in [1 byte, {MAX_SHARD_BYTES // 10**12} TB], got {text!r}")
     return v
 
 
@@ -78,9 +81,11 @@ def cmd_convert(a) -> int:
         res = convert_checkpoint(a.src, a.dst, a.to, force=a.force, max_shard_bytes=a.max_shard_bytes, base=a.base,
                                  progress=not a.no_progress, quant=a.quant, exclude=tuple(a.exclude))
     except FileExistsError as e:
-        raise UsageError(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from e
-    except (ConvertError, ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
-        raise UsageError(str(e)) from None
+        if e.filename is not None:  # a file error of the file system, not the existing OUT
+            raise
+        raise UsageError(f"{os.path.abspath(a.dst)}: already exists (use --force to overwrite)") from None
+    for line in res["removed_partials"]:
+        print(f"nemojax convert: {line}", file=sys.stderr)
     if a.json:
         print(json.dumps(res))
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import UsageError, need_folders
+from .errors import INT32_MAX, UsageError, int_in, need_folders
 from .generate import default_model_path
 
 __all__ = ["add_parser", "cmd_serve", "parse_mesh"]
@@ -30,18 +30,18 @@ def add_parser(sub) -> None:
                                    "(default: the bundled tiny model).")
     p.add_argument("--model", default=None, help="checkpoint folder; default: the bundled model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-num-seqs", type=int_in(1, INT32_MAX), default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-model-len", type=int_in(2, INT32_MAX), default=None,
                    help="prompt + output token limit per request (default: the engine's, at most the model's "
                         "context)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="attention KV cache dtype: auto (the weights' dtype, or FP8 with calibrated scales), fp8")
     p.add_argument("--prefix-cache-gb", type=float, default=1.0, help="host memory for the prefix cache (GB)")
-    p.add_argument("--chunk", type=int, default=64, help="prefill chunk in tokens (default 64)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
-    p.add_argument("--expert-cache", type=int, default=None, metavar="N",
+    p.add_argument("--chunk", type=int_in(1, INT32_MAX), default=64, help="prefill chunk in tokens (default 64)")
+    p.add_argument("--max-waiting", type=int_in(0, INT32_MAX), default=256, help="queued requests before answering 503")
+    p.add_argument("--expert-cache", type=int_in(1, INT32_MAX), default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
     p.add_argument("--mesh", default=None, metavar="D,E,T", help="device mesh (data, expert, tensor)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -53,17 +53,9 @@ def add_parser(sub) -> None:
 
 
 def _check(a) -> None:
-    """UsageError for values no engine can take, naming the option."""
-    for name in ("port", "max_num_seqs", "chunk", "max_waiting"):
-        v = getattr(a, name)
-        if v < (0 if name == "port" else 1) or (name == "port" and v > 65535):
-            raise UsageError(f"--{name.replace('_', '-')} {v}: out of range")
-    if a.max_model_len is not None and a.max_model_len < 2:
-        raise UsageError(f"--max-model-len must be >= 2, got {a.max_model_len}")
+    """UsageError for values no engine can take, naming the option (integer ranges are checked by argparse)."""
     if a.prefix_cache_gb < 0:
         raise UsageError(f"--prefix-cache-gb must be >= 0, got {a.prefix_cache_gb}")
-    if a.expert_cache is not None and a.expert_cache < 1:
-        raise UsageError(f"--expert-cache must be >= 1 (device slots per MoE layer), got {a.expert_cache}")
     if a.mesh is not None and parse_mesh(a.mesh) != (1, 1, 1):
         raise UsageError(f"--mesh {a.mesh}: the serving engine runs on one device; sharded serving is not "
                          f"supported yet (use --mesh 1,1,1 or leave it out)")
@@ -75,17 +67,13 @@ def cmd_serve(a) -> int:
     need_folders(folder)
 
     from .. import api
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
     from ..formats.kv import FP8
-    from ..tokenizer import Tokenizer, TokenizerError
+    from ..tokenizer import Tokenizer
 
-    try:  # an unusable checkpoint, tokenizer or --backend is the user's error
+    try:  # an unusable checkpoint or tokenizer is a named error that main reports as bad input
         tok, model = Tokenizer(folder), api.load(folder, dtype=a.dtype, backend=a.backend)
-    except (ConfigError, CheckpointError, TokenizerError) as e:
-        raise UsageError(str(e)) from None
     except ValueError as e:
-        if "backend=" not in str(e):  # not an unavailable --backend
+        if "backend=" not in str(e) or type(e) is not ValueError:  # not an unavailable --backend
             raise
         raise UsageError(str(e).replace("backend=", "--backend ")) from None
     ctx = model.config.max_position_embeddings

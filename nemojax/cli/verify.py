@@ -6,10 +6,8 @@ import json
 import os
 import sys
 
-from ..checkpoint import CheckpointError, QuantConfigError, verify_checkpoint
-from ..config import ConfigError
-from ..formats import QuantError
-from .errors import UsageError, need_folders
+from ..checkpoint import verify_checkpoint
+from .errors import describe, need_folders
 
 __all__ = ["add_parser", "cmd_verify"]
 
@@ -29,11 +27,12 @@ def cmd_verify(a) -> int:
     need_folders(a.dir, a.base)
     try:
         r = verify_checkpoint(a.dir, a.base)
-    except (ConfigError, CheckpointError, QuantConfigError, QuantError) as e:
-        if a.json:
-            print(json.dumps({"path": os.path.abspath(a.dir), "ok": False, "error": str(e)}))
-        raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001  (a failed forward is a failed check, exit 1)
+    except Exception as e:  # noqa: BLE001  (unusable input: exit 2 from main; a failed forward: a failed check)
+        code, msg = describe(e)
+        if code == 2:
+            if a.json:
+                print(json.dumps({"path": os.path.abspath(a.dir), "ok": False, "error": msg}))
+            raise
         r = {"path": os.path.abspath(a.dir), "ok": False, "error": f"{type(e).__name__}: {e}"}
     if a.json:
         print(json.dumps(r))

@@ -1,1 +1,5 @@
-"""``nemojax serve``: an OpenAI-compatible HTTP server (``server``, ``protocol``) over a continuous-batching engine."""
+"""Serving: the continuous-batching engine (``Engine``, ``Request``, ``Output``, ``QueueFull``), its host-side
+prefix cache, and the OpenAI-compatible HTTP server over them (``server``, ``protocol``; ``nemojax serve``)."""
+from .engine import Engine, Output, QueueFull, Request
+
+__all__ = ["Engine", "Output", "QueueFull", "Request"]

@@ -1,0 +1,108 @@
+"""The engine's compiled device steps over one batched cache of ``max_num_seqs`` rows (``pos`` [B]: each row at
+its own position), each with fixed shapes so that nothing recompiles once warmed up (``TRACE_COUNTS``).
+
+A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a prompt in one row,
+:func:`decode_step` samples one token for every row and feeds it back (inactive rows fully masked: their state
+is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
+:func:`restore_row` start a row empty or from a prefix checkpoint and :func:`extract_row` reads a row's state
+back for a checkpoint.
+"""
+from __future__ import annotations
+
+import collections
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ..cache import Cache
+from ..config import Config
+from ..model import forward
+from ..sampling import SamplingParams, sample_rows
+
+__all__ = ["TRACE_COUNTS", "take_row", "put_row", "prefill_chunk", "decode_once", "decode_step", "decode_steps",
+           "reset_row", "restore_row", "extract_row"]
+
+TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
+
+
+def take_row(cache: Cache, slot) -> Cache:
+    """Row ``slot`` (a traced int) of a cache, as a cache of batch 1."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), cache)
+
+
+def put_row(cache: Cache, row: Cache, slot) -> Cache:
+    """``cache`` with row ``slot`` replaced by ``row`` (a cache of batch 1)."""
+    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), slot, axis=0),
+                        cache, row)
+
+
+@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
+def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
+    """The next ``n`` (1..C) prompt tokens of row ``slot``: tokens [C] int32 (right-padded), written at the row's
+    position. Returns (cache, logits [B, V] float32 with row ``slot`` set to the logits after the last token)."""
+    TRACE_COUNTS["prefill_chunk"] += 1
+    mask = (jnp.arange(tokens.shape[0]) < n).astype(jnp.int32)[None]
+    out, row = forward(params, cfg, tokens[None], mask, take_row(cache, slot), logits_at=jnp.reshape(n - 1, (1,)))
+    return put_row(cache, row, slot), jax.lax.dynamic_update_slice_in_dim(logits, out[:, 0], slot, axis=0)
+
+
+def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """One token for each row: sampled from ``logits`` [B, V] with the row's key ``fold_in(keys[b], n_gen[b])``
+    (keys [B, 2] uint32, n_gen [B] int32) and setting (``sp`` fields [B]), then fed back where ``active`` [B].
+    Returns (tokens [B] int32, cache, next logits [B, V] float32)."""
+    tok = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, n_gen), sp)
+    out, cache = forward(params, cfg, tok[:, None], active.astype(jnp.int32)[:, None], cache, last_only=True)
+    return tok, cache, out[:, 0]
+
+
+@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
+def decode_step(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_once`, compiled."""
+    TRACE_COUNTS["decode_step"] += 1
+    return decode_once(params, cfg, cache, logits, active, keys, n_gen, sp)
+
+
+@partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
+def decode_steps(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
+    """``k`` :func:`decode_once` steps in one loop; row b takes part in its first ``left[b]`` of them (its tokens
+    left before max_tokens), then sits out. Returns (tokens [B, k] int32, -1 where the row sat out; cache, next
+    logits [B, V])."""
+    TRACE_COUNTS["decode_steps"] += 1
+
+    def body(i, c):
+        cache, logits, out = c
+        live = active & (i < left)
+        tok, cache, logits = decode_once(params, cfg, cache, logits, live, keys, n_gen + i, sp)
+        return cache, logits, out.at[:, i].set(jnp.where(live, tok, -1))
+
+    out0 = jnp.full((active.shape[0], k), -1, jnp.int32)
+    cache, logits, out = jax.lax.fori_loop(0, k, body, (cache, logits, out0))
+    return out, cache, logits
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def reset_row(cache: Cache, slot) -> Cache:
+    """Row ``slot`` emptied: zero state, nothing written, position 0."""
+    TRACE_COUNTS["reset_row"] += 1
+    return put_row(cache, jax.tree.map(jnp.zeros_like, take_row(cache, slot)), slot)
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def restore_row(cache: Cache, slot, layers: tuple, n) -> Cache:
+    """Row ``slot`` set to a checkpoint of its first ``n`` positions: ``layers`` the row's state (batch 1,
+    positional arrays over all S positions, real up to n), mask 1 on [0, n), position n."""
+    TRACE_COUNTS["restore_row"] += 1
+    S = cache.mask.shape[1]
+    row = Cache(layers=layers, mask=(jnp.arange(S) < n).astype(jnp.int32)[None], pos=jnp.reshape(n, (1,)))
+    return put_row(cache, row, slot)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def extract_row(cache: Cache, positional: tuple, size: int, slot, start) -> tuple:
+    """Row ``slot``'s layer states (batch 1) with each positional array (``positional[i]``: the names of layer i)
+    cut to positions [start, start + size)."""
+    TRACE_COUNTS["extract_row"] += 1
+    row = take_row(cache, slot)
+    return tuple({k: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) if k in names else a
+                  for k, a in st.items()} for st, names in zip(row.layers, positional))
