@@ -273,6 +273,20 @@ def test_client_disconnect_cancels_the_engine_request(scripted):
         SCRIPTS["PLAIN"]
 
 
+def test_a_client_gone_before_a_non_streamed_answer_cancels_too(scripted):
+    eng = scripted.engine
+    before = len(eng.cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(scripted.url + "/v1/completions", timeout=0.7,
+                   json={"model": NAME, "prompt": "SLOW", "max_tokens": 200})
+    for _ in range(100):
+        if len(eng.cancelled) > before and eng.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    (rid,) = eng.cancelled[before:]
+    assert rid.startswith("cmpl-") and eng.stats()["running"] == 0
+
+
 def _error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     body = r.json()

@@ -44,6 +44,7 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
 # Without tools (none given, or tool_choice "none") tool calls are not parsed, as in vLLM: the parser keeps calls to
 # names its tool list does not define as text, and this list defines no name a model can write.
 NO_TOOLS = [{"type": "function", "function": {"name": "\x00"}}]
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 class APIError(Exception):
@@ -85,6 +86,7 @@ class Generation:
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = 0
         self.done = False
+        self.polled = self.arrived  # when the client's connection was last checked
 
     def submit(self) -> None:
         """Hand the request to the engine (APIError 503 when its queue is full, 400 for a request it refuses)."""
@@ -110,15 +112,21 @@ class Generation:
             self.server.engine.cancel(self.request_id)
 
     async def _next(self, http: HTTPRequest | None):
-        """The next engine Output; with ``http`` (non-streamed answers), aborts when the client went away."""
-        if http is None:
+        """The next engine Output; with ``http`` (non-streamed answers), aborts when the client went away (checked
+        at least every ``DISCONNECT_POLL_S``, also while outputs keep coming)."""
+        if http is not None and time.perf_counter() - self.polled > DISCONNECT_POLL_S:
+            self.polled = time.perf_counter()
+            if await http.is_disconnected():
+                raise APIError(499, "the client disconnected")
+        if http is None or not self.queue.empty():
             return await self.queue.get()
         getter = asyncio.ensure_future(self.queue.get())
         try:
             while True:
-                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return getter.result()
+                self.polled = time.perf_counter()
                 if await http.is_disconnected():
                     raise APIError(499, "the client disconnected")
         finally:
