@@ -389,6 +389,7 @@ def test_sampling_defaults_come_from_generation_config():
 
 
 def test_models_and_metrics(scripted):
+    assert httpx.get(scripted.url + "/version").json() == {"version": nemojax.__version__}
     models = scripted.client().models.list().data
     assert [(m.id, m.object) for m in models] == [(NAME, "model")] and models[0].max_model_len == SCTX
     scripted.client().completions.create(model=NAME, prompt="PLAIN", max_tokens=50)

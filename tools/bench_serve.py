@@ -234,7 +234,7 @@ def random_text(tok, rng: random.Random, n: int) -> str:
 
 
 def markdown(levels: list[dict], turns: list[dict], notes: list[str]) -> str:
-    ms = lambda x: "n/a" if x != x else f"{x * 1e3:.0f}"  # noqa: E731
+    ms = lambda x: "n/a" if x != x else (f"{x * 1e3:.1f}" if x < 0.01 else f"{x * 1e3:.0f}")  # noqa: E731
     lines = ["| server | concurrency | requests | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
              "TPOT p99 (ms) | prefix hit rate |", "|---|---|---|---|---|---|---|---|---|"]
     for r in levels:

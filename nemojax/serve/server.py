@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server (FastAPI): ``build_app(engine, tokenizer, ...)`` and ``serve(...)`` (uvicorn).
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
+Endpoints: ``GET /health``, ``GET /version``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
 streamed as server-sent events when ``stream`` is true), ``GET /metrics`` (Prometheus). Requests run on a
 ``nemojax.serve.engine.Engine``; chat output is split into reasoning, content and tool calls by
 ``nemojax.chat.OutputParser``. Every failure answers an OpenAI error object (``{"object": "error", "error":
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import OutputParser
+from ..version import __version__
 from .engine import QueueFull, Request
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
@@ -432,6 +433,10 @@ def build_app(engine, tokenizer, *, served_model_name: str, max_model_len: int, 
     @app.get("/health")
     async def health():
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/v1/models")
     async def models():
