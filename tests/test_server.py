@@ -469,3 +469,41 @@ def test_cached_tokens_agree_with_the_prefix_cache_metrics(live, tok):
     assert after["nemojax:prefix_cache_queries_total"] - before["nemojax:prefix_cache_queries_total"] == len(ids)
     assert after["nemojax:prompt_tokens_total"] - before["nemojax:prompt_tokens_total"] == len(ids)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16  # whole engine chunks of the repeated prompt
+
+
+def test_nemojax_serve_command_end_to_end():
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "nemojax", "serve", "--port", str(port), "--max-num-seqs", "2",
+                             "--max-model-len", "256", "--chunk", "32", "--dtype", "float32", "--api-key", "k",
+                             "--log-level", "warning"], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        (m,) = c.models.list().data
+        assert m.id == "default_model" and m.max_model_len == 256
+        r = c.chat.completions.create(model=m.id, messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                      max_tokens=24, temperature=0)
+        assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
+        # a service manager's stop: uvicorn shuts down, then ends with the signal's own status (as under vLLM)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -467,6 +467,6 @@ def serve(engine, tokenizer, *, served_model_name: str, max_model_len: int, api_
                     api_key=api_key)
     engine.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         engine.stop()
