@@ -1,7 +1,7 @@
 """The ``nemojax`` command line: ``generate`` (streams text; prefill and decode speed on stderr), ``convert``,
-``inspect`` and ``verify``, one module each (named in ``SUBCOMMANDS``; each has ``add_parser(sub)`` and a
-command function that returns an exit code). Every error of every command goes through :func:`main`'s one
-handler, so a command never prints a traceback.
+``inspect``, ``verify`` and ``serve`` (the OpenAI-compatible server), one module each (named in ``SUBCOMMANDS``;
+each has ``add_parser(sub)`` and a command function that returns an exit code). Every error of every command goes
+through :func:`main`'s one handler, so a command never prints a traceback.
 
 Exit codes: 0 success; 2 bad arguments or unusable input (one line ``nemojax COMMAND: error: ...`` naming the
 argument or file); 1 an internal failure (one line ``nemojax COMMAND: internal error: TYPE: message``; with
@@ -26,7 +26,7 @@ from .process import GuardedStream, Interrupts, OutputError, silence_stdout
 __all__ = ["main", "build_parser", "default_model_path", "UsageError", "SUBCOMMANDS"]
 
 # the modules of nemojax.cli that are subcommands (imported when the parser is built, after Ctrl-C is handled)
-SUBCOMMANDS = ("generate", "convert", "inspect", "verify")
+SUBCOMMANDS = ("generate", "convert", "inspect", "verify", "serve")
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
