@@ -336,11 +336,13 @@ class OutputParser:
     """Decoded-text pieces -> ``Delta`` s. Text that may still become a tag is held back until it cannot.
 
     tools: OpenAI-style tool list (argument schemas; when non-empty, calls to other names stay text).
-    thinking: the prompt ended inside an open ``<think>`` block (``enable_thinking=True``)."""
+    thinking: the prompt ended inside an open ``<think>`` block (``enable_thinking=True``).
+    tool_calls: False when the request offers no tools (``tool_choice`` none, as vLLM): call blocks stay text."""
 
-    def __init__(self, tools: list[dict] | None = None, thinking: bool = True):
+    def __init__(self, tools: list[dict] | None = None, thinking: bool = True, tool_calls: bool = True):
         self.schemas = _tool_schemas(tools)
         self.check_names = bool(tools)
+        self.tool_calls = tool_calls
         self.in_reasoning = bool(thinking)
         self.reasoning_opened = bool(thinking)   # the output had a reasoning part (maybe empty)
         self._at_start = True                    # only whitespace so far: a "<think>" opens reasoning
@@ -424,7 +426,7 @@ class OutputParser:
                 buf = buf[len(m.group()):]
                 continue
             n, name, args = call
-            if self.check_names and name not in self.schemas:
+            if not self.tool_calls or (self.check_names and name not in self.schemas):
                 self._emit(out, buf[:n])
             else:
                 props = self.schemas.get(name, {})
@@ -435,10 +437,10 @@ class OutputParser:
         self._buf = buf
 
 
-def parse(text: str, tools: list | None = None, thinking: bool = True) -> Message:
-    """The whole output at once: ``OutputParser(tools, thinking)`` fed text, then finished. Like vLLM's
-    reasoning parsers, reasoning is "" for an empty reasoning part and None when the output had none."""
-    p = OutputParser(tools, thinking)
+def parse(text: str, tools: list | None = None, thinking: bool = True, tool_calls: bool = True) -> Message:
+    """The whole output at once: ``OutputParser(tools, thinking, tool_calls)`` fed text, then finished. Like
+    vLLM's reasoning parsers, reasoning is "" for an empty reasoning part and None when the output had none."""
+    p = OutputParser(tools, thinking, tool_calls)
     a, b = p.feed(text), p.finish()
     reasoning = a.reasoning + b.reasoning
     return Message(reasoning=reasoning if p.reasoning_opened else None, content=(a.content + b.content) or None,

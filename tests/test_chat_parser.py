@@ -4,6 +4,7 @@ streamed as whole."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -283,3 +284,24 @@ def test_tools_as_pydantic_models_and_bad_tools():
         OutputParser([WEATHER, {"type": "function", "function": {"description": "no name"}}])
     with pytest.raises(ValueError, match=r"tools\[0\]"):
         OutputParser(["get_weather"])
+
+
+def test_no_tool_parsing_keeps_calls_as_text():
+    """tool_calls=False (a request without tools): a well-formed call stays text where it stands, in any split."""
+    text = ("<think>\nplan\n</think>\nbefore <tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+            "</parameter>\n</function>\n</tool_call> after")
+    rng = random.Random()
+    for _ in range(20):
+        p = OutputParser(thinking=False, tool_calls=False)
+        parts, i = [], 0
+        while i < len(text):
+            j = i + rng.randint(1, 7)
+            parts.append(p.feed(text[i:j]))
+            i = j
+        parts.append(p.finish())
+        assert "".join(d.reasoning for d in parts) == "plan"
+        assert "".join(d.content for d in parts) == text[text.index("before"):]
+        assert not any(d.tool_calls for d in parts)
+    m = parse(text, thinking=False, tool_calls=False)
+    assert m.tool_calls == [] and m.content == text[text.index("before"):] and m.reasoning == "plan"
+    assert parse(text, thinking=False).tool_calls[0].name == "get_weather"

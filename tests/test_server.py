@@ -22,7 +22,7 @@ from nemojax.tokenizer import Tokenizer
 
 from nemojax import chat
 from nemojax.serve.engine import Engine
-from nemojax.serve.server import NO_TOOLS, build_app
+from nemojax.serve.server import build_app
 
 from .conftest import tiny_config
 from .serve_fakes import ScriptedEngine
@@ -135,7 +135,7 @@ def test_chat_against_direct_generation_streamed_and_not(live, model, tok):
     prompt = tok.apply_chat_template(msgs)
     ids = tok.encode(prompt)
     want_ids, stopped = _reference(model, tok, ids, 8)
-    want = chat.parse(tok.decode(want_ids), tools=NO_TOOLS, thinking=True)  # no tools: no call parsing
+    want = chat.parse(tok.decode(want_ids), thinking=True, tool_calls=False)  # no tools: no call parsing
     msg = res.choices[0].message
     assert (msg.content, msg.reasoning_content) == (want.content, want.reasoning)
     assert res.choices[0].finish_reason == ("stop" if stopped else "length")

@@ -36,15 +36,12 @@ from .protocol import (
 )
 from .textstream import Detokenizer, StopMatcher
 
-__all__ = ["build_app", "serve", "APIError", "NO_TOOLS"]
+__all__ = ["build_app", "serve", "APIError"]
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
-# Without tools (none given, or tool_choice "none") tool calls are not parsed, as in vLLM: the parser keeps calls to
-# names its tool list does not define as text, and this list defines no name a model can write.
-NO_TOOLS = [{"type": "function", "function": {"name": "\x00"}}]
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
@@ -258,7 +255,8 @@ class _Server:
         ids, tools, thinking = self.chat_prompt(body)
         rid = new_id("chatcmpl-")
         try:
-            parser = OutputParser(tools=tools or NO_TOOLS, thinking=thinking)
+            # without tools (none given, or tool_choice "none") call blocks stay text, as in vLLM
+            parser = OutputParser(tools=tools, thinking=thinking, tool_calls=bool(tools))
         except ValueError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
         gen = self.generation(body, rid, ids, False)  # the parser reads <think> / <tool_call> tags
