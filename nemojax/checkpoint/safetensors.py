@@ -18,7 +18,7 @@ import numpy as np
 
 from .output import check_size, write_array
 
-__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header"]
+__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header", "array_shape_ok"]
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -101,8 +101,16 @@ class SafeFile:
         """A read-only memory-mapped view of the tensor (no copy)."""
         dt, shape, b = self.dtype(name), self.shape(name), self._entry(name)[2]
         if math.prod(shape) == 0:
+            if not array_shape_ok(shape, dt.itemsize):
+                raise SafetensorsError(f"{self.path}: tensor {name!r} is empty but its shape {list(shape)} has "
+                                       f"dimensions no NumPy array can have")
             return np.zeros(shape, dt)
         return np.memmap(self.path, dtype=dt, mode="r", offset=self._base + b, shape=shape)
+
+
+def array_shape_ok(shape, itemsize: int) -> bool:
+    """Whether NumPy can make an array of ``shape`` (its sizes are signed 64-bit, zero dimensions included)."""
+    return math.prod(d for d in shape if d) * itemsize < 2 ** 63
 
 
 class _Obj(list):
