@@ -15,7 +15,9 @@ predicted misses are put to the device right away (``device_put`` is asynchronou
 layers in between) and used when the real routing confirms them. Predictor precision and recall are counted.
 
 Generation: ``nemojax.generate.generate(params, cfg, ..., experts=strategy)`` runs the strategy's prefill and its
-host decode loop (one forward per token) in the same streaming loop as the resident model.
+host decode loop (one forward per token) in the same streaming loop as the resident model. Serving:
+``nemojax.serve.Engine`` runs :meth:`OffloadedExperts.forward` in its steps (only the real tokens of its
+right-padded chunks and running rows route through the cache).
 """
 from __future__ import annotations
 
@@ -153,12 +155,14 @@ class OffloadedExperts(RoutedExperts):
     :class:`_Layer` (host store, device slots, slot table) per MoE layer, whose banks are not in the params.
 
     ``stats`` (:class:`OffloadStats`) accumulates over every forward (``reset_stats`` starts anew); ``trace``: None
-    or a list that receives ``(layer, expert ids [B*T][k])`` per MoE block of each forward (routing traces)."""
+    or a list that receives ``(layer, expert ids [B*T][k])`` per MoE block of each forward (routing traces; under
+    :meth:`forward` with a mask, the rows of the real tokens only)."""
 
     host_driven = True
 
-    def __init__(self, layers: dict, n_slots: int, policy: str, prefetch: bool = True):
+    def __init__(self, layers: dict, n_slots: int, policy: str, prefetch: bool = True, device=None):
         self.layers = layers
+        self.device = device or jax.devices()[0]  # where the slots live
         self.n_slots = n_slots
         self.policy = policy
         self.prefetch = prefetch
@@ -269,7 +273,7 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
             layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
         new_layers.append(lp)
-    return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch)
+    return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch, device)
 
 
 @jax.jit

@@ -134,10 +134,13 @@ class Engine:
 
     def _fresh_state(self) -> None:
         """An empty batched cache (a chunk written at any prompt position < max_model_len stays inside a row) and
-        next-token logits [max_num_seqs, V]."""
+        next-token logits [max_num_seqs, V]; with host-driven experts both committed to the experts' device (as
+        every step's results are, so that the warm-up compiles what later steps run)."""
         self.cache = init_cache(self.cfg, self.max_num_seqs, self.max_model_len + self.chunk,
                                 compute_dtype(self.model.params), self.kv_dtype, per_row=True)
         self.logits = jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), jnp.float32)
+        if self._run is not None:
+            self.cache, self.logits = jax.device_put((self.cache, self.logits), self.model.experts.device)
 
     # ------------------------------------------------------------------------------------------ the public side
     def start(self) -> None:
@@ -233,8 +236,10 @@ class Engine:
         """Run every step once with the shapes of real use (slot 0, then emptied): all compilations happen here."""
         s0 = np.int32(0)
         self._prefill_call(s0, np.zeros(self.chunk, np.int32), np.int32(1))
+        active = np.zeros(self.max_num_seqs, bool)
+        active[0] = self._run is not None  # host-driven experts: a real token, so that its expert pass compiles too
         for k in sorted({1, self.decode_steps}):
-            self._decode_call(np.zeros(self.max_num_seqs, bool), [None] * self.max_num_seqs, k)
+            self._decode_call(active, [None] * self.max_num_seqs, k)
         if self.prefix is not None:
             self._checkpoint_row(0, 0)
             self.cache = steps.restore_row(self.cache, s0, self._row_state([]), np.int32(0))
