@@ -1,7 +1,8 @@
 """The engine over a model whose routed experts are offloaded (``Model.offload``: 3 device slots of 8 experts per MoE
 layer): concurrent greedy requests give the tokens of ``generate`` on the resident model, only real tokens route
-through the expert cache (not the chunk padding, not idle rows), ``stats`` reports the cache, and prefix-cache hits
-are exact."""
+through the expert cache (not the chunk padding, not idle rows), ``stats`` reports the cache, prefix-cache hits
+are exact, a sampled request equals ``generate`` with its seed; a host-driven strategy without ``forward`` is
+refused."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import nemojax
+from nemojax.blocks.moe import RoutedExperts
 from nemojax.generate import generate
 from nemojax.model import forward_jit
 from nemojax.params import init_params
@@ -86,3 +88,18 @@ def test_prefix_cache_hits_are_exact(model, engine):
     np.testing.assert_allclose(hot["h"][2][0].logits, cold[2][0].logits, atol=1e-5, rtol=0)
     assert hot["t"][0] == generate(model.params, model.config, [turn2], 6)[0].tolist()
     assert 0 < engine.stats()["expert_cache_hit_rate"] <= 1
+
+
+def test_sampled_request_equals_generate_with_its_seed(model, engine):
+    p = prompts(np.random.default_rng(9), [11])[0]
+    got = run(engine, [Request("s", p, 8, temperature=1.0, top_k=20, seed=11)])["s"][0]
+    ref = generate(model.params, model.config, [p], 8, temperature=1.0, top_k=20, seed=11)[0]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_a_host_driven_strategy_without_forward_is_refused(model):
+    class Remote(RoutedExperts):
+        host_driven = True
+
+    with pytest.raises(ValueError, match="model.experts.*forward"):
+        Engine(nemojax.Model(model.config, model.params, Remote()), max_num_seqs=1, max_model_len=32, chunk=8)
