@@ -15,7 +15,9 @@ predicted misses are put to the device right away (``device_put`` is asynchronou
 layers in between) and used when the real routing confirms them. Predictor precision and recall are counted.
 
 Generation: ``nemojax.generate.generate(params, cfg, ..., experts=strategy)`` runs the strategy's prefill and its
-host decode loop (one forward per token) in the same streaming loop as the resident model.
+host decode loop (one forward per token) in the same streaming loop as the resident model. Serving:
+``nemojax.serve.Engine`` runs :meth:`OffloadedExperts.forward` in its steps (only the real tokens of its
+right-padded chunks and running rows route through the cache).
 """
 from __future__ import annotations
 
@@ -153,17 +155,20 @@ class OffloadedExperts(RoutedExperts):
     :class:`_Layer` (host store, device slots, slot table) per MoE layer, whose banks are not in the params.
 
     ``stats`` (:class:`OffloadStats`) accumulates over every forward (``reset_stats`` starts anew); ``trace``: None
-    or a list that receives ``(layer, expert ids [B*T][k])`` per MoE block of each forward (routing traces)."""
+    or a list that receives ``(layer, expert ids [B*T][k])`` per MoE block of each forward (routing traces; under
+    :meth:`forward` with a mask, the rows of the real tokens only)."""
 
     host_driven = True
 
-    def __init__(self, layers: dict, n_slots: int, policy: str, prefetch: bool = True):
+    def __init__(self, layers: dict, n_slots: int, policy: str, prefetch: bool = True, device=None):
         self.layers = layers
+        self.device = device or jax.devices()[0]  # where the slots live
         self.n_slots = n_slots
         self.policy = policy
         self.prefetch = prefetch
         self.stats = OffloadStats()
         self.trace: list | None = None
+        self._live: np.ndarray | None = None  # [B*T] bool during :meth:`forward`: the tokens that need experts
 
     def reset_stats(self) -> OffloadStats:
         """Start new counters; returns the previous ones."""
@@ -177,9 +182,14 @@ class OffloadedExperts(RoutedExperts):
         except jax.errors.TracerArrayConversionError:
             raise TypeError("offloaded experts decide on the host: run model.forward eagerly, not under jit") from None
         lay, stats = self.layers[layer], self.stats
-        needed = list(dict.fromkeys(int(e) for e in ids.reshape(-1)))
+        live = self._live if self._live is not None and self._live.shape[0] == ids.shape[0] else None
+        used = ids if live is None else ids[live]
+        needed = list(dict.fromkeys(int(e) for e in used.reshape(-1)))
         if self.trace is not None:
-            self.trace.append((layer, ids.tolist()))
+            self.trace.append((layer, used.tolist()))
+        if not needed:  # every token masked
+            lay.drop_stale_prefetch(stats)
+            return jnp.zeros((ids.shape[0], x.shape[-1]), jnp.float32)
         if lay.pending or self.prefetch:
             stats.pred_correct += sum(1 for e in needed if e in lay.pending)
             stats.needed_total += len(needed)
@@ -190,7 +200,8 @@ class OffloadedExperts(RoutedExperts):
             lay.load(part, stats)
             in_part = np.zeros(lay.E, bool)
             in_part[part] = True
-            slot_idx = np.where(in_part[ids], lay.table.slot_of[ids], lay.N).astype(np.int32)
+            take = in_part[ids] if live is None else in_part[ids] & live[:, None]
+            slot_idx = np.where(take, lay.table.slot_of[ids], lay.N).astype(np.int32)
             y = _experts_pass(x, weights, jnp.asarray(slot_idx), lay.slots)
             routed = y if routed is None else routed + y
         lay.drop_stale_prefetch(stats)
@@ -205,9 +216,21 @@ class OffloadedExperts(RoutedExperts):
         if not self.prefetch or not nxt:
             return
         _, _, idx = STEPWISE.moe_input(params["layers"][nxt[0]], cfg, h)
-        pred = list(dict.fromkeys(int(e) for e in np.asarray(idx).reshape(-1)))
+        idx = np.asarray(idx)
+        if self._live is not None and self._live.shape[0] == idx.shape[0]:
+            idx = idx[self._live]
+        pred = list(dict.fromkeys(int(e) for e in idx.reshape(-1)))
         self.stats.pred_total += len(pred)
         self.layers[nxt[0]].prefetch(pred, self.stats)
+
+    def forward(self, params, cfg: Config, tokens, attention_mask=None, cache=None, **kw):
+        """``nemojax.model.forward(..., experts=self)`` where the tokens with ``attention_mask`` [B, T] 0 (pads,
+        idle rows) load no expert and get a zero routed sum (their outputs are never used)."""
+        self._live = None if attention_mask is None else np.asarray(attention_mask).reshape(-1) > 0
+        try:
+            return forward(params, cfg, tokens, attention_mask, cache, experts=self, **kw)
+        finally:
+            self._live = None
 
     # the generation steps (``nemojax.generate.generate_stream`` runs them in its loop)
     def prefill(self, params, cfg: Config, tokens, mask, cache):
@@ -250,7 +273,7 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
             layers[i] = _Layer(ex["up_proj"], ex["down_proj"], int(n_slots), policy, device, shared)
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
         new_layers.append(lp)
-    return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch)
+    return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch, device)
 
 
 @jax.jit

@@ -2,6 +2,9 @@
 thread that admits waiting requests into free slots between decode steps, prefills prompts one chunk of
 ``chunk`` tokens per loop iteration (so the running rows keep decoding) and decodes every running row in one
 compiled step ``[max_num_seqs, 1]`` (``decode_steps`` of them in one call while no request waits or prefills).
+A model whose routed experts are offloaded (``Model.offload``: a host-driven strategy) runs the same loop with
+the same steps called eagerly (``steps.host_pieces``), one decode step per call; ``stats`` then reports its expert
+cache.
 Each row samples with its own setting and key (``fold_in(PRNGKey(seed),
 n_generated)``), so a request's tokens do not depend on its neighbours.
 
@@ -88,8 +91,13 @@ class Engine:
     def __init__(self, model, *, max_num_seqs: int = 8, max_model_len: int | None = None, chunk: int = 64,
                  prefix_cache_bytes: int = 1 << 30, kv_dtype=None, max_waiting: int = 256, decode_steps: int = 4):
         cfg = model.config
-        if model.experts is not None and model.experts.host_driven:
-            raise ValueError("the engine runs resident experts: serve the model without offload()")
+        experts = model.experts
+        self._run = None  # the pieces of the eager steps with a host-driven experts strategy
+        if experts is not None and experts.host_driven:
+            if not callable(getattr(experts, "forward", None)):
+                raise ValueError(f"model.experts ({type(experts).__name__}) is host-driven without a forward(): "
+                                 f"the engine runs nemojax.experts.offload.OffloadedExperts")
+            self._run = steps.host_pieces(experts)
         if max_model_len is None:
             max_model_len = min(cfg.max_position_embeddings, 8192)
         for name, v, lo in (("max_num_seqs", max_num_seqs, 1), ("max_model_len", max_model_len, 2),
@@ -103,6 +111,9 @@ class Engine:
         self.model, self.cfg = model, cfg
         self.max_num_seqs, self.max_model_len, self.chunk, self.max_waiting = (max_num_seqs, max_model_len, chunk,
                                                                                 max_waiting)
+        if self._run is not None and decode_steps > 1:  # the compiled multi-step loop needs resident experts
+            log.info("offloaded experts: one decode step per call (decode_steps=%d ignored)", decode_steps)
+            decode_steps = 1
         self.decode_steps = decode_steps
         params = model.params
         if kv_dtype is None and any("k_scale" in params["layers"][i]["mixer"] for i in cfg.layer_indices("*")):
@@ -123,10 +134,13 @@ class Engine:
 
     def _fresh_state(self) -> None:
         """An empty batched cache (a chunk written at any prompt position < max_model_len stays inside a row) and
-        next-token logits [max_num_seqs, V]."""
+        next-token logits [max_num_seqs, V]; with host-driven experts both committed to the experts' device (as
+        every step's results are, so that the warm-up compiles what later steps run)."""
         self.cache = init_cache(self.cfg, self.max_num_seqs, self.max_model_len + self.chunk,
                                 compute_dtype(self.model.params), self.kv_dtype, per_row=True)
         self.logits = jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), jnp.float32)
+        if self._run is not None:
+            self.cache, self.logits = jax.device_put((self.cache, self.logits), self.model.experts.device)
 
     # ------------------------------------------------------------------------------------------ the public side
     def start(self) -> None:
@@ -168,13 +182,22 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters: running, waiting, prompt_tokens_total, generation_tokens_total, prefix_cache_queries_total,
-        prefix_cache_hits_total (tokens), prefix_cache_entries, prefix_cache_bytes."""
+        prefix_cache_hits_total (tokens), prefix_cache_entries, prefix_cache_bytes; with offloaded experts also
+        (counted since ``start``) expert_cache_hit_rate, expert_cache_hits_total, expert_cache_misses_total,
+        expert_cache_bytes_moved_total, expert_cache_bytes_per_token (per generated token) and
+        expert_cache_wait_seconds_total (blocked on transfers)."""
         with self._cv:
             pc = self.prefix.stats() if self.prefix is not None else {}
-            return {"running": sum(s is not None for s in self._slots), "waiting": len(self._waiting),
-                    "prompt_tokens_total": self._counts["prompt"], "generation_tokens_total": self._counts["gen"],
-                    "prefix_cache_queries_total": pc.get("queries", 0), "prefix_cache_hits_total": pc.get("hits", 0),
-                    "prefix_cache_entries": pc.get("entries", 0), "prefix_cache_bytes": pc.get("bytes", 0)}
+            out = {"running": sum(s is not None for s in self._slots), "waiting": len(self._waiting),
+                   "prompt_tokens_total": self._counts["prompt"], "generation_tokens_total": self._counts["gen"],
+                   "prefix_cache_queries_total": pc.get("queries", 0), "prefix_cache_hits_total": pc.get("hits", 0),
+                   "prefix_cache_entries": pc.get("entries", 0), "prefix_cache_bytes": pc.get("bytes", 0)}
+        if self._run is not None:
+            ex = self.model.experts.stats.summary()
+            out.update(expert_cache_hit_rate=ex["hit_rate"], expert_cache_hits_total=ex["hits"],
+                       expert_cache_misses_total=ex["misses"], expert_cache_bytes_moved_total=ex["bytes_moved"],
+                       expert_cache_bytes_per_token=ex["bytes_per_token"], expert_cache_wait_seconds_total=ex["wait_s"])
+        return out
 
     def _check(self, req: Request, on_output) -> _Seq:
         V = self.cfg.vocab_size
@@ -212,15 +235,18 @@ class Engine:
     def _warm_up(self) -> None:
         """Run every step once with the shapes of real use (slot 0, then emptied): all compilations happen here."""
         s0 = np.int32(0)
-        self.cache, self.logits = steps.prefill_chunk(self.model.params, self.cfg, self.cache, self.logits, s0,
-                                                      np.zeros(self.chunk, np.int32), np.int32(1))
+        self._prefill_call(s0, np.zeros(self.chunk, np.int32), np.int32(1))
+        active = np.zeros(self.max_num_seqs, bool)
+        active[0] = self._run is not None  # host-driven experts: a real token, so that its expert pass compiles too
         for k in sorted({1, self.decode_steps}):
-            self._decode_call(np.zeros(self.max_num_seqs, bool), [None] * self.max_num_seqs, k)
+            self._decode_call(active, [None] * self.max_num_seqs, k)
         if self.prefix is not None:
             self._checkpoint_row(0, 0)
             self.cache = steps.restore_row(self.cache, s0, self._row_state([]), np.int32(0))
         self.cache = steps.reset_row(self.cache, s0)
         jax.block_until_ready(self.cache)
+        if self._run is not None:
+            self.model.experts.reset_stats()  # count served requests only
 
     def _loop(self) -> None:
         while True:
@@ -303,13 +329,21 @@ class Engine:
         end = min(len(seq.prompt), (start // self.chunk + 1) * self.chunk)
         tokens = np.zeros(self.chunk, np.int32)
         tokens[:end - start] = seq.prompt[start:end]
-        self.cache, self.logits = steps.prefill_chunk(self.model.params, self.cfg, self.cache, self.logits,
-                                                      np.int32(b), tokens, np.int32(end - start))
+        self._prefill_call(np.int32(b), tokens, np.int32(end - start))
         seq.done = end
         if self.prefix is not None and (end % self.chunk == 0 or end == len(seq.prompt)):
             self._checkpoint_row(b, end, seq)
         if end == len(seq.prompt):
             self._prefilling.popleft()
+
+    def _prefill_call(self, slot, tokens: np.ndarray, n) -> None:
+        """Prefill ``n`` tokens of ``tokens`` [chunk] into row ``slot`` (compiled, or eagerly with host-driven
+        experts)."""
+        args = (self.model.params, self.cfg, self.cache, self.logits, slot, tokens, n)
+        if self._run is None:
+            self.cache, self.logits = steps.prefill_chunk(*args)
+        else:
+            self.cache, self.logits = steps.prefill_chunk_with(self._run, *args)
 
     def _decode(self) -> None:
         """Decode every running row: one step, or ``decode_steps`` in one call when no request waits or prefills
@@ -352,6 +386,10 @@ class Engine:
         logits = np.asarray(self.logits) if want else None
         sp = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
         args = (self.cache, self.logits, jnp.asarray(active), jnp.asarray(keys), jnp.asarray(n_gen), sp)
+        if self._run is not None:  # eagerly: one step
+            tok, self.cache, self.logits = steps.decode_once(self.model.params, self.cfg, *args, run=self._run)
+            self.model.experts.stats.tokens += int(active.sum())
+            return np.asarray(tok)[:, None], logits
         if k == 1:
             tok, self.cache, self.logits = steps.decode_step(self.model.params, self.cfg, *args)
             return np.asarray(tok)[:, None], logits

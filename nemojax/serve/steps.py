@@ -6,11 +6,17 @@ A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a pr
 is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
 :func:`restore_row` start a row empty or from a prefix checkpoint and :func:`extract_row` reads a row's state
 back for a checkpoint.
+
+Each step is written once over :class:`StepPieces`: :data:`INLINE` (plain functions, traced into the compiled
+step) or :func:`host_pieces` for a host-driven experts strategy (the host-offloaded expert cache), whose forward
+runs eagerly layer by layer (``nemojax.model.STEPWISE``) with the row / sampling pieces jitted on their own:
+:func:`prefill_chunk_with` and :func:`decode_once` called with those pieces, outside ``jit``.
 """
 from __future__ import annotations
 
 import collections
 from functools import partial
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +26,9 @@ from ..config import Config
 from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
-__all__ = ["TRACE_COUNTS", "take_row", "put_row", "prefill_chunk", "decode_once", "decode_step", "decode_steps",
-           "reset_row", "restore_row", "extract_row"]
+__all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "host_pieces",
+           "prefill_chunk_with", "prefill_chunk", "decode_once", "decode_step", "decode_steps", "reset_row",
+           "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
 
@@ -37,22 +44,61 @@ def put_row(cache: Cache, row: Cache, slot) -> Cache:
                         cache, row)
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
+def set_row(logits, row, slot):
+    """logits [B, V] with row ``slot`` set to ``row`` [1, V]."""
+    return jax.lax.dynamic_update_slice_in_dim(logits, row, slot, axis=0)
+
+
+def sample_keyed(logits, keys, n_gen, sp: SamplingParams):
+    """One token per row from logits [B, V], row b with key ``fold_in(keys[b], n_gen[b])`` -> [B] int32."""
+    return sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, n_gen), sp)
+
+
+class StepPieces(NamedTuple):
+    """What a step calls: ``forward`` (``nemojax.model.forward``'s signature, the experts bound), ``sample``
+    (:func:`sample_keyed`), ``take_row``, ``put_row`` and ``set_row``."""
+
+    forward: Callable
+    sample: Callable
+    take_row: Callable
+    put_row: Callable
+    set_row: Callable
+
+
+INLINE = StepPieces(forward, sample_keyed, take_row, put_row, set_row)  # inside the compiled steps
+_JITTED = dict(sample=jax.jit(sample_keyed), take_row=jax.jit(take_row),
+               put_row=jax.jit(put_row, donate_argnums=(0,)), set_row=jax.jit(set_row, donate_argnums=(0,)))
+
+
+def host_pieces(experts) -> StepPieces:
+    """The pieces for a host-driven experts strategy, run eagerly: its ``forward`` (``model.forward`` with those
+    experts, e.g. ``OffloadedExperts.forward``), the other pieces jitted (the cache and logits donated)."""
+    return StepPieces(forward=experts.forward, **_JITTED)
+
+
+def prefill_chunk_with(run: StepPieces, params, cfg: Config, cache: Cache, logits, slot, tokens, n):
     """The next ``n`` (1..C) prompt tokens of row ``slot``: tokens [C] int32 (right-padded), written at the row's
     position. Returns (cache, logits [B, V] float32 with row ``slot`` set to the logits after the last token)."""
-    TRACE_COUNTS["prefill_chunk"] += 1
     mask = (jnp.arange(tokens.shape[0]) < n).astype(jnp.int32)[None]
-    out, row = forward(params, cfg, tokens[None], mask, take_row(cache, slot), logits_at=jnp.reshape(n - 1, (1,)))
-    return put_row(cache, row, slot), jax.lax.dynamic_update_slice_in_dim(logits, out[:, 0], slot, axis=0)
+    out, row = run.forward(params, cfg, tokens[None], mask, run.take_row(cache, slot),
+                           logits_at=jnp.reshape(n - 1, (1,)))
+    return run.put_row(cache, row, slot), run.set_row(logits, out[:, 0], slot)
 
 
-def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
+def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
+    """:func:`prefill_chunk_with` the :data:`INLINE` pieces, compiled."""
+    TRACE_COUNTS["prefill_chunk"] += 1
+    return prefill_chunk_with(INLINE, params, cfg, cache, logits, slot, tokens, n)
+
+
+def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
+                run: StepPieces = INLINE):
     """One token for each row: sampled from ``logits`` [B, V] with the row's key ``fold_in(keys[b], n_gen[b])``
     (keys [B, 2] uint32, n_gen [B] int32) and setting (``sp`` fields [B]), then fed back where ``active`` [B].
     Returns (tokens [B] int32, cache, next logits [B, V] float32)."""
-    tok = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, n_gen), sp)
-    out, cache = forward(params, cfg, tok[:, None], active.astype(jnp.int32)[:, None], cache, last_only=True)
+    tok = run.sample(logits, keys, n_gen, sp)
+    out, cache = run.forward(params, cfg, tok[:, None], active.astype(jnp.int32)[:, None], cache, last_only=True)
     return tok, cache, out[:, 0]
 
 
