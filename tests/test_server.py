@@ -445,10 +445,28 @@ def test_cli_serve_passes_its_options_and_refuses_what_it_cannot_run(monkeypatch
                       (["--model", "/nonexistent/m"], "not a folder")):
         assert main(["serve", *argv]) == 2, argv
         assert msg in capsys.readouterr().err
-    monkeypatch.undo()  # the real engine refuses offloaded experts: a clear exit 2, not a silent resident run
-    monkeypatch.setattr(server_mod, "serve", lambda *a, **kw: pytest.fail("served an engine it should refuse"))
-    assert main(["serve", "--expert-cache", "2"]) == 2
-    assert "the serving engine refused the options: the engine runs resident experts" in capsys.readouterr().err
+    assert main(["serve", "--expert-cache", "2", "--cache-policy", "lru"]) == 0  # experts in host memory
+    model, _ = seen["engine"]
+    assert model.experts.host_driven and model.experts.policy == "lru" and model.experts.n_slots == 2
+    capsys.readouterr()
+    assert main(["serve", "--expert-cache", "2", "--cache-policy", "fifo"]) == 2
+    assert "--cache-policy 'fifo': unknown" in capsys.readouterr().err
+
+
+def test_offloaded_experts_serve_and_report_their_hit_rate(model, tok):
+    """--expert-cache: the engine runs the offloaded experts; greedy answers equal the resident model's and
+    /metrics carries the expert cache's hit rate."""
+    off = model.offload(3, "lru")
+    s = _serve(Engine(off, max_num_seqs=2, max_model_len=CTX, chunk=16, prefix_cache_bytes=1 << 24), tok)
+    try:
+        ids = tok.encode("the model is a hybrid of state spaces", add_special_tokens=True)
+        r = s.client().completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0)
+        want, _ = _reference(model, tok, ids, 6)
+        assert r.choices[0].text == tok.decode(want)
+        rate = _metric_values(s.url)["nemojax:expert_cache_hit_rate"]
+        assert 0 < rate <= 1 and rate == pytest.approx(s.engine.stats()["expert_cache_hit_rate"])
+    finally:
+        s.close()
 
 
 def _metric_values(url: str) -> dict:

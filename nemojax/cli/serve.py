@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-waiting", type=int_in(0, INT32_MAX), default=256, help="queued requests before answering 503")
     p.add_argument("--expert-cache", type=int_in(1, INT32_MAX), default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
+    p.add_argument("--cache-policy", default="adaptive", help="expert-cache eviction policy: lru, lfu, "
+                   "lfru-tinyserve, lfru-vllm, lfru-polarquant, adaptive (default)")
     p.add_argument("--mesh", default=None, metavar="D,E,T", help="device mesh (data, expert, tensor)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -56,6 +58,11 @@ def _check(a) -> None:
     """UsageError for values no engine can take, naming the option (integer ranges are checked by argparse)."""
     if a.prefix_cache_gb < 0:
         raise UsageError(f"--prefix-cache-gb must be >= 0, got {a.prefix_cache_gb}")
+    if a.expert_cache is not None:
+        from ..experts.policies import POLICIES
+
+        if a.cache_policy not in POLICIES:
+            raise UsageError(f"--cache-policy {a.cache_policy!r}: unknown; choose one of {', '.join(POLICIES)}")
     if a.mesh is not None and parse_mesh(a.mesh) != (1, 1, 1):
         raise UsageError(f"--mesh {a.mesh}: the serving engine runs on one device; sharded serving is not "
                          f"supported yet (use --mesh 1,1,1 or leave it out)")
@@ -80,7 +87,7 @@ def cmd_serve(a) -> int:
     if a.max_model_len is not None and a.max_model_len > ctx:
         raise UsageError(f"--max-model-len {a.max_model_len} exceeds the model's context of {ctx} tokens")
     if a.expert_cache is not None:
-        model = model.offload(a.expert_cache)
+        model = model.offload(a.expert_cache, a.cache_policy)
 
     from ..serve.engine import Engine
     from ..serve.server import serve
