@@ -13,7 +13,7 @@ echo "setting up $VENV with $($PY --version 2>&1) ..." >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >&2
 if [ "${NEMOJAX_NO_TORCH:-0}" = 1 ]; then
-  "$VENV/bin/python" -m pip install -q -e . pytest >&2
+  "$VENV/bin/python" -m pip install -q -e . pytest pytest-xdist >&2
 else
   # torch first, pinned: takes the local CPU build instead of pulling a CUDA build through transformers
   "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2
