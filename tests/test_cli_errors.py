@@ -72,8 +72,21 @@ def one_error(capsys, code, *args, cmd):
 
 
 def python_m(*args, **kw):
+    """``python -m nemojax ARGS`` as a user starts it from a terminal: SIGINT at its default even where this test
+    process ignores it (pytest-xdist workers do, and a child inherits an ignored signal; coreutils' ``env
+    --default-signal`` resets it without a fork in this multithreaded process)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "nemojax", *map(str, args)], env=env, cwd=ROOT, **kw)
+    reset = ["env", "--default-signal=INT"] if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else []
+    return subprocess.Popen([*reset, sys.executable, "-m", "nemojax", *map(str, args)], env=env, cwd=ROOT, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _interruptible():
+    """Each test starts with Python's own SIGINT handler, as a program started from a terminal has (pytest-xdist
+    workers ignore SIGINT); the previous handler comes back after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
