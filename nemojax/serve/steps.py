@@ -2,8 +2,8 @@
 its own position), each with fixed shapes so that nothing recompiles once warmed up (``TRACE_COUNTS``).
 
 A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a prompt in one row,
-:func:`decode_step` samples one token for every row and feeds it back (inactive rows fully masked: their state
-is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
+:func:`decode_step` samples one token for every row (of the first ``n``) and feeds it back (inactive rows fully
+masked: their state is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
 :func:`restore_row` start a row empty or from a prefix checkpoint and :func:`extract_row` reads a row's state
 back for a checkpoint.
 
@@ -11,6 +11,10 @@ Each step is written once over :class:`StepPieces`: :data:`INLINE` (plain functi
 step) or :func:`host_pieces` for a host-driven experts strategy (the host-offloaded expert cache), whose forward
 runs eagerly layer by layer (``nemojax.model.STEPWISE``) with the row / sampling pieces jitted on their own:
 :func:`prefill_chunk_with` and :func:`decode_once` called with those pieces, outside ``jit``.
+
+The compiled decode steps run on the first ``n`` rows only (``n`` static: the engine keeps its running rows at
+the front, :func:`move_row`, and compiles one program per bucket size), so a few running requests do not pay for
+the whole batch.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
 __all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "host_pieces",
-           "prefill_chunk_with", "prefill_chunk", "decode_once", "decode_step", "decode_steps", "reset_row",
-           "restore_row", "extract_row"]
+           "prefill_chunk_with", "prefill_chunk", "decode_once", "head_rows", "put_head", "decode_step",
+           "decode_steps", "move_row", "reset_row", "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
 
@@ -102,29 +106,49 @@ def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, 
     return tok, cache, out[:, 0]
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def decode_step(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
-    """:func:`decode_once`, compiled."""
-    TRACE_COUNTS["decode_step"] += 1
-    return decode_once(params, cfg, cache, logits, active, keys, n_gen, sp)
+def head_rows(tree, n: int):
+    """The first ``n`` (static) rows of every array of a pytree (a cache, logits [B, V])."""
+    return jax.tree.map(lambda a: a[:n], tree)
+
+
+def put_head(tree, head):
+    """``tree`` with its first rows replaced by ``head`` (same structure, fewer rows)."""
+    return jax.tree.map(lambda a, h: jax.lax.dynamic_update_slice_in_dim(a, h.astype(a.dtype), 0, axis=0), tree, head)
 
 
 @partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
-def decode_steps(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
-    """``k`` :func:`decode_once` steps in one loop; row b takes part in its first ``left[b]`` of them (its tokens
-    left before max_tokens), then sits out. Returns (tokens [B, k] int32, -1 where the row sat out; cache, next
-    logits [B, V])."""
+def decode_step(params, cfg: Config, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_once` over the first ``n`` rows of the cache and logits (``active``, ``keys``, ``n_gen``,
+    ``sp`` of those rows: [n]), compiled; the other rows are untouched. Returns (tokens [n], cache, logits)."""
+    TRACE_COUNTS["decode_step"] += 1
+    tok, sub, lg = decode_once(params, cfg, head_rows(cache, n), head_rows(logits, n), active, keys, n_gen, sp)
+    return tok, put_head(cache, sub), put_head(logits, lg)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3), donate_argnames=("cache", "logits"))
+def decode_steps(params, cfg: Config, k: int, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
+                 left):
+    """``k`` :func:`decode_once` steps in one loop over the first ``n`` rows (the row arguments [n]); row b takes
+    part in its first ``left[b]`` of them (its tokens left before max_tokens), then sits out. Returns (tokens
+    [n, k] int32, -1 where the row sat out; cache, next logits [B, V])."""
     TRACE_COUNTS["decode_steps"] += 1
 
     def body(i, c):
-        cache, logits, out = c
+        sub, lg, out = c
         live = active & (i < left)
-        tok, cache, logits = decode_once(params, cfg, cache, logits, live, keys, n_gen + i, sp)
-        return cache, logits, out.at[:, i].set(jnp.where(live, tok, -1))
+        tok, sub, lg = decode_once(params, cfg, sub, lg, live, keys, n_gen + i, sp)
+        return sub, lg, out.at[:, i].set(jnp.where(live, tok, -1))
 
-    out0 = jnp.full((active.shape[0], k), -1, jnp.int32)
-    cache, logits, out = jax.lax.fori_loop(0, k, body, (cache, logits, out0))
-    return out, cache, logits
+    out0 = jnp.full((n, k), -1, jnp.int32)
+    sub, lg, out = jax.lax.fori_loop(0, k, body, (head_rows(cache, n), head_rows(logits, n), out0))
+    return out, put_head(cache, sub), put_head(logits, lg)
+
+
+@partial(jax.jit, donate_argnames=("cache", "logits"))
+def move_row(cache: Cache, logits, src, dst):
+    """Row ``src`` of the cache and logits [B, V] copied to row ``dst`` (``src`` left as it was)."""
+    TRACE_COUNTS["move_row"] += 1
+    return put_row(cache, take_row(cache, src), dst), set_row(logits, jax.lax.dynamic_slice_in_dim(logits, src, 1), dst)
 
 
 @partial(jax.jit, donate_argnames=("cache",))
