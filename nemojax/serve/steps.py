@@ -31,8 +31,8 @@ from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
 __all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "host_pieces",
-           "prefill_chunk_with", "prefill_chunk", "decode_once", "head_rows", "put_head", "decode_step",
-           "decode_steps", "move_row", "reset_row", "restore_row", "extract_row"]
+           "prefill_chunk_with", "prefill_chunk", "decode_once", "take_head", "put_head", "on_head",
+           "decode_rows", "decode_step", "decode_rows_k", "decode_steps", "move_row", "reset_row", "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
 
@@ -106,42 +106,67 @@ def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, 
     return tok, cache, out[:, 0]
 
 
-def head_rows(tree, n: int):
-    """The first ``n`` (static) rows of every array of a pytree (a cache, logits [B, V])."""
+@partial(jax.jit, static_argnums=(1,))
+def take_head(tree, n: int):
+    """The first ``n`` (static) rows of every array of a pytree (a cache, logits [B, V]), as new arrays."""
+    TRACE_COUNTS["take_head"] += 1
     return jax.tree.map(lambda a: a[:n], tree)
 
 
+@partial(jax.jit, donate_argnums=(0,))
 def put_head(tree, head):
-    """``tree`` with its first rows replaced by ``head`` (same structure, fewer rows)."""
+    """``tree`` (donated) with its first rows replaced by ``head`` (same structure, fewer rows), in place."""
+    TRACE_COUNTS["put_head"] += 1
     return jax.tree.map(lambda a, h: jax.lax.dynamic_update_slice_in_dim(a, h.astype(a.dtype), 0, axis=0), tree, head)
 
 
-@partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
-def decode_step(params, cfg: Config, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
-    """:func:`decode_once` over the first ``n`` rows of the cache and logits (``active``, ``keys``, ``n_gen``,
-    ``sp`` of those rows: [n]), compiled; the other rows are untouched. Returns (tokens [n], cache, logits)."""
+def on_head(step, n: int, cache: Cache, logits, *args):
+    """``step(cache, logits, *args) -> (tokens, cache, logits)`` run on the first ``n`` rows only: those rows are
+    taken out (:func:`take_head`), stepped and written back (:func:`put_head`). Three programs rather than one, as
+    a slice and an update of the same donated buffer inside one program make XLA copy the whole cache."""
+    if n == cache.mask.shape[0]:
+        return step(cache, logits, *args)
+    tok, sub, lg = step(*take_head((cache, logits), n), *args)
+    cache, logits = put_head((cache, logits), (sub, lg))
+    return tok, cache, logits
+
+
+@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
+def decode_rows(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_once`, compiled."""
     TRACE_COUNTS["decode_step"] += 1
-    tok, sub, lg = decode_once(params, cfg, head_rows(cache, n), head_rows(logits, n), active, keys, n_gen, sp)
-    return tok, put_head(cache, sub), put_head(logits, lg)
+    return decode_once(params, cfg, cache, logits, active, keys, n_gen, sp)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3), donate_argnames=("cache", "logits"))
-def decode_steps(params, cfg: Config, k: int, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
-                 left):
-    """``k`` :func:`decode_once` steps in one loop over the first ``n`` rows (the row arguments [n]); row b takes
-    part in its first ``left[b]`` of them (its tokens left before max_tokens), then sits out. Returns (tokens
-    [n, k] int32, -1 where the row sat out; cache, next logits [B, V])."""
+def decode_step(params, cfg: Config, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_rows` over the first ``n`` rows of the cache and logits (``active``, ``keys``, ``n_gen``,
+    ``sp`` of those rows: [n]); the other rows are untouched. Returns (tokens [n], cache, logits)."""
+    return on_head(partial(decode_rows, params, cfg), n, cache, logits, active, keys, n_gen, sp)
+
+
+@partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
+def decode_rows_k(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
+    """``k`` :func:`decode_once` steps in one loop; row b takes part in its first ``left[b]`` of them (its tokens
+    left before max_tokens), then sits out. Returns (tokens [B, k] int32, -1 where the row sat out; cache, next
+    logits [B, V])."""
     TRACE_COUNTS["decode_steps"] += 1
 
     def body(i, c):
-        sub, lg, out = c
+        cache, logits, out = c
         live = active & (i < left)
-        tok, sub, lg = decode_once(params, cfg, sub, lg, live, keys, n_gen + i, sp)
-        return sub, lg, out.at[:, i].set(jnp.where(live, tok, -1))
+        tok, cache, logits = decode_once(params, cfg, cache, logits, live, keys, n_gen + i, sp)
+        return cache, logits, out.at[:, i].set(jnp.where(live, tok, -1))
 
-    out0 = jnp.full((n, k), -1, jnp.int32)
-    sub, lg, out = jax.lax.fori_loop(0, k, body, (head_rows(cache, n), head_rows(logits, n), out0))
-    return out, put_head(cache, sub), put_head(logits, lg)
+    out0 = jnp.full((active.shape[0], k), -1, jnp.int32)
+    cache, logits, out = jax.lax.fori_loop(0, k, body, (cache, logits, out0))
+    return out, cache, logits
+
+
+def decode_steps(params, cfg: Config, k: int, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
+                 left):
+    """:func:`decode_rows_k` over the first ``n`` rows (the row arguments [n]) -> (tokens [n, k], cache,
+    logits)."""
+    return on_head(partial(decode_rows_k, params, cfg, k), n, cache, logits, active, keys, n_gen, sp, left)
 
 
 @partial(jax.jit, donate_argnames=("cache", "logits"))
