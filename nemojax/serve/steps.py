@@ -30,9 +30,10 @@ from ..config import Config
 from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
-__all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "host_pieces",
-           "prefill_chunk_with", "prefill_chunk", "decode_once", "take_head", "put_head", "on_head",
-           "decode_rows", "decode_step", "decode_rows_k", "decode_steps", "move_row", "reset_row", "restore_row", "extract_row"]
+__all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "COMPILED",
+           "host_pieces", "prefill_chunk_with", "forward_row", "prefill_chunk", "decode_once", "take_head", "put_head",
+           "on_head", "decode_rows", "decode_step", "decode_rows_k", "decode_steps", "move_row", "reset_row",
+           "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
 
@@ -89,11 +90,21 @@ def prefill_chunk_with(run: StepPieces, params, cfg: Config, cache: Cache, logit
     return run.put_row(cache, row, slot), run.set_row(logits, out[:, 0], slot)
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
-    """:func:`prefill_chunk_with` the :data:`INLINE` pieces, compiled."""
+@partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
+def forward_row(params, cfg: Config, ids, mask, cache: Cache, logits_at):
+    """``nemojax.model.forward`` of one row's chunk (the row's cache donated), compiled."""
     TRACE_COUNTS["prefill_chunk"] += 1
-    return prefill_chunk_with(INLINE, params, cfg, cache, logits, slot, tokens, n)
+    return forward(params, cfg, ids, mask, cache, logits_at=logits_at)
+
+
+COMPILED = StepPieces(forward=forward_row, **_JITTED)  # a prefill chunk as separate programs
+
+
+def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
+    """:func:`prefill_chunk_with` the :data:`COMPILED` pieces: the row taken out, its chunk run and the row written
+    back in place as separate programs (a slice and an update of the same donated buffer inside one program make
+    XLA copy the whole cache)."""
+    return prefill_chunk_with(COMPILED, params, cfg, cache, logits, slot, tokens, n)
 
 
 def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
