@@ -1,7 +1,9 @@
 """The continuous-batching engine: ``max_num_seqs`` cache slots of ``max_model_len`` positions, one background
 thread that admits waiting requests into free slots between decode steps, prefills prompts one chunk of
 ``chunk`` tokens per loop iteration (so the running rows keep decoding) and decodes every running row in one
-compiled step ``[max_num_seqs, 1]`` (``decode_steps`` of them in one call while no request waits or prefills).
+compiled step over the first ``n`` rows, ``n`` the smallest of 1, 2, 4, .., ``max_num_seqs`` that holds them (the
+occupied rows are kept at the front: the last one moves into a free row when that shrinks ``n``; every size is
+compiled at ``start``), ``decode_steps`` of them in one call while no request waits or prefills.
 A model whose routed experts are offloaded (``Model.offload``: a host-driven strategy) runs the same loop with
 the same steps called eagerly (``steps.host_pieces``), one decode step per call; ``stats`` then reports its expert
 cache.
