@@ -146,17 +146,21 @@ def test_bucketed_decode_rows_finish_join_and_move(model, engines, monkeypatch):
     ps = prompts(rng, [9, 14, 6, 21, 11])
     kws = [dict(), dict(temperature=0.8, top_k=7, seed=21), dict(), dict(temperature=1.1, top_p=0.85, seed=22),
            dict()]
-    reqs = [Request(f"b{i}", p, n, **kw) for i, (p, n, kw) in enumerate(zip(ps, [2, 24, 3, 24, 4], kws))]
+    reqs = [Request(f"b{i}", p, n, return_logits=(i == 3), **kw)  # b3 moves forward when b4 finishes
+            for i, (p, n, kw) in enumerate(zip(ps, [2, 24, 3, 24, 4], kws))]
     sizes, moves = [], []
     one, multi, move = steps.decode_step, steps.decode_steps, steps.move_row
     monkeypatch.setattr(steps, "decode_step", lambda *a: sizes.append(a[2]) or one(*a))
     monkeypatch.setattr(steps, "decode_steps", lambda *a: sizes.append(a[3]) or multi(*a))
     monkeypatch.setattr(steps, "move_row", lambda *a: moves.append((int(a[2]), int(a[3]))) or move(*a))
     mixed = run(eng, reqs)
-    assert moves and SLOTS in sizes and 2 in sizes
+    assert moves == [(3, 0)] and SLOTS in sizes and 2 in sizes
     for r, kw in zip(reqs, kws):
-        alone = run(eng, [r])[r.request_id][0]
+        alone, _, outs = run(eng, [r])[r.request_id]
         assert mixed[r.request_id][0] == alone, r.request_id
+        if r.return_logits:
+            np.testing.assert_allclose(np.concatenate([o.logits for o in mixed[r.request_id][2]]),
+                                       np.concatenate([o.logits for o in outs]), atol=1e-4, rtol=0)
         ref = generate(model.params, model.config, [r.prompt_ids], 24, **kw)[0, :r.max_tokens]
         np.testing.assert_array_equal(alone, ref)
     assert set(sizes[-r.max_tokens:]) == {1}  # a request alone decodes in the 1-row program
