@@ -63,9 +63,21 @@ def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
 
 def sample_rows(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Array:
     """Each row with its own key and setting: logits [B, V] float32, keys [B, 2] uint32, ``sp`` fields [B]
-    -> token ids [B] int32. Row b's token is ``sample(logits[b:b+1], keys[b], sp[b])`` whatever the other rows."""
-    def draw(_):
-        return jax.vmap(lambda lg, k, s: sample(lg[None], k, s)[0])(logits, keys, sp)
-
+    -> token ids [B] int32. Row b's token is ``sample(logits[b:b+1], keys[b], sp[b])`` whatever the other rows.
+    The vocabulary sort of top-k / top-p runs only when some sampled row asks for one, and draws only when some
+    row samples (scalar conditions outside the per-row map)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)
+    hot = sp.temperature > 0
+    filt = hot & ((sp.top_k > 0) | (sp.top_p < 1.0))
+
+    def draw(_):
+        scaled = logits / jnp.maximum(sp.temperature, 1e-6)[:, None]
+        filtered = jax.lax.cond(
+            jnp.any(filt),
+            lambda l: jnp.where(filt[:, None], jax.vmap(lambda r, k, p: filter_logits(r[None], k, p)[0])(
+                l, sp.top_k, sp.top_p), l),
+            lambda l: l, scaled)
+        drawn = jax.vmap(lambda lg, k: jax.random.categorical(k, lg[None], axis=-1)[0])(filtered, keys)
+        return jnp.where(hot, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(hot), draw, lambda _: greedy, None)

@@ -137,6 +137,35 @@ def test_sampled_requests_do_not_depend_on_their_neighbours(model, engines, monk
     assert mixed["s0"][0] != run(eng, [Request("s0", ps[0], 10, temperature=1.0, seed=99)])["s0"][0]
 
 
+def test_bucketed_decode_rows_finish_join_and_move(model, engines, monkeypatch):
+    """Rows that finish early, a queued request joining a freed row and the last row moved forward (a smaller
+    decode bucket): every request, greedy or sampled with top-k / top-p, gets the tokens it gets alone (and
+    ``generate``'s), and the decode steps ran on fewer rows than the batch."""
+    eng = engines[1]
+    rng = np.random.default_rng(8)
+    ps = prompts(rng, [9, 14, 6, 21, 11])
+    kws = [dict(), dict(temperature=0.8, top_k=7, seed=21), dict(), dict(temperature=1.1, top_p=0.85, seed=22),
+           dict()]
+    reqs = [Request(f"b{i}", p, n, return_logits=(i == 3), **kw)  # b3 moves forward when b4 finishes
+            for i, (p, n, kw) in enumerate(zip(ps, [2, 24, 3, 24, 4], kws))]
+    sizes, moves = [], []
+    one, multi, move = steps.decode_step, steps.decode_steps, steps.move_row
+    monkeypatch.setattr(steps, "decode_step", lambda *a: sizes.append(a[2]) or one(*a))
+    monkeypatch.setattr(steps, "decode_steps", lambda *a: sizes.append(a[3]) or multi(*a))
+    monkeypatch.setattr(steps, "move_row", lambda *a: moves.append((int(a[2]), int(a[3]))) or move(*a))
+    mixed = run(eng, reqs)
+    assert moves == [(3, 0)] and SLOTS in sizes and 2 in sizes
+    for r, kw in zip(reqs, kws):
+        alone, _, outs = run(eng, [r])[r.request_id]
+        assert mixed[r.request_id][0] == alone, r.request_id
+        if r.return_logits:
+            np.testing.assert_allclose(np.concatenate([o.logits for o in mixed[r.request_id][2]]),
+                                       np.concatenate([o.logits for o in outs]), atol=1e-4, rtol=0)
+        ref = generate(model.params, model.config, [r.prompt_ids], 24, **kw)[0, :r.max_tokens]
+        np.testing.assert_array_equal(alone, ref)
+    assert set(sizes[-r.max_tokens:]) == {1}  # a request alone decodes in the 1-row program
+
+
 def test_stop_tokens_and_lengths(engines):
     eng = engines[1]
     p = prompts(np.random.default_rng(4), [10])[0]
@@ -249,5 +278,5 @@ def test_no_compilation_after_warm_up(engines):
     """Everything above (every mix of rows, prompt lengths, sampling settings, prefix restores) ran on the
     programs compiled at start()."""
     assert dict(steps.TRACE_COUNTS) == engines[2]
-    assert set(engines[2]) == {"prefill_chunk", "decode_step", "decode_steps", "reset_row", "restore_row",
-                               "extract_row"}
+    assert set(engines[2]) == {"prefill_chunk", "decode_step", "decode_steps", "take_head", "put_head",
+                               "move_row", "reset_row", "restore_row", "extract_row"}

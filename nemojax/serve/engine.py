@@ -1,7 +1,9 @@
 """The continuous-batching engine: ``max_num_seqs`` cache slots of ``max_model_len`` positions, one background
 thread that admits waiting requests into free slots between decode steps, prefills prompts one chunk of
 ``chunk`` tokens per loop iteration (so the running rows keep decoding) and decodes every running row in one
-compiled step ``[max_num_seqs, 1]`` (``decode_steps`` of them in one call while no request waits or prefills).
+compiled step over the first ``n`` rows, ``n`` the smallest of 1, 2, 4, .., ``max_num_seqs`` that holds them (the
+occupied rows are kept at the front: the last one moves into a free row when that shrinks ``n``; every size is
+compiled at ``start``), ``decode_steps`` of them in one call while no request waits or prefills.
 A model whose routed experts are offloaded (``Model.offload``: a host-driven strategy) runs the same loop with
 the same steps called eagerly (``steps.host_pieces``), one decode step per call; ``stats`` then reports its expert
 cache.
@@ -131,6 +133,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counts = collections.Counter()
+        # the decode steps' row counts: the running rows are kept at the front and decoded in the smallest bucket
+        # holding them (one compiled program per bucket)
+        self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
 
     def _fresh_state(self) -> None:
         """An empty batched cache (a chunk written at any prompt position < max_model_len stays inside a row) and
@@ -238,8 +243,11 @@ class Engine:
         self._prefill_call(s0, np.zeros(self.chunk, np.int32), np.int32(1))
         active = np.zeros(self.max_num_seqs, bool)
         active[0] = self._run is not None  # host-driven experts: a real token, so that its expert pass compiles too
-        for k in sorted({1, self.decode_steps}):
-            self._decode_call(active, [None] * self.max_num_seqs, k)
+        for n in (self.buckets if self._run is None else (self.max_num_seqs,)):
+            for k in sorted({1, self.decode_steps}):
+                self._decode_call(active, [None] * self.max_num_seqs, k, n=n)
+        if self._run is None and self.max_num_seqs > 1:
+            self.cache, self.logits = steps.move_row(self.cache, self.logits, np.int32(1), s0)
         if self.prefix is not None:
             self._checkpoint_row(0, 0)
             self.cache = steps.restore_row(self.cache, s0, self._row_state([]), np.int32(0))
@@ -348,10 +356,13 @@ class Engine:
     def _decode(self) -> None:
         """Decode every running row: one step, or ``decode_steps`` in one call when no request waits or prefills
         and none wants logits (a finished row's extra tokens are dropped)."""
+        self._compact()
         active = np.array([s is not None and s.done == len(s.prompt) for s in self._slots])
         want = any(s is not None and active[b] and s.req.return_logits for b, s in enumerate(self._slots))
         k = 1 if want or self._waiting or self._prefilling else self.decode_steps
-        tok, logits = self._decode_call(active, self._slots, k, want)
+        top = int(np.flatnonzero(active)[-1]) + 1
+        n = self.max_num_seqs if self._run is not None else next(n for n in self.buckets if n >= top)
+        tok, logits = self._decode_call(active, self._slots, k, want, n)
         for b in np.flatnonzero(active):
             seq = self._slots[b]
             for t in tok[b]:
@@ -371,29 +382,47 @@ class Engine:
                     continue
                 break
 
-    def _decode_call(self, active: np.ndarray, slots: list, k: int = 1,
-                     want: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run ``k`` decode steps over the rows ``active`` [B] -> (tokens [B, k] (-1: none), the logits [B, V]
-        the first step sampled from when ``want``)."""
-        B = self.max_num_seqs
+    def _compact(self) -> None:
+        """Move the last occupied row into the first free one while that shrinks the decode bucket (an exact
+        copy of its cache row and logits; the row numbers of a prefilling request follow)."""
+        if self._run is not None:
+            return
+        while True:
+            used = [b for b, s in enumerate(self._slots) if s is not None]
+            if not used or None not in self._slots[:used[-1]]:
+                return
+            need = next(n for n in self.buckets if n >= len(used))
+            if next(n for n in self.buckets if n > used[-1]) == need:
+                return
+            src, dst = used[-1], self._slots.index(None)
+            self.cache, self.logits = steps.move_row(self.cache, self.logits, np.int32(src), np.int32(dst))
+            self._slots[dst], self._slots[src] = self._slots[src], None
+            self._prefilling = collections.deque(dst if b == src else b for b in self._prefilling)
+
+    def _decode_call(self, active: np.ndarray, slots: list, k: int = 1, want: bool = False,
+                     n: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``k`` decode steps over the rows ``active`` [B] (all inside the first ``n``, default all rows;
+        with host-driven experts always all) -> (tokens [n, k] (-1: none), the logits [B, V] the first step
+        sampled from when ``want``)."""
+        B = self.max_num_seqs if n is None else n
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         keys, n_gen, left = np.zeros((B, 2), np.uint32), np.zeros(B, np.int32), np.zeros(B, np.int32)
-        for b, s in enumerate(slots):
+        for b, s in enumerate(slots[:B]):
             if s is not None and active[b]:
                 temp[b], top_k[b], top_p[b], keys[b], n_gen[b] = (s.req.temperature, s.req.top_k, s.req.top_p,
                                                                   s.key, s.n_gen)
                 left[b] = s.req.max_tokens - s.n_gen
         logits = np.asarray(self.logits) if want else None
         sp = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
-        args = (self.cache, self.logits, jnp.asarray(active), jnp.asarray(keys), jnp.asarray(n_gen), sp)
+        args = (self.cache, self.logits, jnp.asarray(active[:B]), jnp.asarray(keys), jnp.asarray(n_gen), sp)
         if self._run is not None:  # eagerly: one step
             tok, self.cache, self.logits = steps.decode_once(self.model.params, self.cfg, *args, run=self._run)
             self.model.experts.stats.tokens += int(active.sum())
             return np.asarray(tok)[:, None], logits
         if k == 1:
-            tok, self.cache, self.logits = steps.decode_step(self.model.params, self.cfg, *args)
+            tok, self.cache, self.logits = steps.decode_step(self.model.params, self.cfg, B, *args)
             return np.asarray(tok)[:, None], logits
-        tok, self.cache, self.logits = steps.decode_steps(self.model.params, self.cfg, k, *args, jnp.asarray(left))
+        tok, self.cache, self.logits = steps.decode_steps(self.model.params, self.cfg, k, B, *args, jnp.asarray(left))
         return np.asarray(tok), logits
 
     # ------------------------------------------------------------------------------------------ prefix checkpoints

@@ -2,8 +2,8 @@
 its own position), each with fixed shapes so that nothing recompiles once warmed up (``TRACE_COUNTS``).
 
 A row is a cache slot: :func:`prefill_chunk` runs one right-padded chunk of a prompt in one row,
-:func:`decode_step` samples one token for every row and feeds it back (inactive rows fully masked: their state
-is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
+:func:`decode_step` samples one token for every row (of the first ``n``) and feeds it back (inactive rows fully
+masked: their state is unchanged), :func:`decode_steps` runs several such steps in one loop, :func:`reset_row` /
 :func:`restore_row` start a row empty or from a prefix checkpoint and :func:`extract_row` reads a row's state
 back for a checkpoint.
 
@@ -11,6 +11,10 @@ Each step is written once over :class:`StepPieces`: :data:`INLINE` (plain functi
 step) or :func:`host_pieces` for a host-driven experts strategy (the host-offloaded expert cache), whose forward
 runs eagerly layer by layer (``nemojax.model.STEPWISE``) with the row / sampling pieces jitted on their own:
 :func:`prefill_chunk_with` and :func:`decode_once` called with those pieces, outside ``jit``.
+
+The compiled decode steps run on the first ``n`` rows only (``n`` static: the engine keeps its running rows at
+the front, :func:`move_row`, and compiles one program per bucket size), so a few running requests do not pay for
+the whole batch.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from ..config import Config
 from ..model import forward
 from ..sampling import SamplingParams, sample_rows
 
-__all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "host_pieces",
-           "prefill_chunk_with", "prefill_chunk", "decode_once", "decode_step", "decode_steps", "reset_row",
+__all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "COMPILED",
+           "host_pieces", "prefill_chunk_with", "forward_row", "prefill_chunk", "decode_once", "take_head", "put_head",
+           "on_head", "decode_rows", "decode_step", "decode_rows_k", "decode_steps", "move_row", "reset_row",
            "restore_row", "extract_row"]
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step (compilations)
@@ -85,11 +90,21 @@ def prefill_chunk_with(run: StepPieces, params, cfg: Config, cache: Cache, logit
     return run.put_row(cache, row, slot), run.set_row(logits, out[:, 0], slot)
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
-    """:func:`prefill_chunk_with` the :data:`INLINE` pieces, compiled."""
+@partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
+def forward_row(params, cfg: Config, ids, mask, cache: Cache, logits_at):
+    """``nemojax.model.forward`` of one row's chunk (the row's cache donated), compiled."""
     TRACE_COUNTS["prefill_chunk"] += 1
-    return prefill_chunk_with(INLINE, params, cfg, cache, logits, slot, tokens, n)
+    return forward(params, cfg, ids, mask, cache, logits_at=logits_at)
+
+
+COMPILED = StepPieces(forward=forward_row, **_JITTED)  # a prefill chunk as separate programs
+
+
+def prefill_chunk(params, cfg: Config, cache: Cache, logits, slot, tokens, n):
+    """:func:`prefill_chunk_with` the :data:`COMPILED` pieces: the row taken out, its chunk run and the row written
+    back in place as separate programs (a slice and an update of the same donated buffer inside one program make
+    XLA copy the whole cache)."""
+    return prefill_chunk_with(COMPILED, params, cfg, cache, logits, slot, tokens, n)
 
 
 def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
@@ -102,15 +117,46 @@ def decode_once(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, 
     return tok, cache, out[:, 0]
 
 
+@partial(jax.jit, static_argnums=(1,))
+def take_head(tree, n: int):
+    """The first ``n`` (static) rows of every array of a pytree (a cache, logits [B, V]), as new arrays."""
+    TRACE_COUNTS["take_head"] += 1
+    return jax.tree.map(lambda a: a[:n], tree)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def put_head(tree, head):
+    """``tree`` (donated) with its first rows replaced by ``head`` (same structure, fewer rows), in place."""
+    TRACE_COUNTS["put_head"] += 1
+    return jax.tree.map(lambda a, h: jax.lax.dynamic_update_slice_in_dim(a, h.astype(a.dtype), 0, axis=0), tree, head)
+
+
+def on_head(step, n: int, cache: Cache, logits, *args):
+    """``step(cache, logits, *args) -> (tokens, cache, logits)`` run on the first ``n`` rows only: those rows are
+    taken out (:func:`take_head`), stepped and written back (:func:`put_head`). Three programs rather than one, as
+    a slice and an update of the same donated buffer inside one program make XLA copy the whole cache."""
+    if n == cache.mask.shape[0]:
+        return step(cache, logits, *args)
+    tok, sub, lg = step(*take_head((cache, logits), n), *args)
+    cache, logits = put_head((cache, logits), (sub, lg))
+    return tok, cache, logits
+
+
 @partial(jax.jit, static_argnums=(1,), donate_argnames=("cache", "logits"))
-def decode_step(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+def decode_rows(params, cfg: Config, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
     """:func:`decode_once`, compiled."""
     TRACE_COUNTS["decode_step"] += 1
     return decode_once(params, cfg, cache, logits, active, keys, n_gen, sp)
 
 
+def decode_step(params, cfg: Config, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams):
+    """:func:`decode_rows` over the first ``n`` rows of the cache and logits (``active``, ``keys``, ``n_gen``,
+    ``sp`` of those rows: [n]); the other rows are untouched. Returns (tokens [n], cache, logits)."""
+    return on_head(partial(decode_rows, params, cfg), n, cache, logits, active, keys, n_gen, sp)
+
+
 @partial(jax.jit, static_argnums=(1, 2), donate_argnames=("cache", "logits"))
-def decode_steps(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
+def decode_rows_k(params, cfg: Config, k: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams, left):
     """``k`` :func:`decode_once` steps in one loop; row b takes part in its first ``left[b]`` of them (its tokens
     left before max_tokens), then sits out. Returns (tokens [B, k] int32, -1 where the row sat out; cache, next
     logits [B, V])."""
@@ -125,6 +171,20 @@ def decode_steps(params, cfg: Config, k: int, cache: Cache, logits, active, keys
     out0 = jnp.full((active.shape[0], k), -1, jnp.int32)
     cache, logits, out = jax.lax.fori_loop(0, k, body, (cache, logits, out0))
     return out, cache, logits
+
+
+def decode_steps(params, cfg: Config, k: int, n: int, cache: Cache, logits, active, keys, n_gen, sp: SamplingParams,
+                 left):
+    """:func:`decode_rows_k` over the first ``n`` rows (the row arguments [n]) -> (tokens [n, k], cache,
+    logits)."""
+    return on_head(partial(decode_rows_k, params, cfg, k), n, cache, logits, active, keys, n_gen, sp, left)
+
+
+@partial(jax.jit, donate_argnames=("cache", "logits"))
+def move_row(cache: Cache, logits, src, dst):
+    """Row ``src`` of the cache and logits [B, V] copied to row ``dst`` (``src`` left as it was)."""
+    TRACE_COUNTS["move_row"] += 1
+    return put_row(cache, take_row(cache, src), dst), set_row(logits, jax.lax.dynamic_slice_in_dim(logits, src, 1), dst)
 
 
 @partial(jax.jit, donate_argnames=("cache",))
