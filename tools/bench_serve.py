@@ -17,8 +17,8 @@ figure where the server sends one, else the text chunks):
   over the level (``/metrics``: hits / queries, tokens);
 * multi-turn chat (``--turns`` turns of ``--conversations`` conversations, run one after another): turn k+1
   sends the whole conversation so far, so its prompt extends turn k's; its TTFT is set against a cold prefill of
-  a prompt of the same length that shares no prefix (the same messages with the first user message's first
-  character changed), measured right after it.
+  a prompt of the same length that shares no prefix with anything cached (the same messages behind a system
+  message of the same length that no earlier prompt had), measured right after it.
 
 ``transformers serve`` (its CLI, the same checkpoint folder, ``--device cpu``, fp32) is run without and with
 ``--continuous-batching`` (``--transformers none|plain|cb|both``) where the command exists; the table says which.
@@ -205,14 +205,16 @@ def run_multiturn(srv: ServerProc, model: str, tok, rng: random.Random, a) -> li
                 {"role": "user", "content": random_text(tok, rng, a.first_turn_tokens)}]
         for turn in range(1, a.turns + 1):
             warm = timed_stream(client, model, a.turn_out_tokens, messages=msgs)
+            # the same messages behind a system message of the same length that no earlier prompt had: nothing
+            # past the template's first few tokens is shared with anything cached (the cold runs of earlier turns
+            # included), so this is a cold prefill of the same length
             cold_msgs = [dict(m) for m in msgs]
-            cold_msgs[1]["content"] = ("Z" if cold_msgs[1]["content"][:1] != "Z" else "Y") + \
-                cold_msgs[1]["content"][1:]
+            cold_msgs[0]["content"] = f"{conv:02d}{turn:02d} " + cold_msgs[0]["content"][5:]
             cold = timed_stream(client, model, a.turn_out_tokens, messages=cold_msgs)
             rows.append({"server": srv.label, "conversation": conv, "turn": turn, "warm_ttft": warm["ttft"],
                          "cold_ttft": cold["ttft"], "cached": warm["cached"], "cold_cached": cold["cached"]})
             log(f"{srv.label} conversation {conv} turn {turn}: TTFT {warm['ttft'] * 1e3:.0f} ms "
-                f"(cached {warm['cached']}) vs cold {cold['ttft'] * 1e3:.0f} ms")
+                f"(cached {warm['cached']}) vs cold {cold['ttft'] * 1e3:.0f} ms (cached {cold['cached']})")
             msgs = msgs + [{"role": "assistant", "content": warm["text"]},
                            {"role": "user", "content": random_text(tok, rng, a.turn_tokens)}]
     return rows
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
         a.config, a.concurrency, a.min_prompt, a.max_prompt, a.out_tokens = "tiny", "1,4", 16, 48, 8
         a.conversations, a.turns, a.first_turn_tokens, a.turn_tokens, a.turn_out_tokens = 1, 2, 48, 16, 4
         a.max_num_seqs, a.chunk = 4, 16
-    concs = [int(c) for c in a.concurrency.split(",")]
+    concs = [int(c) for c in a.concurrency.split(",") if c.strip()]  # "" : the multi-turn workload only
     benchlib.set_driver_env(a.threads)
     env = benchlib.worker_env(a.threads)
     if a.gpu:
