@@ -177,7 +177,8 @@ def test_bad_codebooks_and_layer_fields_are_named_errors(layout, suffix, tmp_pat
         save_file({**tensors, **(t or {})}, d / "model.safetensors")
         return nemojax.load(d, base=SRC)
 
-    cases = [(table[: rng.integers(3, 31)], r"in_proj\.ct.*shape \[2\*\*bits\]"),
+    cases = [(table[: rng.choice([3, 5, 6, 7, 9, 12, 17, 31])], r"in_proj\.ct.*shape \[2\*\*bits\]"),
+             (table[:8], r"in_proj: HLWQ table shape \[8\], expected \[32\] for 5 bits"),
              (table.reshape(-1)[:1].reshape(()), r"in_proj\.ct.*shape \[2\*\*bits\]"),
              (np.concatenate([table, table, table]), r"in_proj\.ct.*shape \[2\*\*bits\]"),
              (table.astype(np.int32), r"in_proj\.ct.*floating point, got int32"),

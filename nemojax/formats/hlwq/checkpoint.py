@@ -96,6 +96,8 @@ def read_layout(ck, mod: str, shape: tuple[int, int], pc: dict | None):
                 table = None
             bits = int(layer.get("bits") or (round(math.log2(table.size)) if table is not None else 5))
             table = lloyd_max_table(bits) if table is None else table
+            if table.size != 1 << bits:
+                raise QuantError(f"HLWQ table shape [{table.size}], expected [{1 << bits}] for {bits} bits")
             if codes.ndim != 2 or codes.shape[0] != out_f:
                 raise QuantError(f"codes shape {list(codes.shape)} does not fit a [{out_f}, {in_f}] weight")
             if codes.shape[-1] == k_pad * bits // 8 and codes.shape[-1] != k_pad:
