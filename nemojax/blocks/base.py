@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from ..config import BLOCK_TYPES, Config
+from ..ops import dynamic_update
 
 __all__ = ["Spec", "BlockKind", "BlockInput", "BLOCKS", "register", "fan_in", "Normal", "near_one", "no_state",
            "no_params", "write_at"]
@@ -144,5 +145,5 @@ def write_at(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
     """buf [B, S, ...] with new [B, T, ...] written at positions pos..pos+T-1 along axis 1: pos [] (every row at
     the same position) or [B] (row b at pos[b]). The caller keeps pos + T <= S (a write past the end is clamped)."""
     if pos.ndim == 0:
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=1)
-    return jax.vmap(lambda b, n, p: jax.lax.dynamic_update_slice_in_dim(b, n, p, axis=0))(buf, new, pos)
+        return dynamic_update(buf, new, pos, axis=1)
+    return jax.vmap(lambda b, n, p: dynamic_update(b, n, p, axis=0))(buf, new, pos)

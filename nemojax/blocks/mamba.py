@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
-from ..ops import linear
+from ..ops import dynamic_slice, linear
 from .base import BlockInput, BlockKind, Normal, Spec, near_one, register
 
 __all__ = ["mamba_mixer", "ssd_chunked", "ssd_step", "gated_rms_norm", "causal_conv", "MAMBA"]
@@ -49,7 +49,7 @@ def causal_conv(xbc: jax.Array, window: jax.Array, w: jax.Array, bias, mask=None
         new_window = cat[:, T:, :]
     else:  # the window ends at each row's last real input: slice cat at (last real index + 1)
         end = jnp.max(jnp.arange(1, T + 1) * mask.astype(jnp.int32), axis=1)  # [B]; 0 without real inputs
-        new_window = jax.vmap(lambda c, e: jax.lax.dynamic_slice_in_dim(c, e, K - 1, axis=0))(cat, end)
+        new_window = jax.vmap(lambda c, e: dynamic_slice(c, e, K - 1, axis=0))(cat, end)
     return jax.nn.silu(acc), new_window.astype(window.dtype)
 
 

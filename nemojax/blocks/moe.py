@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from .. import kernels
 from ..config import Config
 from ..formats import is_quantized
-from ..ops import linear, relu2
+from ..ops import dynamic_index, linear, relu2
 from .base import BlockInput, BlockKind, Normal, Spec, register
 from .mlp import mlp, mlp_params
 
@@ -61,7 +61,7 @@ def block_rows(n_assign: int, n_experts: int) -> int:
 
 def _take_expert(w, e):
     """Expert ``e`` of a stacked weight (a plain array or a quantized node)."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False), w)
+    return jax.tree.map(lambda a: dynamic_index(a, e, 0), w)
 
 
 def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = None) -> jax.Array:
@@ -106,9 +106,12 @@ def grouped_experts(x: jax.Array, weights, idx, up, down, block: int | None = No
         row0 = starts[e] + (c - first_blk) * b
         valid = lane < (starts[e] + counts[e] - row0)
         xb = jax.lax.dynamic_slice_in_dim(xs, row0, b)
-        w_up = _take_expert(up, e)
+        # the banks pass a barrier with the loop-variant index: XLA then slices them inside the loop instead of
+        # hoisting a copy of each whole bank (the raw-bits view of ``ops.dynamic_index``) out of it
+        bank_up, bank_down, e = jax.lax.optimization_barrier((up, down, e))
+        w_up = _take_expert(bank_up, e)
         h = relu2(kernels.linear_transformed(xb, w_up, x.dtype) if transform else linear(xb, w_up))
-        y = linear(h, _take_expert(down, e)).astype(jnp.float32)
+        y = linear(h, _take_expert(bank_down, e)).astype(jnp.float32)
         wb = jnp.where(valid, jax.lax.dynamic_slice_in_dim(sw_p, row0, b), 0.0)
         tb = jax.lax.dynamic_slice_in_dim(tok_p, row0, b)
         return c + 1, out.at[tb].add(y * wb[:, None])

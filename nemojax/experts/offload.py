@@ -33,6 +33,7 @@ from ..config import Config
 from ..generate import DecodeState, next_token
 from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
+from ..ops import as_bits, from_bits
 from .policies import make_policy
 from .policies.slots import SlotTable
 
@@ -77,7 +78,7 @@ def _host_kind(device) -> str | None:
 @partial(jax.jit, donate_argnums=(0,))
 def _install(slots, at, new):
     """slots leaves [N, ...]; at [m] int32; new leaves [m, ...] -> slots with rows ``at`` replaced (in place)."""
-    return jax.tree.map(lambda s, n: s.at[at].set(n.astype(s.dtype)), slots, new)
+    return jax.tree.map(lambda s, n: from_bits(as_bits(s).at[at].set(as_bits(n.astype(s.dtype))), s.dtype), slots, new)
 
 
 class _Layer:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from ..cache import Cache
 from ..config import Config
 from ..model import forward
+from ..ops import dynamic_slice, dynamic_update
 from ..sampling import SamplingParams, sample_rows
 
 __all__ = ["TRACE_COUNTS", "take_row", "put_row", "set_row", "sample_keyed", "StepPieces", "INLINE", "COMPILED",
@@ -40,18 +41,17 @@ TRACE_COUNTS: collections.Counter = collections.Counter()  # traces of each step
 
 def take_row(cache: Cache, slot) -> Cache:
     """Row ``slot`` (a traced int) of a cache, as a cache of batch 1."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), cache)
+    return jax.tree.map(lambda a: dynamic_slice(a, slot, 1, axis=0), cache)
 
 
 def put_row(cache: Cache, row: Cache, slot) -> Cache:
     """``cache`` with row ``slot`` replaced by ``row`` (a cache of batch 1)."""
-    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), slot, axis=0),
-                        cache, row)
+    return jax.tree.map(lambda a, r: dynamic_update(a, r, slot, axis=0), cache, row)
 
 
 def set_row(logits, row, slot):
     """logits [B, V] with row ``slot`` set to ``row`` [1, V]."""
-    return jax.lax.dynamic_update_slice_in_dim(logits, row, slot, axis=0)
+    return dynamic_update(logits, row, slot, axis=0)
 
 
 def sample_keyed(logits, keys, n_gen, sp: SamplingParams):
@@ -128,7 +128,7 @@ def take_head(tree, n: int):
 def put_head(tree, head):
     """``tree`` (donated) with its first rows replaced by ``head`` (same structure, fewer rows), in place."""
     TRACE_COUNTS["put_head"] += 1
-    return jax.tree.map(lambda a, h: jax.lax.dynamic_update_slice_in_dim(a, h.astype(a.dtype), 0, axis=0), tree, head)
+    return jax.tree.map(lambda a, h: dynamic_update(a, h, 0, axis=0), tree, head)
 
 
 def on_head(step, n: int, cache: Cache, logits, *args):
@@ -184,7 +184,7 @@ def decode_steps(params, cfg: Config, k: int, n: int, cache: Cache, logits, acti
 def move_row(cache: Cache, logits, src, dst):
     """Row ``src`` of the cache and logits [B, V] copied to row ``dst`` (``src`` left as it was)."""
     TRACE_COUNTS["move_row"] += 1
-    return put_row(cache, take_row(cache, src), dst), set_row(logits, jax.lax.dynamic_slice_in_dim(logits, src, 1), dst)
+    return put_row(cache, take_row(cache, src), dst), set_row(logits, dynamic_slice(logits, src, 1), dst)
 
 
 @partial(jax.jit, donate_argnames=("cache",))
@@ -210,5 +210,5 @@ def extract_row(cache: Cache, positional: tuple, size: int, slot, start) -> tupl
     cut to positions [start, start + size)."""
     TRACE_COUNTS["extract_row"] += 1
     row = take_row(cache, slot)
-    return tuple({k: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) if k in names else a
+    return tuple({k: dynamic_slice(a, start, size, axis=1) if k in names else a
                   for k, a in st.items()} for st, names in zip(row.layers, positional))
