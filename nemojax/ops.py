@@ -6,8 +6,9 @@ import jax.numpy as jnp
 
 from . import kernels
 from .formats import is_quantized
+from .formats.base import dot_rows
 
-__all__ = ["linear", "dense_dot", "rms_norm", "relu2", "dynamic_slice", "dynamic_index", "dynamic_update", "as_bits",
+__all__ = ["linear", "rms_norm", "relu2", "dynamic_slice", "dynamic_index", "dynamic_update", "as_bits",
            "from_bits"]
 
 
@@ -21,22 +22,7 @@ def linear(x: jax.Array, w) -> jax.Array:
         return kernels.linear(x, w)
     if hasattr(w, "matmul"):  # a wrapper computing its own product (calibration's Observed)
         return w.matmul(x)
-    return dense_dot(x, w.astype(x.dtype)).astype(x.dtype)
-
-
-def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [..., K] @ w[N, K]^T -> [..., N]`` fp32, for plain arrays of one dtype.
-
-    XLA:CPU runs a single-row product of 16-bit operands by converting the whole weight to fp32 first (~1 GB/s);
-    from two rows on it calls its packed GEMM library. A single row is therefore computed as two (behind an
-    optimization barrier, else the simplifier slices the second row away again).
-    """
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if x.dtype != jnp.float32 and x.size == x.shape[-1] and jax.default_backend() == "cpu":
-        x2 = jax.lax.optimization_barrier(jnp.concatenate([x.reshape(1, -1)] * 2))  # kept as two rows
-        return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], w.shape[0])
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    return dot_rows(x, w.astype(x.dtype)).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

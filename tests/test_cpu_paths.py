@@ -13,6 +13,7 @@ import pytest
 from nemojax import cache as cache_mod
 from nemojax import model, ops, params as params_mod
 from nemojax.blocks.moe import grouped_experts
+from nemojax.formats.base import dot_rows
 
 from .conftest import tiny_config
 
@@ -63,11 +64,11 @@ def test_single_row_bf16_linear_equals_fp32_reference():
     w = jnp.asarray(rng.standard_normal((96, 80)).astype(ml_dtypes.bfloat16))
     x = jnp.asarray(rng.standard_normal((1, 1, 80)).astype(ml_dtypes.bfloat16))
     ref = np.asarray(x, np.float64).reshape(1, 80) @ np.asarray(w, np.float64).T
-    got = jax.jit(ops.dense_dot)(x, w)
+    got = jax.jit(dot_rows)(x, w)
     assert got.shape == (1, 1, 96) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got).reshape(1, 96), ref, rtol=1e-5, atol=1e-4)
     many = jnp.concatenate([x.reshape(1, 80), jnp.asarray(rng.standard_normal((3, 80)), jnp.bfloat16)])
-    np.testing.assert_allclose(np.asarray(ops.dense_dot(many, w))[:1], np.asarray(got).reshape(1, 96), rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(dot_rows(many, w))[:1], np.asarray(got).reshape(1, 96), rtol=1e-6,
                                atol=1e-6)
 
 

@@ -60,7 +60,23 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["QuantError", "QuantFormat", "FORMATS", "register", "is_quantized", "format_of", "check_run_options",
-           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "NANO_SELECTIVE", "BLOCK_LINEARS"]
+           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "NANO_SELECTIVE", "BLOCK_LINEARS"]
+
+
+def dot_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w[..., N, K]^T -> [..., (bank,) N]`` float32: the product every weight's matmul ends in.
+
+    XLA:CPU runs a single-row product of 16-bit operands by converting the whole weight to fp32 first (~1 GB/s);
+    from two rows on it calls its packed GEMM library. On CPU a single row against a matrix is therefore computed
+    as two (behind an optimization barrier, else the simplifier slices the second row away again).
+    """
+    dims = (((x.ndim - 1,), (w.ndim - 1,)), ((), ()))
+    if (w.ndim == 2 and x.dtype != jnp.float32 and x.size == x.shape[-1] and x.size
+            and jax.default_backend() == "cpu"):
+        x2 = jax.lax.optimization_barrier(jnp.concatenate([x.reshape(1, -1)] * 2))
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return y[:1].reshape(*x.shape[:-1], w.shape[0])
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
 class QuantError(ValueError):

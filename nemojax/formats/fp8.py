@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, ieee_div,
-                   per_tensor_spec, register)
+from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
+                   ieee_div, per_tensor_spec, register)
 
 __all__ = ["FP8Weight", "quantize", "dequantize", "fake_quant", "activation_multiplier", "check_quantizable",
            "check_arrays", "E4M3_MAX", "MODES", "SUFFIXES"]
@@ -157,8 +157,7 @@ class FP8Weight(QuantFormat):
                 xq = fake_quant(x[..., None, :], jnp.asarray(self.input_scale)[:, None])
                 return jnp.einsum("...ek,enk->...en", xq, w, preferred_element_type=jnp.float32).astype(x.dtype)
             x = fake_quant(x, self.input_scale)
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
+        return dot_rows(x, w).astype(x.dtype)
 
     def take_rows(self, idx) -> "FP8Weight":
         return self.replace(weight=jnp.take(self.weight, idx, axis=0))

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, ieee_div,
-                   per_tensor_spec, register)
+from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
+                   ieee_div, per_tensor_spec, register)
 
 __all__ = ["NVFP4Weight", "quantize", "dequantize", "fake_quant", "e2m1_code", "E2M1_VALUES", "pack_codes",
            "unpack_codes", "MODES", "SUFFIXES", "BLOCK"]
@@ -144,9 +144,7 @@ class NVFP4Weight(QuantFormat):
     def matmul(self, x: jax.Array) -> jax.Array:
         """``x [..., K] @ W^T -> [..., N]`` in x's dtype (fp32 accumulation)."""
         x = self.fake_quant_input(x)
-        w = self.dequantize(x.dtype)
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
+        return dot_rows(x, self.dequantize(x.dtype)).astype(x.dtype)
 
     def take_rows(self, idx) -> "NVFP4Weight":
         return self.replace(packed=jnp.take(self.packed, idx, axis=0), scale=jnp.take(self.scale, idx, axis=0))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from ..base import QuantError, QuantFormat, register
+from ..base import QuantError, QuantFormat, dot_rows, register
 from .checkpoint import layer_entry, layout_kind, module_tensors, polar_config, read_layout
 from .codebook import check_bits, lloyd_max_table
 from .codes import dequantize, lookup, quantize_jit, scaled_table
@@ -273,7 +273,7 @@ def _checked_arrays(codes, norms, table, bits, in_features, name: str, path: str
 
 
 def _dot(x, w):
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
+    return dot_rows(x, w)
 
 
 @functools.partial(jax.jit, static_argnums=2)
