@@ -51,10 +51,16 @@ def route(gate_w, bias, cfg: Config, x: jax.Array):
 
 
 def block_rows(n_assign: int, n_experts: int) -> int:
-    """Rows per block: a power of two near the mean rows per expert, in [1, 128]."""
-    mean = max(1, n_assign // max(1, n_experts))
+    """Rows per block: a power of two at or above 3/4 of the expected rows per *used* expert, in [1, 128].
+
+    Each block copies its expert's weights once (a bank slice), so at decode sizes, where the copy costs far more
+    than the few rows' arithmetic, one block should hold all of an expert's rows: with ``A`` assignments over
+    ``E`` experts about ``E (1 - (1 - 1/E)^A)`` experts are used."""
+    E = max(1, n_experts)
+    used = max(1.0, E * (1.0 - (1.0 - 1.0 / E) ** n_assign)) if E > 1 else 1.0
+    mean = n_assign / used
     b = 1
-    while b * 2 <= mean and b < 128:
+    while b < 0.75 * mean and b < 128:
         b *= 2
     return b
 
