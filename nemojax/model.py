@@ -17,7 +17,7 @@ from .blocks.moe import MOE, RoutedExperts, moe_output, moe_route, resident_expe
 from .cache import Cache
 from .config import Config
 from .formats import is_quantized
-from .ops import as_bits, from_bits, linear, rms_norm
+from .ops import linear, rms_norm, take_rows
 
 __all__ = ["forward", "forward_jit", "block", "lm_head", "embed", "compute_dtype", "start", "head", "moe_input",
            "moe_residual", "pre_norm", "STEPWISE", "Pieces"]
@@ -62,8 +62,7 @@ def embed(params: dict, tokens: jax.Array) -> jax.Array:
     w = params["embeddings"]
     if is_quantized(w):  # gather the stored rows, dequantize only those
         return w.take_rows(tokens).dequantize(compute_dtype(params))
-    rows = from_bits(jnp.take(as_bits(w), tokens, axis=0), w.dtype)  # raw bits: no fp32 copy of the table (ops)
-    return rows.astype(compute_dtype(params))
+    return take_rows(w, tokens).astype(compute_dtype(params))  # no copy of the table (ops.take_rows)
 
 
 def lm_head(params: dict, cfg: Config, h: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ from .formats import is_quantized
 from .formats.base import dot_rows
 
 __all__ = ["linear", "rms_norm", "relu2", "dynamic_slice", "dynamic_index", "dynamic_update", "as_bits",
-           "from_bits"]
+           "from_bits", "take_rows"]
 
 
 def linear(x: jax.Array, w) -> jax.Array:
@@ -70,3 +70,10 @@ def dynamic_update(a: jax.Array, update: jax.Array, start, axis: int = 0) -> jax
     """``jax.lax.dynamic_update_slice_in_dim(a, update.astype(a.dtype), start, axis)`` moving raw bits."""
     upd = as_bits(update.astype(a.dtype))
     return from_bits(jax.lax.dynamic_update_slice_in_dim(as_bits(a), upd, start, axis), a.dtype)
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``jnp.take(table, ids, axis=0)`` moving raw bits, behind a barrier tied to ``ids``: inside a decode loop XLA
+    would otherwise hoist a converted copy of the whole table out of the loop (once per call)."""
+    t, ids = jax.lax.optimization_barrier((table, ids))
+    return from_bits(jnp.take(as_bits(t), ids, axis=0), table.dtype)

@@ -133,3 +133,40 @@ def test_grouped_experts_bf16_matches_float64_reference():
             h = np.asarray(h.astype(ml_dtypes.bfloat16), np.float64)  # the hidden activations are bf16
             ref[t] += w[t, j] * (np.asarray(down[e], np.float64) @ h)
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_block_rows_give_each_used_expert_one_block_at_decode_sizes():
+    """Decode batches: one block per used expert (each block copies its expert); prefill: the 128 cap."""
+    from nemojax.blocks.moe import block_rows
+
+    rng = np.random.default_rng()
+    for E, k, T in ((16, 6, 1), (16, 6, 8), (128, 6, 8), (128, 6, 1)):
+        b = block_rows(T * k, E)
+        counts = np.bincount(np.concatenate([rng.choice(E, k, replace=False) for _ in range(T)]), minlength=E)
+        blocks = int(np.sum((counts + b - 1) // b))
+        assert blocks <= 1.5 * np.count_nonzero(counts), (E, k, T, b, counts)
+        assert b <= max(1, 2 * counts.max())  # and not much wider than the busiest expert needs
+    assert block_rows(512 * 6, 16) == 128 and block_rows(4096 * 6, 128) == 128
+
+
+def test_bf16_decode_loop_hoists_no_copy_of_the_embedding_table_or_banks(monkeypatch):
+    """Across the jitted decode loop the weights are loop-invariant: XLA would hoist a converted copy of the
+    embedding table (and of every expert bank) out of the loop, once per call, without the barriers."""
+    import nemojax.generate as gen
+
+    cfg = tiny_config(hidden_size=128, moe_intermediate_size=96, vocab_size=1024)
+    p = jax.tree.map(jnp.asarray, params_mod.init_params_numpy(cfg, seed=0, dtype="bfloat16"))
+    seen = {}
+    real = gen.decode
+
+    def spy(*a, **k):
+        seen["hlo"] = real.lower(*a, **k).compile().as_text()
+        return real(*a, **k)
+    monkeypatch.setattr(gen, "decode", spy)
+    list(gen.generate_stream(p, cfg, np.random.default_rng().integers(3, 1000, (1, 16)), max_new_tokens=8, chunk=4))
+    hlo = seen["hlo"]
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}") + 1]
+    big = {tuple(p["embeddings"].shape)} | {tuple(a.shape) for a in jax.tree.leaves(p) if a.ndim == 3}
+    hoisted = sorted({(d, s) for d, s in produced_shapes(entry) if s in big})
+    assert not hoisted, f"the decode loop starts by copying {hoisted}"
