@@ -36,7 +36,7 @@ def cmd_verify(a) -> int:
         if code == 2:
             if a.json:
                 print(json.dumps({"path": os.path.abspath(a.dir), "ok": False, "error": msg}))
-            raise
+            raise e from None
         r = {"path": os.path.abspath(a.dir), "ok": False, "error": f"{type(e).__name__}: {e}"}
     if a.json:
         print(json.dumps(r))
