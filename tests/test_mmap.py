@@ -22,16 +22,18 @@ from .conftest import tiny_config
 from .tiny_tokenizer import make_tokenizer
 
 CFG = tiny_config(n_routed_experts=8, num_experts_per_tok=3)
-DTYPE = {"bfloat16": "bfloat16", "float32": "float32", "nvfp4": "float32"}  # the dtype each folder is loaded in
+DTYPE = {"bfloat16": "bfloat16", "float32": "float32", "nvfp4": "float32", "fp8": "float32",
+         "hlwq-q5": "float32"}  # the dtype each folder is loaded in
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A checkpoint per kind: BF16, FP32 and NVFP4 (quantized here from fresh random FP32 weights)."""
+    """A checkpoint per kind: BF16, FP32, and NVFP4, FP8 and HLWQ quantized here from fresh random FP32 weights."""
     p32 = init_params(CFG, 31, dtype="float32")
     out = {}
-    for kind, params in (("bfloat16", init_params(CFG, 32, dtype="bfloat16")), ("float32", p32),
-                         ("nvfp4", quant.apply(p32, CFG, "nvfp4-all"))):
+    kinds = [("bfloat16", init_params(CFG, 32, dtype="bfloat16")), ("float32", p32),
+             ("nvfp4", quant.apply(p32, CFG, "nvfp4-all"))]
+    for kind, params in kinds + [(r, quant.apply(p32, CFG, r)) for r in ("fp8", "hlwq-q5")]:
         d = tmp_path_factory.mktemp(kind)
         save_params(params, CFG, d)
         make_tokenizer(d, vocab_size=CFG.vocab_size)
@@ -64,7 +66,7 @@ def _leaves(params):
     return [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
 
 
-@pytest.mark.parametrize("kind", ["bfloat16", "float32", "nvfp4"])
+@pytest.mark.parametrize("kind", ["bfloat16", "float32", "nvfp4", "fp8", "hlwq-q5"])
 def test_logits_equal_normal_load(folders, kind):
     ref = nemojax.load(folders[kind], dtype=DTYPE[kind])
     m = nemojax.load(folders[kind], dtype=DTYPE[kind], mmap=True)
