@@ -107,6 +107,28 @@ def test_mapped_arrays_alias_the_file(folders, kind):
     assert not any(any(lo <= x.unsafe_buffer_pointer() < hi for lo, hi in ranges) for x in _leaves(plain))
 
 
+def test_sharded_writer_aligns_tensors(tmp_path):
+    """Shards of ``save_params(max_shard_bytes=...)`` start their data at 64 bytes and store every tensor whose size
+    is whole 64-byte blocks at an aligned offset (the others last): a mmap load copies exactly the tensors left
+    misaligned."""
+    params = quant.apply(init_params(CFG, 34, dtype="float32"), CFG, "nvfp4-all")
+    save_params(params, CFG, tmp_path, max_shard_bytes=200_000)
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(shards) > 2
+    odd = 0  # bytes of the non-expert tensors at offsets that are not multiples of 64
+    for f in shards:
+        sf = nemojax.checkpoint.SafeFile(tmp_path / f)
+        assert sf._base % 64 == 0
+        for n in sf.keys():
+            nb, aligned = sf.get(n).nbytes, (sf._base + sf._info[n][2]) % 64 == 0
+            assert aligned or nb % 64, n
+            if not aligned and ".experts." not in n:
+                odd += nb
+    report = MapReport()
+    load_params(tmp_path, CFG, "float32", mmap=True, bank_views=True, report=report)
+    assert report.copied_bytes == odd and report.mapped_bytes > 10 * odd and report.on_disk_bytes > 0
+
+
 def test_file_rewritten_in_place_changes_mapped_params_renamed_file_does_not(tmp_path):
     """What docs/real-shapes.md says: bytes written into the mapped file show up in the parameters; a new file
     renamed over it (what ``nemojax convert --force`` does) leaves them as they were."""
@@ -119,9 +141,9 @@ def test_file_rewritten_in_place_changes_mapped_params_renamed_file_does_not(tmp
     fresh = np.random.default_rng(5).standard_normal(want.shape).astype(np.float32)
     tensors = dict(checkpoint_tensors(params, CFG, "original"))
     new = {**tensors, "backbone.norm_f.weight": fresh}
-    save_params_file = str(tmp_path / "new.safetensors")
-    nemojax.checkpoint.save_file(new, save_params_file)
-    os.replace(save_params_file, path)  # atomic replacement: the old inode stays mapped
+    new_path = str(tmp_path / "new.safetensors")
+    nemojax.checkpoint.save_file(new, new_path)
+    os.replace(new_path, path)  # atomic replacement: the old inode stays mapped
     np.testing.assert_array_equal(np.asarray(jnp.copy(norm)), want)
     m2 = nemojax.load(tmp_path, dtype="float32", mmap=True)
     np.testing.assert_array_equal(np.asarray(jnp.copy(m2.params["norm_f"])), fresh)
@@ -214,5 +236,6 @@ def test_cli_mmap_refused_for_orbax_and_off_cpu(folders, capsys, tmp_path, monke
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     line = _one_error(capsys, "generate", "--model", folders["bfloat16"], "--prompt", "hi", "--mmap")
     assert "CPU backend" in line and "'gpu'" in line
+    assert "CPU backend" in _one_error(capsys, "serve", "--model", folders["bfloat16"], "--mmap")
     with pytest.raises(ValueError, match="mmap=True needs the CPU backend"):
         nemojax.load(folders["bfloat16"], mmap=True)
