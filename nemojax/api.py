@@ -13,7 +13,8 @@ from .config import Config
 from .generate import generate, generate_stream
 from .blocks.moe import RoutedExperts
 from .model import forward, forward_jit
-from .checkpoint import CheckpointError, load_params, resolve_dtype
+from .checkpoint import CheckpointError, MapReport, load_params, resolve_dtype, stack_banks
+from .experts.bank import HostBank
 
 __all__ = ["Model", "load"]
 
@@ -23,11 +24,17 @@ class Model:
     """A loaded model: ``config`` (static), ``params`` (the pytree) and ``experts``, how its MoE blocks run their
     routed experts (None: resident on the device; :meth:`offload` returns a model whose routed experts live in
     host memory behind a device cache, a ``nemojax.experts.offload.OffloadedExperts`` that holds the slots and
-    their ``stats``). Holds no other state."""
+    their ``stats``); ``mapped``: for ``load(..., mmap=True)``, what was memory-mapped and what copied
+    (``nemojax.checkpoint.MapReport``). Holds no other state.
+
+    ``params`` built with routed-expert banks left in the checkpoint files (``HostBank``, ``load(...,
+    mmap=True)``) are stacked into RAM on first use of ``params`` (:meth:`logits`, :meth:`generate`, a serving
+    engine); :meth:`offload` takes them as they are, so the experts stay on disk behind the device cache."""
 
     config: Config
-    params: dict
+    params: dict = dataclasses.field(repr=False)
     experts: RoutedExperts | None = None
+    mapped: MapReport | None = None
 
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """input_ids [B, T] (or [T]), attention_mask [B, T] (1 = token, 0 = left pad) -> float32 [B, T, V]."""
@@ -68,8 +75,23 @@ class Model:
             raise ValueError("the routed experts are offloaded already: offload the resident model")
         from .experts.offload import offload_experts
 
-        params, experts = offload_experts(self.params, self.config, expert_cache, policy, prefetch, device)
-        return Model(self.config, params, experts)
+        params, experts = offload_experts(self.__dict__["_params"], self.config, expert_cache, policy, prefetch,
+                                          device)  # banks still on disk stay there
+        return Model(self.config, params, experts, self.mapped)
+
+
+def _get_params(self: Model) -> dict:
+    if self.__dict__["_views"]:  # banks left in the files (mmap loads): stacked into RAM now, once
+        self.__dict__["_params"], self.__dict__["_views"] = stack_banks(self.__dict__["_params"]), False
+    return self.__dict__["_params"]
+
+
+def _set_params(self: Model, params: dict) -> None:
+    self.__dict__["_params"] = params
+    self.__dict__["_views"] = any(isinstance(x, HostBank) for x in jax.tree.leaves(params))
+
+
+Model.params = property(_get_params, _set_params, doc="The parameter pytree (expert banks stacked on first use).")
 
 
 def _as_ids(input_ids, cfg: Config) -> jax.Array:
@@ -87,7 +109,7 @@ def _as_ids(input_ids, cfg: Config) -> jax.Array:
 
 def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16", hlwq_path: str = "dequant",
          base: str | os.PathLike | None = None, dequantize: bool = False, progress: bool | None = None,
-         backend: str = "xla", **run_options) -> Model:
+         backend: str = "xla", mmap: bool = False, **run_options) -> Model:
     """Load a Hugging Face Nemotron-H checkpoint folder (config.json + safetensors).
 
     dtype: weight dtype ('bfloat16', 'float32', 'float16'); A_log, D and e_score_correction_bias stay fp32.
@@ -100,6 +122,11 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
     "pallas" or "triton" (``nemojax.quant.set_backend``). run_options: the run options of other registered formats
     (``QuantFormat.run_options``), e.g. ``fp8_mode="w8a8"`` for ModelOpt FP8 checkpoints with ``input_scale``
     ("w8a16", the default, is weight-only).
+    mmap: (CPU only; ValueError elsewhere, and for an orbax folder) keep every weight stored as it is used in the
+    files' read-only memory maps instead of copying it into RAM (``Model.mapped`` counts the bytes); the routed
+    experts stay per-expert views of the files until first used: :meth:`Model.offload` keeps them there (the
+    page cache is their host tier), a resident forward stacks them into RAM (a copy of every bank). The files
+    must not be rewritten in place while mapped (docs/real-shapes.md, "Memory-mapped weights").
     """
     dt = resolve_dtype(dtype)
     if not os.path.isdir(path):  # else Config.from_json would parse a *.safetensors file as JSON
@@ -114,8 +141,11 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
         from . import quant
 
         quant.set_backend({}, backend)  # a bad or unavailable backend fails before the weights are read
+    report = MapReport() if mmap else None
     params = load_params(path, cfg, dt, progress=progress, nvfp4_mode=nvfp4_mode, hlwq_path=hlwq_path, base=base,
-                         dequantize=dequantize, **run_options)
+                         dequantize=dequantize, mmap=mmap, bank_views=mmap, report=report, **run_options)
     if backend != "xla":
         params = quant.set_backend(params, backend)
-    return Model(cfg, params)
+        params = jax.tree.map(lambda x: HostBank([quant.set_backend(e, backend) for e in x.experts])
+                              if isinstance(x, HostBank) else x, params)
+    return Model(cfg, params, mapped=report)

@@ -169,7 +169,7 @@ def test_internal_error_one_line_and_debug_traceback(capsys, monkeypatch, model_
 
 
 def test_file_errors_name_the_path(capsys, monkeypatch, model_dir):
-    def denied(d, base=None):
+    def denied(d, base=None, **_):
         raise PermissionError(errno.EACCES, "Permission denied", os.path.join(d, "model.safetensors"))
 
     monkeypatch.setattr("nemojax.cli.verify.verify_checkpoint", denied)

@@ -17,7 +17,7 @@ from .convert import (DEFAULT_MAX_SHARD_BYTES, TARGETS, ConvertError, DiskFullEr
 from .inspect import inspect_checkpoint
 from .modelopt import QuantConfigError
 from .orbax import OrbaxError, is_orbax_checkpoint, load_orbax, save_orbax
-from .read import load_params, resolve_dtype
+from .read import MapReport, load_params, resolve_dtype, stack_banks
 from .safetensors import SafeFile, SafetensorsError, save_file
 from .sharded import load_sharded
 from .source import Checkpoint, CheckpointError
@@ -28,4 +28,4 @@ __all__ = ["CheckpointError", "Checkpoint", "load_params", "resolve_dtype", "sav
            "load_sharded", "convert_checkpoint", "dequantize_checkpoint", "convert_to_orbax", "ConvertError",
            "DiskFullError", "TARGETS", "DEFAULT_MAX_SHARD_BYTES", "inspect_checkpoint", "verify_checkpoint",
            "save_orbax", "load_orbax", "is_orbax_checkpoint", "OrbaxError", "QuantConfigError", "SafeFile", "SafetensorsError",
-           "save_file"]
+           "save_file", "MapReport", "stack_banks"]

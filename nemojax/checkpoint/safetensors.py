@@ -18,7 +18,8 @@ import numpy as np
 
 from .output import check_size, write_array
 
-__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header", "array_shape_ok"]
+__all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header", "array_shape_ok",
+           "ALIGN", "aligned_first"]
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -270,27 +271,40 @@ def tensor_entry(name: str, a, offset: int, where: str) -> tuple[dict, int]:
     return {"dtype": DTYPE_NAMES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + nb]}, nb
 
 
+ALIGN = 64  # XLA:CPU aliases a host buffer (``load(..., mmap=True)``) only at this alignment
+
+
 def encode_header(header: dict, metadata: Mapping[str, str] | None) -> bytes:
-    """The bytes before the data section: the 8-byte length, then the JSON header padded to 8 bytes."""
+    """The bytes before the data section: the 8-byte length, then the JSON header padded with spaces so that the
+    data section starts at a multiple of ``ALIGN`` bytes (the header length stays a multiple of 8)."""
     if metadata:
         header = {**header, "__metadata__": dict(metadata)}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def aligned_first(sizes: list[int]) -> list[int]:
+    """The order to store tensors of byte ``sizes`` in: those whose size is a multiple of ``ALIGN`` first (each
+    then starts ``ALIGN``-aligned), the others after them, each group in its given order."""
+    return sorted(range(len(sizes)), key=lambda i: sizes[i] % ALIGN != 0)
 
 
 def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
     """Write NumPy arrays (any dtype in ``DTYPES``, ml_dtypes included) as a safetensors file, one tensor at a
-    time (the arrays may be memory maps)."""
+    time (the arrays may be memory maps). The header lists them in the given order; the data section holds
+    them in :func:`aligned_first` order, so that every tensor of a size in whole ``ALIGN`` blocks starts
+    aligned."""
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    header, off = {}, 0
-    for name, a in items:
-        header[name], nb = tensor_entry(name, a, off, os.fspath(path))
-        off += nb
-    head = encode_header(header, metadata)
+    entries = [tensor_entry(name, a, 0, os.fspath(path)) for name, a in items]
+    order, off = aligned_first([nb for _, nb in entries]), 0
+    for i in order:
+        entries[i][0]["data_offsets"] = [off, off + entries[i][1]]
+        off += entries[i][1]
+    head = encode_header({name: e for (name, _), (e, _) in zip(items, entries)}, metadata)
     with open(path, "wb") as f:
         f.write(head)
-        for _, a in items:
-            write_array(f, a, os.fspath(path))
+        for i in order:
+            write_array(f, items[i][1], os.fspath(path))
         check_size(f, len(head) + off, os.fspath(path))

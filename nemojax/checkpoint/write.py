@@ -18,11 +18,13 @@ from ..params import Spec, param_specs, tree_paths
 from .modelopt import config_quantization, hf_quant_config, linear_modules
 from .output import ConvertError, check_size, write_array
 from .plan import flat_params
-from .safetensors import SafetensorsError, encode_header, save_file, tensor_entry
+from .safetensors import ALIGN, SafetensorsError, encode_header, save_file, tensor_entry
 from .source import INDEX, hf5_name, naming_function
 
 __all__ = ["ShardWriter", "checkpoint_tensors", "param_tensors", "expert_spec", "quant_modules",
            "write_quant_configs", "write_config", "save_params"]
+
+_TAIL_MAX = 1 << 16  # bytes: larger unaligned tensors are written in place
 
 
 class ShardWriter:
@@ -30,7 +32,9 @@ class ShardWriter:
     than that gets a shard of its own). Tensor bytes go straight to a per-shard data file, so memory holds no
     more than the tensor being written; when a shard is full the final file is header + the data copied over.
     ``close()`` names the shards ``model-0000k-of-0000N.safetensors`` and writes ``model.safetensors.index.json``;
-    ``abort()`` closes the open file after an error (the caller removes the folder).
+    ``abort()`` closes the open file after an error (the caller removes the folder). Small tensors whose size is
+    not a multiple of ``ALIGN`` bytes (scalar scales) are held back and stored at the end of their shard, so the
+    others start aligned (``load(..., mmap=True)`` can alias them).
     """
 
     def __init__(self, folder: str, max_shard_bytes: int):
@@ -41,12 +45,19 @@ class ShardWriter:
         self._data = None
         self._header: dict = {}
         self._size = 0
+        self._written = 0
+        self._tail: list = []
 
     def _open(self):
         k = len(self.shards) + 1
         self._data_path = os.path.join(self.folder, f".shard-{k:05d}.data")
         self._data = open(self._data_path, "wb")
-        self._header, self._size = {}, 0
+        self._header, self._size, self._written, self._tail = {}, 0, 0, []
+
+    def _write(self, name: str, a: np.ndarray, nb: int) -> None:
+        self._header[name]["data_offsets"] = [self._written, self._written + nb]
+        write_array(self._data, a, self._data_path)
+        self._written += nb
 
     def add(self, name: str, a: np.ndarray) -> None:
         a = np.asarray(a)
@@ -58,13 +69,18 @@ class ShardWriter:
             self._flush()
         if self._data is None:
             self._open()
-        entry["data_offsets"] = [self._size, self._size + nb]
         self._header[name] = entry
-        write_array(self._data, a, self._data_path)
+        if nb % ALIGN and nb <= _TAIL_MAX:
+            self._tail.append((name, np.array(a), nb))
+        else:
+            self._write(name, a, nb)
         self._size += nb
         self.total += nb
 
     def _flush(self) -> None:
+        for name, a, nb in self._tail:
+            self._write(name, a, nb)
+        self._tail = []
         self._data.close()
         self._data = None
         k = len(self.shards) + 1

@@ -16,6 +16,19 @@ class UsageError(Exception):
     """A user error: reported as ``nemojax COMMAND: error: ...`` with exit code 2."""
 
 
+def load_option_error(e: ValueError) -> UsageError | None:
+    """The UsageError naming the command-line option for a plain ValueError ``nemojax.load`` raises about its
+    ``backend=`` (an unavailable --backend) or ``mmap=True`` (--mmap where it cannot work), else None."""
+    if type(e) is not ValueError:
+        return None
+    msg = str(e)
+    if "mmap=True" in msg:
+        return UsageError(msg.replace("mmap=True", "--mmap"))
+    if "backend=" in msg:
+        return UsageError(msg.replace("backend=", "--backend "))
+    return None
+
+
 def need_folders(d: str, base: str | None = None) -> None:
     """UsageError unless ``d`` (and the ``--base`` folder ``base``, when given) is a Hugging Face model folder (a
     folder with config.json)."""

@@ -2,17 +2,20 @@
 speed on stderr."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
 from ..chat import parse_response
-from .errors import INT32_MAX, UsageError, int_in, utf8_text
+from .errors import INT32_MAX, UsageError, int_in, load_option_error, utf8_text
 
 __all__ = ["add_parser", "cmd_generate", "default_model_path"]
 
 SEED_MAX = 2**32 - 1  # larger seeds would repeat smaller ones' random streams
+MMAP_HELP = ("CPU only: keep the weights in the checkpoint files' read-only memory maps instead of copying them "
+             "into RAM; with --expert-cache the routed experts stay on disk (the page cache is their host tier)")
 
 
 def default_model_path() -> str:
@@ -43,6 +46,7 @@ def add_parser(sub) -> None:
                    help="keep routed experts in host memory with N device slots per MoE layer")
     p.add_argument("--cache-policy", default="adaptive", help="expert-cache eviction policy: lru, lfu, "
                    "lfru-tinyserve, lfru-vllm, lfru-polarquant, adaptive (default)")
+    p.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -82,6 +86,11 @@ def _report(a, folder: str, text: str, new: list[int], shown: str, stats: dict, 
         print(summary(), file=sys.stderr)
 
 
+def _mapped(model) -> dict:
+    """``{"mmap": {mapped_bytes, copied_bytes, on_disk_bytes, ...}}`` for a ``--mmap`` load, else nothing."""
+    return {} if model.mapped is None else {"mmap": dataclasses.asdict(model.mapped)}
+
+
 def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int:
     """``generate --expert-cache N``: host loop per token, experts fetched into N device slots per MoE layer; the
     text streams token by token."""
@@ -92,7 +101,7 @@ def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int
     dt = time.perf_counter() - t0
     ost = off.experts.stats.summary()
     text = tok.decode(new)
-    stats = {"prompt_tokens": len(ids), "new_tokens": len(new), "load_s": round(load_s, 3),
+    stats = {"prompt_tokens": len(ids), "new_tokens": len(new), "load_s": round(load_s, 3), **_mapped(off),
              "generate_s": round(dt, 3), "expert_cache": a.expert_cache, "cache_policy": a.cache_policy,
              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ost.items()}}
     _report(a, folder, text, new, shown, stats, thinking,
@@ -128,11 +137,12 @@ def cmd_generate(a) -> int:
     t0 = time.perf_counter()
     try:
         tok = Tokenizer(folder)
-        model = api.load(folder, dtype=a.dtype, backend=a.backend)
-    except ValueError as e:  # an unavailable --backend
-        if "backend=" not in str(e) or type(e) is not ValueError:
+        model = api.load(folder, dtype=a.dtype, backend=a.backend, mmap=a.mmap)
+    except ValueError as e:  # an unavailable --backend, --mmap off the CPU
+        err = load_option_error(e)
+        if err is None:
             raise
-        raise UsageError(str(e).replace("backend=", "--backend ")) from None
+        raise err from None
     load_s = time.perf_counter() - t0
     thinking = not a.no_thinking
     if a.chat:
@@ -164,7 +174,7 @@ def cmd_generate(a) -> int:
     n_new = len(new)
     pre_tps = timings["prompt_tokens"] / max(timings["prefill_s"], 1e-9)
     dec_tps = max(1, n_new) / max(timings["decode_s"], 1e-9)
-    stats = {"prompt_tokens": len(ids), "new_tokens": n_new, "load_s": round(load_s, 3),
+    stats = {"prompt_tokens": len(ids), "new_tokens": n_new, "load_s": round(load_s, 3), **_mapped(model),
              "compile_s": round(compile_s, 3), "prefill_s": round(timings["prefill_s"], 4),
              "decode_s": round(timings["decode_s"], 4), "prefill_tok_s": round(pre_tps, 1),
              "decode_tok_s": round(dec_tps, 1)}

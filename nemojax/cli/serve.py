@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import INT32_MAX, UsageError, int_in, need_folders
-from .generate import default_model_path
+from .errors import INT32_MAX, UsageError, int_in, load_option_error, need_folders
+from .generate import MMAP_HELP, default_model_path
 
 __all__ = ["add_parser", "cmd_serve", "parse_mesh"]
 
@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--backend", default="xla", choices=["xla", "pallas", "triton"],
                    help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton")
+    p.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -78,11 +79,12 @@ def cmd_serve(a) -> int:
     from ..tokenizer import Tokenizer
 
     try:  # an unusable checkpoint or tokenizer is a named error that main reports as bad input
-        tok, model = Tokenizer(folder), api.load(folder, dtype=a.dtype, backend=a.backend)
+        tok, model = Tokenizer(folder), api.load(folder, dtype=a.dtype, backend=a.backend, mmap=a.mmap)
     except ValueError as e:
-        if "backend=" not in str(e) or type(e) is not ValueError:  # not an unavailable --backend
+        err = load_option_error(e)  # an unavailable --backend, --mmap off the CPU
+        if err is None:
             raise
-        raise UsageError(str(e).replace("backend=", "--backend ")) from None
+        raise err from None
     ctx = model.config.max_position_embeddings
     if a.max_model_len is not None and a.max_model_len > ctx:
         raise UsageError(f"--max-model-len {a.max_model_len} exceeds the model's context of {ctx} tokens")

@@ -7,7 +7,8 @@ import os
 import sys
 
 from ..checkpoint import verify_checkpoint
-from .errors import describe, need_folders
+from .errors import describe, load_option_error, need_folders
+from .generate import MMAP_HELP
 
 __all__ = ["add_parser", "cmd_verify"]
 
@@ -20,19 +21,22 @@ def add_parser(sub) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--base", default=None, help="BF16 checkpoint supplying buffers HLWQ checkpoints lack")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(a) -> int:
     need_folders(a.dir, a.base)
     try:
-        r = verify_checkpoint(a.dir, a.base)
+        r = verify_checkpoint(a.dir, a.base, mmap=a.mmap)
     except Exception as e:  # noqa: BLE001  (unusable input: exit 2 from main; a failed forward: a failed check)
+        if isinstance(e, ValueError) and load_option_error(e) is not None:
+            e = load_option_error(e)  # --mmap where it cannot work
         code, msg = describe(e)
         if code == 2:
             if a.json:
                 print(json.dumps({"path": os.path.abspath(a.dir), "ok": False, "error": msg}))
-            raise
+            raise e from None
         r = {"path": os.path.abspath(a.dir), "ok": False, "error": f"{type(e).__name__}: {e}"}
     if a.json:
         print(json.dumps(r))

@@ -34,6 +34,7 @@ from ..generate import DecodeState, next_token
 from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
 from ..ops import as_bits, from_bits
+from .bank import HostBank
 from .policies import make_policy
 from .policies.slots import SlotTable
 
@@ -82,31 +83,39 @@ def _install(slots, at, new):
 
 
 class _Layer:
-    """One MoE layer: host store, device slots, slot table."""
+    """One MoE layer: host store (per leaf of the bank: a stacked [E, ...] array, or, from a
+    :class:`nemojax.experts.bank.HostBank`, a list of E per-expert arrays, e.g. read-only views of the checkpoint
+    files, of which each fetch stacks only the experts it moves), device slots, slot table."""
 
     def __init__(self, up, down, n_slots: int, policy: str, device, shared: dict | None = None):
-        self.E = jax.tree.leaves(up)[0].shape[0]
+        if isinstance(up, HostBank):  # per-expert views (mmap loads): host[j] is a list of E arrays, never stacked
+            self.E = len(up)
+            per = [jax.tree_util.tree_flatten({"up": u, "down": d}) for u, d in zip(up.experts, down.experts)]
+            self.treedef = per[0][1]
+            self.host = [[leaves[j] for leaves, _ in per] for j in range(len(per[0][0]))]
+        else:
+            self.E = jax.tree.leaves(up)[0].shape[0]
+            leaves, self.treedef = jax.tree_util.tree_flatten({"up": up, "down": down})
+            self.host = [np.asarray(a) for a in leaves]  # [E, ...] each
+            kind = _host_kind(device)
+            if kind is not None:  # page-locked host memory: DMA-able without a staging copy
+                from jax.sharding import SingleDeviceSharding
+
+                self.host = [jax.device_put(a, SingleDeviceSharding(device, memory_kind=kind)) for a in self.host]
         self.table = SlotTable(self.E, n_slots, policy, shared)
         self.N = self.table.n_slots
-        bank = {"up": up, "down": down}
-        leaves, self.treedef = jax.tree_util.tree_flatten(bank)
-        self.host = [np.asarray(a) for a in leaves]  # [E, ...] each
-        kind = _host_kind(device)
-        if kind is not None:  # page-locked host memory: DMA-able without a staging copy
-            from jax.sharding import SingleDeviceSharding
-
-            self.host = [jax.device_put(a, SingleDeviceSharding(device, memory_kind=kind)) for a in self.host]
-        self.expert_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.host)
+        one = [(tuple(a[0].shape), a[0].dtype) if isinstance(a, list) else (a.shape[1:], a.dtype) for a in self.host]
+        self.expert_bytes = sum(int(np.prod(shp)) * np.dtype(dt).itemsize for shp, dt in one)
         self.slots = jax.device_put(
-            jax.tree_util.tree_unflatten(self.treedef, [np.zeros((self.N, *a.shape[1:]), a.dtype)
-                                                        for a in self.host]), device)
+            jax.tree_util.tree_unflatten(self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in one]), device)
         self.device = device
         self.pending: dict[int, list] = {}  # expert -> device leaves put ahead of use
 
     def fetch(self, experts: list[int]) -> list[list]:
         """One batched device_put of the given experts' leaves -> per leaf [m, ...] device arrays."""
         idx = np.asarray(experts, np.int64)
-        host = [a[idx] if isinstance(a, np.ndarray) else jnp.take(a, jnp.asarray(idx), axis=0) for a in self.host]
+        host = [np.stack([a[e] for e in idx]) if isinstance(a, list) else a[idx] if isinstance(a, np.ndarray)
+                else jnp.take(a, jnp.asarray(idx), axis=0) for a in self.host]
         return jax.device_put(host, self.device)
 
     def prefetch(self, experts: list[int], stats: OffloadStats) -> None:

@@ -215,17 +215,19 @@ class QuantFormat(abc.ABC):
 
     @classmethod
     def read(cls, ck, mods: list[str], shape: tuple[int, int], *, stacked: bool = False, configs: dict | None = None,
-             **run_options) -> "QuantFormat":
+             copy: bool = True, **run_options) -> "QuantFormat":
         """The node of modules ``mods`` (one, or one per expert stacked along a new leading axis when ``stacked``)
-        with NumPy arrays as leaves (owned copies, never the checkpoint's memory maps), ``run_options`` applied
-        (:meth:`configure`). ``configs``: the checkpoint's parsed quantization configs (``{"modelopt": ...,
-        "polar": ...}``, values None when absent). Default: the tensors of :meth:`stored_fields`."""
+        with NumPy arrays as leaves (owned copies, never the checkpoint's memory maps; ``copy=False``: the leaves
+        of one module that are stored as used may be the read-only memory-mapped views, for
+        ``load_params(..., mmap=True)``), ``run_options`` applied (:meth:`configure`). ``configs``: the
+        checkpoint's parsed quantization configs (``{"modelopt": ..., "polar": ...}``, values None when absent).
+        Default: the tensors of :meth:`stored_fields`."""
         fields = cls.stored_fields(ck, mods, shape)
         if fields is None:
             raise NotImplementedError(f"{cls.__name__}: define read() or stored_fields()")
 
         def get(sfx, shp):
-            arrs = [np.array(ck.get(m + sfx)).reshape(shp) for m in mods]
+            arrs = [(np.array if copy or stacked else np.asarray)(ck.get(m + sfx)).reshape(shp) for m in mods]
             return np.stack(arrs) if stacked else arrs[0]
 
         return cls(**{f: get(sfx, shp) for f, (sfx, shp) in fields.items()}).configure(**run_options)

@@ -184,15 +184,16 @@ class HLWQWeight(QuantFormat):
 
     @classmethod
     def read(cls, ck, mods: list[str], shape: tuple[int, int], *, stacked: bool = False, configs: dict | None = None,
-             hlwq_path: str | None = None, **_) -> "HLWQWeight":
-        """Any polarengine layout (``configs["polar"]``: the parsed ``polar_config.json``, or None)."""
+             hlwq_path: str | None = None, copy: bool = True, **_) -> "HLWQWeight":
+        """Any polarengine layout (``configs["polar"]``: the parsed ``polar_config.json``, or None); ``copy=False``:
+        arrays that need no conversion stay the checkpoint's read-only views."""
         path = hlwq_path or "dequant"
         pc = (configs or {}).get("polar")
         nodes = []
         for mod in mods:
             codes, norms, table, bits, in_f = read_layout(ck, mod, shape, pc)
             arrays = _checked_arrays(codes, norms, table, bits, in_f, mod, path)
-            nodes.append(cls(*(np.array(a) for a in arrays[:3]), *arrays[3:], path))  # owned copies
+            nodes.append(cls(*(np.array(a) if copy else a for a in arrays[:3]), *arrays[3:], path))  # owned copies
         return jax.tree.map(lambda *a: np.stack(a), *nodes) if stacked else nodes[0]
 
     def checkpoint_tensors(self, mod: str):

@@ -1,0 +1,37 @@
+"""A routed-expert bank kept as one pytree per expert (e.g. read-only views of the checkpoint files, ``nemojax.load(...,
+mmap=True)``), stacked only where needed: the experts a cache fetches (``nemojax.experts.offload``), or the whole
+bank when the model runs with resident experts."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+__all__ = ["HostBank"]
+
+
+class HostBank:
+    """``experts``: E pytrees of one expert each (a NumPy array [N, K], or a quantized node with NumPy leaves), all of
+    one structure. ``take(idx)`` -> the bank pytree of experts ``idx`` (leaves [m, ...], a copy of those experts
+    only); ``stack()`` -> all E (leaves [E, ...])."""
+
+    def __init__(self, experts: list):
+        if not experts:
+            raise ValueError("a HostBank needs at least one expert")
+        self.experts = list(experts)
+        self.treedef = jax.tree_util.tree_structure(self.experts[0])
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def take(self, idx):
+        return jax.tree.map(lambda *a: np.stack(a), *[self.experts[int(e)] for e in idx])
+
+    def stack(self):
+        return self.take(range(len(self.experts)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for x in self.experts for a in jax.tree_util.tree_leaves(x))
+
+    def __repr__(self) -> str:
+        return f"HostBank({len(self)} experts, {self.nbytes} bytes)"

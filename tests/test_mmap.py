@@ -1,0 +1,241 @@
+"""``nemojax.load(..., mmap=True)`` / ``--mmap``: parameters alias the safetensors files' read-only memory maps (by
+pointer, inside the file's mapped ranges of /proc/self/maps), logits and tokens equal the normal load, the
+offloaded experts stay per-expert views of the files, and the command line passes the option through."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nemojax
+from nemojax import quant
+from nemojax.checkpoint import MapReport, load_params, save_orbax, save_params
+from nemojax.checkpoint.write import checkpoint_tensors
+from nemojax.cli import main
+from nemojax.params import init_params
+
+from .conftest import tiny_config
+from .tiny_tokenizer import make_tokenizer
+
+CFG = tiny_config(n_routed_experts=8, num_experts_per_tok=3)
+DTYPE = {"bfloat16": "bfloat16", "float32": "float32", "nvfp4": "float32", "fp8": "float32",
+         "hlwq-q5": "float32"}  # the dtype each folder is loaded in
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A checkpoint per kind: BF16, FP32, and NVFP4, FP8 and HLWQ quantized here from fresh random FP32 weights."""
+    p32 = init_params(CFG, 31, dtype="float32")
+    out = {}
+    kinds = [("bfloat16", init_params(CFG, 32, dtype="bfloat16")), ("float32", p32),
+             ("nvfp4", quant.apply(p32, CFG, "nvfp4-all"))]
+    for kind, params in kinds + [(r, quant.apply(p32, CFG, r)) for r in ("fp8", "hlwq-q5")]:
+        d = tmp_path_factory.mktemp(kind)
+        save_params(params, CFG, d)
+        make_tokenizer(d, vocab_size=CFG.vocab_size)
+        out[kind] = str(d)
+    return out
+
+
+def _ids(seed=3):
+    return np.random.default_rng(seed).integers(3, CFG.vocab_size, (2, 11))
+
+
+def _prompts():
+    rng = np.random.default_rng(9)
+    return [list(rng.integers(3, CFG.vocab_size, m)) for m in (7, 12)]
+
+
+def file_ranges(path: str) -> list[tuple[int, int]]:
+    """The address ranges this process has mapped from file ``path`` (/proc/self/maps)."""
+    real, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == real:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def _leaves(params):
+    return [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float32", "nvfp4", "fp8", "hlwq-q5"])
+def test_logits_equal_normal_load(folders, kind):
+    ref = nemojax.load(folders[kind], dtype=DTYPE[kind])
+    m = nemojax.load(folders[kind], dtype=DTYPE[kind], mmap=True)
+    assert ref.mapped is None and isinstance(m.mapped, MapReport)
+    assert m.mapped.mapped_bytes > 0 and m.mapped.on_disk_bytes > 0
+    np.testing.assert_array_equal(np.asarray(m.logits(_ids())), np.asarray(ref.logits(_ids())))
+    for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(ref.params)):  # the banks, stacked on first use
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "nvfp4"])
+def test_mapped_arrays_alias_the_file(folders, kind):
+    """Every byte the report calls mapped is a parameter whose buffer lies inside this process's mapping of the
+    checkpoint file; nothing of the normal load does."""
+    path = os.path.join(folders[kind], "model.safetensors")
+    report = MapReport()
+    params = load_params(folders[kind], CFG, DTYPE[kind], mmap=True, report=report)
+    ranges = file_ranges(path)
+    assert ranges
+
+    def inside(x):
+        p = x.unsafe_buffer_pointer()
+        return any(lo <= p and p + x.nbytes <= hi for lo, hi in ranges)
+
+    leaves = _leaves(params)
+    mapped = [x for x in leaves if inside(x)]
+    assert sum(x.nbytes for x in mapped) == report.mapped_bytes > 0
+    assert len(mapped) == report.mapped_tensors
+    assert report.mapped_bytes + report.copied_bytes == sum(x.nbytes for x in leaves)
+    assert report.mapped_fraction > 0.5  # the writer aligns every tensor whose size allows it
+    if kind == "bfloat16":  # stored as used, except the stacked banks (copied into RAM without bank_views)
+        banks = sum(lp["mixer"]["experts"][k].nbytes for lp in params["layers"] if "experts" in lp["mixer"]
+                    for k in ("up_proj", "down_proj"))
+        assert report.copied_bytes >= banks
+    plain = load_params(folders[kind], CFG, DTYPE[kind])
+    ranges = file_ranges(path)
+    assert not any(any(lo <= x.unsafe_buffer_pointer() < hi for lo, hi in ranges) for x in _leaves(plain))
+
+
+def test_sharded_writer_aligns_tensors(tmp_path):
+    """Shards of ``save_params(max_shard_bytes=...)`` start their data at 64 bytes and store every tensor whose size
+    is whole 64-byte blocks at an aligned offset (the others last): a mmap load copies exactly the tensors left
+    misaligned."""
+    params = quant.apply(init_params(CFG, 34, dtype="float32"), CFG, "nvfp4-all")
+    save_params(params, CFG, tmp_path, max_shard_bytes=200_000)
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(shards) > 2
+    odd = 0  # bytes of the non-expert tensors at offsets that are not multiples of 64
+    for f in shards:
+        sf = nemojax.checkpoint.SafeFile(tmp_path / f)
+        assert sf._base % 64 == 0
+        for n in sf.keys():
+            nb, aligned = sf.get(n).nbytes, (sf._base + sf._info[n][2]) % 64 == 0
+            assert aligned or nb % 64, n
+            if not aligned and ".experts." not in n:
+                odd += nb
+    report = MapReport()
+    load_params(tmp_path, CFG, "float32", mmap=True, bank_views=True, report=report)
+    assert report.copied_bytes == odd and report.mapped_bytes > 10 * odd and report.on_disk_bytes > 0
+
+
+def test_file_rewritten_in_place_changes_mapped_params_renamed_file_does_not(tmp_path):
+    """What docs/real-shapes.md says: bytes written into the mapped file show up in the parameters; a new file
+    renamed over it (what ``nemojax convert --force`` does) leaves them as they were."""
+    params = init_params(CFG, 33, dtype="float32")
+    save_params(params, CFG, tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    m = nemojax.load(tmp_path, dtype="float32", mmap=True)
+    norm = m.params["norm_f"]
+    want = np.asarray(params["norm_f"]).copy()
+    fresh = np.random.default_rng(5).standard_normal(want.shape).astype(np.float32)
+    tensors = dict(checkpoint_tensors(params, CFG, "original"))
+    new = {**tensors, "backbone.norm_f.weight": fresh}
+    new_path = str(tmp_path / "new.safetensors")
+    nemojax.checkpoint.save_file(new, new_path)
+    os.replace(new_path, path)  # atomic replacement: the old inode stays mapped
+    np.testing.assert_array_equal(np.asarray(jnp.copy(norm)), want)
+    m2 = nemojax.load(tmp_path, dtype="float32", mmap=True)
+    np.testing.assert_array_equal(np.asarray(jnp.copy(m2.params["norm_f"])), fresh)
+    sf = nemojax.checkpoint.SafeFile(path)
+    off = sf._base + sf._info["backbone.norm_f.weight"][2]
+    with open(path, "r+b") as f:  # in place: the mapping sees it
+        f.seek(off)
+        f.write((fresh * 2).tobytes())
+    np.testing.assert_array_equal(np.asarray(jnp.copy(m2.params["norm_f"])), fresh * 2)
+
+
+def _host_views(off, path):
+    """Every routed-expert leaf of the offloaded model's host stores is a list of E separate arrays (no stacked
+    [E, ...] copy) lying inside this process's mapping of ``path`` (the 4-byte scalar scales are copies)."""
+    ranges, n = file_ranges(path), 0
+    for lay in off.experts.layers.values():
+        for per_expert in lay.host:
+            assert isinstance(per_expert, list) and len(per_expert) == CFG.n_routed_experts
+            for a in per_expert:
+                if a.nbytes >= 64:
+                    p = a.ctypes.data
+                    assert any(lo <= p and p + a.nbytes <= hi for lo, hi in ranges)
+                    n += a.nbytes
+    return n
+
+
+def test_offload_tokens_equal_resident_and_experts_stay_views(folders):
+    d = folders["float32"]
+    ref = nemojax.load(d, dtype="float32").generate(_prompts(), 6)
+    m = nemojax.load(d, dtype="float32", mmap=True)
+    off = m.offload(3)
+    assert all("experts" not in lp["mixer"] for lp in off.params["layers"])
+    np.testing.assert_array_equal(off.generate(_prompts(), 6), ref)
+    assert off.experts.stats.misses > 0
+    assert _host_views(off, os.path.join(d, "model.safetensors")) == m.mapped.on_disk_bytes > 0
+
+
+def test_offload_nvfp4_logits_and_views(folders):
+    d = folders["nvfp4"]
+    ref = np.asarray(nemojax.load(d, dtype="float32").logits(_ids()))
+    off = nemojax.load(d, dtype="float32", mmap=True).offload(2)
+    np.testing.assert_allclose(np.asarray(off.logits(_ids())), ref, rtol=1e-5, atol=1e-5)
+    assert _host_views(off, os.path.join(d, "model.safetensors")) > 0
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+def _run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra", [[], ["--expert-cache", "2"]])
+def test_cli_generate_mmap(folders, capsys, extra):
+    args = ["generate", "--model", folders["float32"], "--prompt", "hello there", "--max-new-tokens", "3",
+            "--dtype", "float32", "--json", *extra]
+    rc, out, _ = _run(capsys, *args)
+    assert rc == 0
+    want = json.loads(out)
+    rc, out, _ = _run(capsys, *args, "--mmap")
+    assert rc == 0
+    got = json.loads(out)
+    assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) > 0
+    assert "mmap" not in want and got["mmap"]["mapped_bytes"] > 0 and got["mmap"]["on_disk_bytes"] > 0
+
+
+def test_cli_verify_mmap(folders, capsys):
+    rc, out, _ = _run(capsys, "verify", folders["bfloat16"], "--mmap", "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["ok"] and r["mapped_bytes"] > 0
+
+
+def _one_error(capsys, cmd, *args):
+    rc, _, lines = _run(capsys, cmd, *args)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"nemojax {cmd}: error: ") and "--mmap" in lines[0], lines
+    return lines[0]
+
+
+def test_cli_mmap_refused_for_orbax_and_off_cpu(folders, capsys, tmp_path, monkeypatch):
+    orbax = tmp_path / "orbax"
+    params = nemojax.load(folders["bfloat16"]).params
+    save_orbax(params, CFG, orbax, side_files_from=folders["bfloat16"])
+    line = _one_error(capsys, "generate", "--model", orbax, "--prompt", "hi", "--mmap")
+    assert "orbax" in line
+    assert "orbax" in _one_error(capsys, "verify", orbax, "--mmap")
+    with pytest.raises(ValueError, match=r"mmap=True: .* orbax"):
+        nemojax.load(orbax, mmap=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    line = _one_error(capsys, "generate", "--model", folders["bfloat16"], "--prompt", "hi", "--mmap")
+    assert "CPU backend" in line and "'gpu'" in line
+    assert "CPU backend" in _one_error(capsys, "serve", "--model", folders["bfloat16"], "--mmap")
+    with pytest.raises(ValueError, match="mmap=True needs the CPU backend"):
+        nemojax.load(folders["bfloat16"], mmap=True)
