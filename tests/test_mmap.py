@@ -239,3 +239,29 @@ def test_cli_mmap_refused_for_orbax_and_off_cpu(folders, capsys, tmp_path, monke
     assert "CPU backend" in _one_error(capsys, "serve", "--model", folders["bfloat16"], "--mmap")
     with pytest.raises(ValueError, match="mmap=True needs the CPU backend"):
         nemojax.load(folders["bfloat16"], mmap=True)
+
+
+def _rss_file_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+
+
+def test_fetched_expert_pages_leave_the_resident_set(tmp_path):
+    """After an expert's bytes are copied out of its file view, its pages stop counting in the process's RSS
+    (they stay in the page cache): reading every expert of a large checkpoint must not grow the RSS by all of it."""
+    from nemojax.experts.bank import drop_mapped_pages
+
+    path = tmp_path / "experts.bin"
+    data = np.random.default_rng().integers(0, 255, 96 * 2 ** 20, dtype=np.uint8)
+    data.tofile(path)
+    view = np.memmap(path, dtype=np.uint8, mode="r", shape=data.shape).reshape(96, -1)
+    before = _rss_file_mb()
+    copy = np.array(view[10:90])  # the fetch: a copy of some experts
+    touched = _rss_file_mb()
+    np.testing.assert_array_equal(copy, data.reshape(96, -1)[10:90])
+    drop_mapped_pages(view[10])
+    after = _rss_file_mb()
+    assert touched - before > 60, (before, touched)
+    assert touched - after > 60, (before, touched, after)
+    np.testing.assert_array_equal(np.asarray(view[50]), data.reshape(96, -1)[50])  # still readable afterwards
+    drop_mapped_pages(np.zeros(3))  # not a view of a file: nothing happens

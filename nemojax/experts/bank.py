@@ -3,10 +3,12 @@ mmap=True)``), stacked only where needed: the experts a cache fetches (``nemojax
 bank when the model runs with resident experts."""
 from __future__ import annotations
 
+import mmap
+
 import jax
 import numpy as np
 
-__all__ = ["HostBank"]
+__all__ = ["HostBank", "drop_mapped_pages"]
 
 
 class HostBank:
@@ -35,3 +37,18 @@ class HostBank:
 
     def __repr__(self) -> str:
         return f"HostBank({len(self)} experts, {self.nbytes} bytes)"
+
+
+def drop_mapped_pages(a) -> None:
+    """Unmap the resident pages of the file mapping ``a`` is a view of (``madvise(MADV_DONTNEED)``), once its bytes
+    were copied: the kernel's page cache keeps them (the next read is a minor fault), but they stop counting in
+    this process's resident set, which would otherwise grow by every expert ever read. No-op for other arrays."""
+    while isinstance(a, np.ndarray):
+        mm = getattr(a, "_mmap", None) if isinstance(a, np.memmap) else None
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # a closed map, or a platform without it: nothing to release
+                pass
+            return
+        a = a.base

@@ -34,7 +34,7 @@ from ..generate import DecodeState, next_token
 from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
 from ..ops import as_bits, from_bits
-from .bank import HostBank
+from .bank import HostBank, drop_mapped_pages
 from .policies import make_policy
 from .policies.slots import SlotTable
 
@@ -116,6 +116,10 @@ class _Layer:
         idx = np.asarray(experts, np.int64)
         host = [np.stack([a[e] for e in idx]) if isinstance(a, list) else a[idx] if isinstance(a, np.ndarray)
                 else jnp.take(a, jnp.asarray(idx), axis=0) for a in self.host]
+        for a in self.host:  # experts read from the files: their pages stay in the page cache, not in our RSS
+            if isinstance(a, list):
+                for e in idx:
+                    drop_mapped_pages(a[e])
         return jax.device_put(host, self.device)
 
     def prefetch(self, experts: list[int], stats: OffloadStats) -> None:
