@@ -2,7 +2,6 @@
 ``.logits`` / ``.generate`` / ``.generate_stream`` / ``.offload``."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -19,7 +18,6 @@ from .experts.bank import HostBank
 __all__ = ["Model", "load"]
 
 
-@dataclasses.dataclass
 class Model:
     """A loaded model: ``config`` (static), ``params`` (the pytree) and ``experts``, how its MoE blocks run their
     routed experts (None: resident on the device; :meth:`offload` returns a model whose routed experts live in
@@ -31,10 +29,25 @@ class Model:
     mmap=True)``) are stacked into RAM on first use of ``params`` (:meth:`logits`, :meth:`generate`, a serving
     engine); :meth:`offload` takes them as they are, so the experts stay on disk behind the device cache."""
 
-    config: Config
-    params: dict = dataclasses.field(repr=False)
-    experts: RoutedExperts | None = None
-    mapped: MapReport | None = None
+    def __init__(self, config: Config, params: dict, experts: RoutedExperts | None = None,
+                 mapped: MapReport | None = None):
+        self.config, self.experts, self.mapped = config, experts, mapped
+        self.params = params
+
+    @property
+    def params(self) -> dict:
+        """The parameter pytree (routed-expert banks still in the files are stacked into RAM here, once)."""
+        if self._views:
+            self._params, self._views = stack_banks(self._params), False
+        return self._params
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        self._params = params
+        self._views = any(isinstance(x, HostBank) for x in jax.tree.leaves(params))
+
+    def __repr__(self) -> str:
+        return f"Model(config={self.config!r}, experts={self.experts!r}, mapped={self.mapped!r})"
 
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """input_ids [B, T] (or [T]), attention_mask [B, T] (1 = token, 0 = left pad) -> float32 [B, T, V]."""
@@ -75,23 +88,9 @@ class Model:
             raise ValueError("the routed experts are offloaded already: offload the resident model")
         from .experts.offload import offload_experts
 
-        params, experts = offload_experts(self.__dict__["_params"], self.config, expert_cache, policy, prefetch,
+        params, experts = offload_experts(self._params, self.config, expert_cache, policy, prefetch,
                                           device)  # banks still on disk stay there
         return Model(self.config, params, experts, self.mapped)
-
-
-def _get_params(self: Model) -> dict:
-    if self.__dict__["_views"]:  # banks left in the files (mmap loads): stacked into RAM now, once
-        self.__dict__["_params"], self.__dict__["_views"] = stack_banks(self.__dict__["_params"]), False
-    return self.__dict__["_params"]
-
-
-def _set_params(self: Model, params: dict) -> None:
-    self.__dict__["_params"] = params
-    self.__dict__["_views"] = any(isinstance(x, HostBank) for x in jax.tree.leaves(params))
-
-
-Model.params = property(_get_params, _set_params, doc="The parameter pytree (expert banks stacked on first use).")
 
 
 def _as_ids(input_ids, cfg: Config) -> jax.Array:
