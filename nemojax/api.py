@@ -46,6 +46,15 @@ class Model:
         self._params = params
         self._views = any(isinstance(x, HostBank) for x in jax.tree.leaves(params))
 
+    def replace(self, **changes) -> "Model":
+        """A new Model with some of ``config``, ``params``, ``experts``, ``mapped`` replaced (``dataclasses.replace``
+        style; this model is left as it is)."""
+        fields = {"config": self.config, "params": self._params, "experts": self.experts, "mapped": self.mapped}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"Model.replace: unknown field(s) {sorted(unknown)}; fields are {list(fields)}")
+        return Model(**(fields | changes))
+
     def __repr__(self) -> str:
         return f"Model(config={self.config!r}, experts={self.experts!r}, mapped={self.mapped!r})"
 

@@ -293,7 +293,7 @@ def with_modelopt_weights(params, cfg, ref, source):
 
 
 def logits(model, params, ids, mode):
-    return np.asarray(dataclasses.replace(model, params=quant.set_mode(params, mode)).logits(ids))
+    return np.asarray(model.replace(params=quant.set_mode(params, mode)).logits(ids))
 
 
 def rel(a, b):

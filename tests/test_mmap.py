@@ -265,3 +265,12 @@ def test_fetched_expert_pages_leave_the_resident_set(tmp_path):
     assert touched - after > 60, (before, touched, after)
     np.testing.assert_array_equal(np.asarray(view[50]), data.reshape(96, -1)[50])  # still readable afterwards
     drop_mapped_pages(np.zeros(3))  # not a view of a file: nothing happens
+
+
+def test_model_replace_keeps_the_rest_and_names_unknown_fields():
+    m = nemojax.load(os.path.join(os.path.dirname(nemojax.__file__), "default_model"), dtype="float32")
+    p2 = jax.tree.map(lambda a: a * 0 + 1 if a.ndim == 1 else a, m.params)
+    r = m.replace(params=p2)
+    assert r.config is m.config and r.experts is m.experts and r.params is p2 and m.params is not p2
+    with pytest.raises(TypeError, match="unknown field.*'parms'"):
+        m.replace(parms=p2)
