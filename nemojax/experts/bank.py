@@ -13,23 +13,18 @@ __all__ = ["HostBank", "drop_mapped_pages"]
 
 class HostBank:
     """``experts``: E pytrees of one expert each (a NumPy array [N, K], or a quantized node with NumPy leaves), all of
-    one structure. ``take(idx)`` -> the bank pytree of experts ``idx`` (leaves [m, ...], a copy of those experts
-    only); ``stack()`` -> all E (leaves [E, ...])."""
+    one structure. ``stack()`` -> the whole bank pytree (leaves [E, ...], a copy)."""
 
     def __init__(self, experts: list):
         if not experts:
             raise ValueError("a HostBank needs at least one expert")
         self.experts = list(experts)
-        self.treedef = jax.tree_util.tree_structure(self.experts[0])
 
     def __len__(self) -> int:
         return len(self.experts)
 
-    def take(self, idx):
-        return jax.tree.map(lambda *a: np.stack(a), *[self.experts[int(e)] for e in idx])
-
     def stack(self):
-        return self.take(range(len(self.experts)))
+        return jax.tree.map(lambda *a: np.stack(a), *self.experts)
 
     @property
     def nbytes(self) -> int:
