@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# The suite's time goes mostly to compiling hundreds of small programs: LLVM's optimisation level 0 halves it
+# (the HLO passes, fusions and layouts, are the same at every level; speed is measured by tools/, not by tests).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -28,6 +30,18 @@ def tiny_config(**overrides) -> Config:
     if "hybrid_override_pattern" in overrides and "num_hidden_layers" not in overrides:
         d["num_hidden_layers"] = len(d["hybrid_override_pattern"])
     return Config.from_dict(d)
+
+
+# the slowest test files, slowest first (measured with --durations): collected first, so that pytest-xdist's
+# workers (``--dist loadfile``: a file per worker) start on them and finish together
+SLOWEST_FIRST = ("test_offload.py", "test_sharding.py", "test_kernels.py", "test_server.py", "test_mmap.py",
+                 "test_engine.py", "test_nvfp4.py", "test_hlwq_checkpoints.py", "test_quality_table.py",
+                 "test_convert.py", "test_fp8.py", "test_generate.py", "test_orbax.py", "test_real_widths.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda it: rank.get(os.path.basename(str(it.path)), len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -599,8 +599,8 @@ print(json.dumps({"same": same, "type": type(up).__name__, "spec": str(up.weight
 def test_sharded_load_reads_each_devices_experts():
     """``checkpoint.load_sharded`` on 4 CPU devices (a subprocess: the device count is fixed before JAX starts):
     the stored FP8 tensors read slice by slice, equal to ``nemojax.load``'s, the same W8A8 forward."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO)
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-c", SHARDED, EXPORT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -20,12 +20,12 @@ from .conftest import tiny_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharding_worker.py")
 sys.path.insert(0, HERE)
-from sharding_worker import GENERATE_ON, MESHES  # noqa: E402
+from sharding_worker import GENERATE_FORMATS, GENERATE_ON, MESHES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the worker adds the device count to the suite's XLA_FLAGS
     out = subprocess.run([sys.executable, WORKER, str(tmp_path_factory.mktemp("shards"))], capture_output=True,
                          text=True, env=env, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -44,7 +44,8 @@ def test_sharded_equals_single_device(res, fmt, shape):
     if shape[0] == shape[2] == 1:  # expert split only: every sum is computed whole on one device
         assert c["max_abs"] == 0.0, c
     assert c["top1"] == 1.0, c
-    assert c.get("tokens_equal") is (True if tuple(shape) in GENERATE_ON else None), c  # greedy tokens equal
+    generated = tuple(shape) in GENERATE_ON and fmt in GENERATE_FORMATS
+    assert c.get("tokens_equal") is (True if generated else None), c  # greedy tokens equal
     if c["bank_gathers"] is not None:  # expert-parallel MoE: no device ever assembles a whole expert bank
         assert c["bank_gathers"] == 0, c
 
