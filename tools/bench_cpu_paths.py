@@ -13,7 +13,9 @@ Rows (medium-config shapes: hidden 1024, experts 16 x 704, vocab 32000; bf16 unl
 * ``embedding row``: a 16-step loop gathering one row of a bf16 [32000, 1024] table per step, directly (XLA hoists
   an fp32 copy of the whole table out of the loop) vs through its raw bits (still a hoisted copy) vs raw bits
   behind a barrier tied to the token ids (``nemojax.ops.take_rows``, what ``nemojax.model.embed`` does);
-* ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product) vs bf16.
+* ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product) vs bf16;
+* ``fp32 product`` of 1-16 rows: XLA's dot (its GEMM library from two rows on) vs a broadcast multiply and a sum
+  over K (one fused pass over the weight).
 
 GB/s counts the weight bytes a product must read once. Progress to stderr, a markdown table to stdout
 (``--json``: one JSON object)::
@@ -85,6 +87,15 @@ def measure() -> list[dict]:
     add("row product [1,1024]x[4096,1024]", "bf16, one row (XLA)", timed(chain(one), x, ws), nb)
     add("row product [1,1024]x[4096,1024]", "bf16, as two rows (dot_rows)", timed(chain(dot_rows), x, ws), nb)
     add("row product [1,1024]x[4096,1024]", "fp32 (XLA)", timed(chain(one), x.astype(jnp.float32), w32), 2 * nb)
+
+    # fp32 products of a few rows (the decode of a few sequences, an expert's few rows)
+    mul_sum = lambda x, w: (x[:, None, :] * w[None]).sum(-1)  # noqa: E731
+    for M in (1, 2, 4, 8, 16):
+        xm = rnd(M, K, dt=jnp.float32)
+        g = f"fp32 product [{M},1024]x[4096,1024]"
+        add(g, "XLA dot", timed(chain(one), xm, w32), 2 * nb)
+        if M > 1:
+            add(g, "broadcast multiply + sum", timed(chain(mul_sum), xm, w32), 2 * nb)
 
     # six experts inside a loop
     E, F, H = 16, 704, 1024

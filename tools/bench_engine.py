@@ -1,8 +1,10 @@
 """Engine speed on random weights, the engine called directly (no HTTP): TTFT and decode tok/s for 1 request and
-for N concurrent requests.
+for N concurrent requests; ``--steps``: the engine's compiled steps timed one by one instead (a prefill chunk
+in one cache row, and one decode step at each row count the engine compiles), median of ``--repeats``.
 
     PYTHONPATH=$PWD python tools/bench_engine.py --config medium --max-num-seqs 32 --chunk 256 --prompt 512 \
         --new 64 --concurrency 1 16
+    PYTHONPATH=$PWD python tools/bench_engine.py --config medium --max-num-seqs 32 --chunk 256 --steps
 """
 from __future__ import annotations
 
@@ -41,6 +43,53 @@ def measure(eng, prompts, new: int) -> dict:
                 tok_s=sum(n_tok.values()) / (end - t0), decode_tok_s_per_req=1 / float(np.mean(tpot)))
 
 
+def time_steps(model, max_num_seqs: int, max_len: int, chunk: int, repeats: int) -> None:
+    """Print the median time of one prefill chunk and of one decode step over the first n rows, n each bucket."""
+    import jax
+    import jax.numpy as jnp
+
+    from nemojax.cache import init_cache
+    from nemojax.sampling import SamplingParams
+    from nemojax.serve import steps
+
+    cfg, params = model.config, model.params
+    cache = init_cache(cfg, max_num_seqs, max_len + chunk, jnp.float32, None, per_row=True)
+    logits = jnp.zeros((max_num_seqs, cfg.vocab_size), jnp.float32)
+    state = [cache, logits]
+
+    def median_ms(fn) -> float:
+        fn()  # compile
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(ts))
+
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, chunk).astype(np.int32)
+
+    def prefill():
+        state[:] = steps.prefill_chunk(params, cfg, *state, np.int32(0), tokens, np.int32(chunk))
+        jax.block_until_ready(state)
+        state[0] = steps.reset_row(state[0], np.int32(0))
+
+    ms = median_ms(prefill)
+    print(f"prefill chunk of {chunk} tokens in one row (and the row reset): {ms:.1f} ms ({chunk / ms * 1e3:.0f} tok/s)",
+          flush=True)
+    buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
+    for n in buckets:
+        active = jnp.asarray(np.arange(n) < n)
+        sp = SamplingParams(jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32))
+        keys, n_gen = jnp.zeros((n, 2), jnp.uint32), jnp.zeros(n, jnp.int32)
+
+        def decode():
+            tok, state[0], state[1] = steps.decode_step(params, cfg, n, *state, active, keys, n_gen, sp)
+            jax.block_until_ready(tok)
+
+        ms = median_ms(decode)
+        print(f"decode step over {n} rows: {ms:.1f} ms ({ms / n:.1f} ms per row)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="medium", choices=("tiny", "medium"))
@@ -49,6 +98,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--steps", action="store_true", help="time the compiled steps one by one instead")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per step with --steps")
     a = ap.parse_args()
     import sys
     import os
@@ -62,6 +113,9 @@ def main() -> None:
 
     cfg = Config.from_dict(CONFIGS[a.config])
     model = nemojax.Model(cfg, init_params(cfg, seed=0))
+    if a.steps:
+        time_steps(model, a.max_num_seqs, a.prompt + a.new + 64, a.chunk, a.repeats)
+        return
     eng = Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=a.prompt + a.new + 64, chunk=a.chunk,
                  prefix_cache_bytes=0)
     t0 = time.perf_counter()
