@@ -281,5 +281,6 @@ def test_no_compilation_after_warm_up(engines):
     """Everything above (every mix of rows, prompt lengths, sampling settings, prefix restores) ran on the
     programs compiled at start()."""
     assert dict(steps.TRACE_COUNTS) == engines[2]
+    assert engines[0].prefill_sizes == [CHUNK // 4, CHUNK // 2, CHUNK]  # a prompt's last piece: the smallest fit
     assert set(engines[2]) == {"prefill_chunk", "decode_step", "decode_steps", "take_head", "put_head",
                                "move_row", "reset_row", "restore_row", "extract_row"}

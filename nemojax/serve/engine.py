@@ -1,9 +1,11 @@
 """The continuous-batching engine: ``max_num_seqs`` cache slots of ``max_model_len`` positions, one background
 thread that admits waiting requests into free slots between decode steps, prefills prompts one chunk of
-``chunk`` tokens per loop iteration (so the running rows keep decoding) and decodes every running row in one
-compiled step over the first ``n`` rows, ``n`` the smallest of 1, 2, 4, .., ``max_num_seqs`` that holds them (the
-occupied rows are kept at the front: the last one moves into a free row when that shrinks ``n``; every size is
-compiled at ``start``), ``decode_steps`` of them in one call while no request waits or prefills.
+``chunk`` tokens per loop iteration (so the running rows keep decoding; a prompt's last, shorter piece runs in
+the smallest of ``chunk``, ``chunk / 2`` and ``chunk / 4`` (those >= 2) that holds it) and decodes every
+running row in one compiled step over the first ``n`` rows, ``n`` the smallest of 1, 2, 4, .., ``max_num_seqs``
+that holds them (the occupied rows are kept at the front: the last one moves into a free row when that shrinks
+``n``; every size is compiled at ``start``), ``decode_steps`` of them in one call while no request waits or
+prefills.
 A model whose routed experts are offloaded (``Model.offload``: a host-driven strategy) runs the same loop with
 the same steps called eagerly (``steps.host_pieces``), one decode step per call; ``stats`` then reports its expert
 cache.
@@ -136,6 +138,8 @@ class Engine:
         # the decode steps' row counts: the running rows are kept at the front and decoded in the smallest bucket
         # holding them (one compiled program per bucket)
         self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
+        # the prefill programs' token counts: a whole chunk, and smaller sizes for a prompt's last piece
+        self.prefill_sizes = sorted({chunk} | {chunk >> i for i in (1, 2) if chunk >> i >= 2})
 
     def _fresh_state(self) -> None:
         """An empty batched cache (a chunk written at any prompt position < max_model_len stays inside a row) and
@@ -240,7 +244,8 @@ class Engine:
     def _warm_up(self) -> None:
         """Run every step once with the shapes of real use (slot 0, then emptied): all compilations happen here."""
         s0 = np.int32(0)
-        self._prefill_call(s0, np.zeros(self.chunk, np.int32), np.int32(1))
+        for size in self.prefill_sizes:
+            self._prefill_call(s0, np.zeros(size, np.int32), np.int32(1))
         active = np.zeros(self.max_num_seqs, bool)
         active[0] = self._run is not None  # host-driven experts: a real token, so that its expert pass compiles too
         for n in (self.buckets if self._run is None else (self.max_num_seqs,)):
@@ -330,12 +335,13 @@ class Engine:
             self._counts["prompt"] += len(seq.prompt)
 
     def _prefill_one(self) -> None:
-        """One chunk of the oldest prefilling slot, up to the next multiple of ``chunk`` (or the prompt's end)."""
+        """One chunk of the oldest prefilling slot, up to the next multiple of ``chunk`` (or the prompt's end), in
+        the smallest of ``prefill_sizes`` that holds it."""
         b = self._prefilling[0]
         seq = self._slots[b]
         start = seq.done
         end = min(len(seq.prompt), (start // self.chunk + 1) * self.chunk)
-        tokens = np.zeros(self.chunk, np.int32)
+        tokens = np.zeros(next(n for n in self.prefill_sizes if n >= end - start), np.int32)
         tokens[:end - start] = seq.prompt[start:end]
         self._prefill_call(np.int32(b), tokens, np.int32(end - start))
         seq.done = end
@@ -345,8 +351,8 @@ class Engine:
             self._prefilling.popleft()
 
     def _prefill_call(self, slot, tokens: np.ndarray, n) -> None:
-        """Prefill ``n`` tokens of ``tokens`` [chunk] into row ``slot`` (compiled, or eagerly with host-driven
-        experts)."""
+        """Prefill ``n`` tokens of ``tokens`` [size] (one of ``prefill_sizes``) into row ``slot`` (compiled, or
+        eagerly with host-driven experts)."""
         args = (self.model.params, self.cfg, self.cache, self.logits, slot, tokens, n)
         if self._run is None:
             self.cache, self.logits = steps.prefill_chunk(*args)
