@@ -43,19 +43,17 @@ def measure(eng, prompts, new: int) -> dict:
                 tok_s=sum(n_tok.values()) / (end - t0), decode_tok_s_per_req=1 / float(np.mean(tpot)))
 
 
-def time_steps(model, max_num_seqs: int, max_len: int, chunk: int, repeats: int) -> None:
-    """Print the median time of one prefill chunk and of one decode step over the first n rows, n each bucket."""
+def time_steps(eng, repeats: int) -> None:
+    """Print the median time of one prefill chunk and of one decode step over the first n rows, for each of the
+    engine's row buckets (``eng`` not started: its cache and logits are used directly)."""
     import jax
     import jax.numpy as jnp
 
-    from nemojax.cache import init_cache
     from nemojax.sampling import SamplingParams
     from nemojax.serve import steps
 
-    cfg, params = model.config, model.params
-    cache = init_cache(cfg, max_num_seqs, max_len + chunk, jnp.float32, None, per_row=True)
-    logits = jnp.zeros((max_num_seqs, cfg.vocab_size), jnp.float32)
-    state = [cache, logits]
+    cfg, params, chunk = eng.cfg, eng.model.params, eng.chunk
+    state = [eng.cache, eng.logits]
 
     def median_ms(fn) -> float:
         fn()  # compile
@@ -76,9 +74,8 @@ def time_steps(model, max_num_seqs: int, max_len: int, chunk: int, repeats: int)
     ms = median_ms(prefill)
     print(f"prefill chunk of {chunk} tokens in one row (and the row reset): {ms:.1f} ms ({chunk / ms * 1e3:.0f} tok/s)",
           flush=True)
-    buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
-    for n in buckets:
-        active = jnp.asarray(np.arange(n) < n)
+    for n in eng.buckets:
+        active = jnp.ones(n, bool)
         sp = SamplingParams(jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32))
         keys, n_gen = jnp.zeros((n, 2), jnp.uint32), jnp.zeros(n, jnp.int32)
 
@@ -113,11 +110,11 @@ def main() -> None:
 
     cfg = Config.from_dict(CONFIGS[a.config])
     model = nemojax.Model(cfg, init_params(cfg, seed=0))
-    if a.steps:
-        time_steps(model, a.max_num_seqs, a.prompt + a.new + 64, a.chunk, a.repeats)
-        return
     eng = Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=a.prompt + a.new + 64, chunk=a.chunk,
                  prefix_cache_bytes=0)
+    if a.steps:
+        time_steps(eng, a.repeats)
+        return
     t0 = time.perf_counter()
     eng.start()
     print(f"start (compile) {time.perf_counter() - t0:.1f} s", flush=True)
