@@ -231,8 +231,20 @@ def warm_up(srv: ServerProc, model: str, tok, a) -> None:
 
 
 def random_text(tok, rng: random.Random, n: int) -> str:
-    """Text of about ``n`` tokens: random ordinary token ids decoded (special ids excluded)."""
-    return tok.decode([rng.randrange(SPECIAL_IDS, tok.vocab_size) for _ in range(n)], skip_special_tokens=True)
+    """Text that encodes to ``n`` tokens (rarely a token or two off): random ordinary token ids decoded (special
+    ids excluded), then cut or extended until its own encoding has ``n`` (decoded random ids re-encode to ~1.3x
+    as many tokens, so the text of ``n`` random ids would be a longer prompt than its name)."""
+    text = tok.decode([rng.randrange(SPECIAL_IDS, tok.vocab_size) for _ in range(n)], skip_special_tokens=True)
+    for _ in range(16):
+        ids = tok.encode(text)
+        if len(ids) == n:
+            break
+        if len(ids) > n:
+            text = tok.decode(ids[:n], skip_special_tokens=True)
+        else:
+            text += tok.decode([rng.randrange(SPECIAL_IDS, tok.vocab_size) for _ in range(n - len(ids))],
+                               skip_special_tokens=True)
+    return text
 
 
 def markdown(levels: list[dict], turns: list[dict], notes: list[str]) -> str:
