@@ -5,7 +5,7 @@ chunked-prefill tok/s of a long random prompt, greedy decode tok/s, and the deco
 run (bytes a decode step must read / the memory-copy bandwidth of this machine).
 
     python tools/bench_real_shapes.py CKPT [--mmap] [--expert-cache N] [--prompt-len 4096] [--chunk 512]
-                                           [--new-tokens 8] [--json]
+                                           [--new-tokens 8] [--serve N] [--json]
 
 CKPT is any Nemotron-H checkpoint folder (``tools/make_random_checkpoint.py`` writes real-shape ones). Prefill
 runs the prompt through ``nemojax.model.forward`` ``--chunk`` tokens at a time into one cache (memory bounded by
@@ -15,6 +15,10 @@ the chunk, as a server prefills); decode runs ``--new-tokens`` single-token forw
 
 Bytes per decode step: every non-routed parameter once (the embedding: one row), plus top-k experts per MoE
 layer, at their stored size (quantized weights: their packed bytes).
+
+``--serve N`` then runs the serving engine (``nemojax.serve.Engine``, what ``nemojax serve`` drives) on the same
+loaded model: N requests of ``--serve-prompt`` random tokens submitted at once, ``--serve-new`` greedy tokens
+each; start-up (compilation), TTFT and output tok/s over all N.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--copy-mb", type=int, default=1024, help="buffer for the bandwidth probe (MiB)")
+    ap.add_argument("--serve", type=int, default=0, help="then N concurrent requests through the serving engine")
+    ap.add_argument("--serve-prompt", type=int, default=128, help="prompt tokens per --serve request")
+    ap.add_argument("--serve-new", type=int, default=8, help="new tokens per --serve request")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if min(a.prompt_len, a.chunk, a.new_tokens) < 1:
@@ -137,6 +144,10 @@ def main(argv=None) -> int:
     rep["decode_frac"] = rep["decode_tok_s"] / rep["decode_limit_tok_s"]
     if host:
         rep["expert_cache_stats"] = model.experts.stats.summary()
+    del cache, logits
+    if a.serve:
+        rep["serve"] = serve(model, a.serve, a.serve_prompt, a.serve_new, min(a.chunk, a.serve_prompt))
+        rep["memory_end"] = memory()
     if a.json:
         print(json.dumps(rep, indent=1, default=float))
         return 0
@@ -149,7 +160,56 @@ def main(argv=None) -> int:
           f"| {ml['RssAnon']:.2f} / {ml['RssFile']:.2f} | {m['peak']:.2f} | {rep['prefill_tok_s']:.1f} "
           f"| {rep['decode_tok_s']:.3f} | {rep['decode_limit_tok_s']:.2f} | {100 * rep['decode_frac']:.0f}% |")
     print(f"\nbytes per decode step {rep['step_bytes'] / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.1f} GB/s")
+    if a.serve:
+        r = rep["serve"]
+        print(f"\nserving engine, {a.serve} requests x ({a.serve_prompt} prompt + {a.serve_new} new tokens): start "
+              f"{r['start_s']:.1f} s, TTFT first / last {r['ttft_s'][0]:.1f} / {r['ttft_s'][-1]:.1f} s, "
+              f"{r['tok_s']:.3f} output tok/s, every request {r['tokens']} tokens; peak RSS {m['peak']:.2f} GiB")
     return 0
+
+
+def serve(model, n: int, prompt: int, new: int, chunk: int) -> dict:
+    """``n`` requests submitted at once to a started ``Engine``: start-up s, sorted TTFTs, output tok/s."""
+    import threading
+
+    import numpy as np
+
+    from nemojax.serve import Engine, Request
+
+    eng = Engine(model, max_num_seqs=n, max_model_len=prompt + new + 8, chunk=chunk, prefix_cache_bytes=0)
+    t0 = time.perf_counter()
+    eng.start()
+    out = {"start_s": time.perf_counter() - t0}
+    log(f"serving engine started in {out['start_s']:.1f} s")
+    first, toks, done, lock = {}, {}, threading.Event(), threading.Lock()
+
+    def on_output(o):
+        with lock:
+            now = time.perf_counter()
+            if o.token_ids:
+                first.setdefault(o.request_id, now)
+                toks[o.request_id] = toks.get(o.request_id, 0) + len(o.token_ids)
+                log(f"{o.request_id}: {toks[o.request_id]} tokens")
+            if o.finish_reason is not None:
+                out.setdefault("finished", []).append((o.request_id, o.finish_reason))
+                if len(out["finished"]) == n:
+                    done.set()
+
+    rng = np.random.default_rng(1)
+    t0 = time.perf_counter()
+    try:
+        for i in range(n):
+            ids = rng.integers(3, model.config.vocab_size, prompt).tolist()
+            eng.submit(Request(f"r{i}", ids, new, stop_token_ids=()), on_output)
+        done.wait()
+        wall = time.perf_counter() - t0
+    finally:
+        eng.stop()
+    out["ttft_s"] = sorted(t - t0 for t in first.values())
+    out["tokens"] = sorted(set(toks.values()))
+    out["tok_s"] = sum(toks.values()) / wall
+    out["wall_s"] = wall
+    return out
 
 
 if __name__ == "__main__":
