@@ -22,7 +22,7 @@ def linear(x: jax.Array, w) -> jax.Array:
         return kernels.linear(x, w)
     if hasattr(w, "matmul"):  # a wrapper computing its own product (calibration's Observed)
         return w.matmul(x)
-    return dot_rows(x, w.astype(x.dtype)).astype(x.dtype)
+    return dot_rows(x, w.astype(x.dtype), weight_major=True).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

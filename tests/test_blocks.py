@@ -180,9 +180,10 @@ def test_moe_never_multiplies_by_all_experts():
     jaxpr = jax.make_jaxpr(lambda p, x: moe_mixer(p, cfg, x))(p, x)
     shapes = _dot_shapes(jaxpr.jaxpr, [])
     assert shapes, "no matmul found"
-    assert all(128 not in s for ops in shapes for s in ops[1:] if len(s) == 3), shapes
+    assert all(128 not in s for ops in shapes for s in ops if len(s) == 3), shapes
     # the expert matmuls see one expert's [F, H] / [H, F] slice at a time
-    assert any(ops[1] == (40, 48) for ops in shapes) and any(ops[1] == (48, 40) for ops in shapes)
+    # (an operand of the product: a few-row fp32 product on CPU takes the weight as its left operand)
+    assert any((40, 48) in ops[:2] for ops in shapes) and any((48, 40) in ops[:2] for ops in shapes), shapes
 
 
 def test_dense_experts_equal_grouped_and_differentiate():

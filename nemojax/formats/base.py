@@ -63,14 +63,29 @@ __all__ = ["QuantError", "QuantFormat", "FORMATS", "register", "is_quantized", "
            "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "NANO_SELECTIVE", "BLOCK_LINEARS"]
 
 
-def dot_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+FEW_ROWS = 32  # up to this many rows an fp32 product on CPU runs weight-major (see dot_rows)
+
+
+def dot_rows(x: jax.Array, w: jax.Array, weight_major: bool = False) -> jax.Array:
     """``x [..., K] @ w[..., N, K]^T -> [..., (bank,) N]`` float32: the product every weight's matmul ends in.
 
     XLA:CPU runs a single-row product of 16-bit operands by converting the whole weight to fp32 first (~1 GB/s);
     from two rows on it calls its packed GEMM library. On CPU a single row against a matrix is therefore computed
     as two (behind an optimization barrier, else the simplifier slices the second row away again).
+
+    An fp32 product of 2..32 rows reads the weight at a third of the one-row rate when written ``x @ w^T``; as
+    ``w @ x^T`` (the weight the left operand, a [N, rows] result) and the small result transposed it runs 1.4-3x
+    faster on CPU (``tools/bench_cpu_paths.py``), so with ``weight_major`` (plain weights: ``nemojax.ops.linear``)
+    it is computed that way (behind a barrier, else the simplifier folds the transpose back into the product).
+    Quantized formats keep the plain order: their XLA product is the reference their kernels are checked against.
     """
     dims = (((x.ndim - 1,), (w.ndim - 1,)), ((), ()))
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if (weight_major and w.ndim == 2 and x.dtype == w.dtype == jnp.float32 and 2 <= rows <= FEW_ROWS
+            and jax.default_backend() == "cpu"):
+        yt = jax.lax.dot_general(w, x.reshape(rows, -1), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        return jax.lax.optimization_barrier(yt).T.reshape(*x.shape[:-1], w.shape[0])
     if (w.ndim == 2 and x.dtype != jnp.float32 and x.size == x.shape[-1] and x.size
             and jax.default_backend() == "cpu"):
         x2 = jax.lax.optimization_barrier(jnp.concatenate([x.reshape(1, -1)] * 2))
