@@ -15,7 +15,7 @@ Rows (medium-config shapes: hidden 1024, experts 16 x 704, vocab 32000; bf16 unl
   behind a barrier tied to the token ids (``nemojax.ops.take_rows``, what ``nemojax.model.embed`` does);
 * ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product) vs bf16;
 * ``fp32 product`` of 1-16 rows: XLA's dot (its GEMM library from two rows on) vs a broadcast multiply and a sum
-  over K (one fused pass over the weight) vs ``w @ x^T`` with the small result transposed (``dot_rows``).
+  over K (one fused pass over the weight) vs ``w @ x^T`` with the small result transposed (``nemojax.ops.linear``).
 
 GB/s counts the weight bytes a product must read once. Progress to stderr, a markdown table to stdout
 (``--json``: one JSON object)::
@@ -96,7 +96,7 @@ def measure() -> list[dict]:
         add(g, "XLA dot", timed(chain(one), xm, w32), 2 * nb)
         if M > 1:
             add(g, "broadcast multiply + sum", timed(chain(mul_sum), xm, w32), 2 * nb)
-            add(g, "weight-major, result transposed (dot_rows)", timed(chain(dot_rows), xm, w32), 2 * nb)
+            add(g, "weight-major, result transposed (linear)", timed(chain(ops.linear), xm, w32), 2 * nb)
 
     # six experts inside a loop
     E, F, H = 16, 704, 1024

@@ -163,54 +163,30 @@ def main(argv=None) -> int:
     if a.serve:
         r = rep["serve"]
         print(f"\nserving engine, {a.serve} requests x ({a.serve_prompt} prompt + {a.serve_new} new tokens): start "
-              f"{r['start_s']:.1f} s, TTFT first / last {r['ttft_s'][0]:.1f} / {r['ttft_s'][-1]:.1f} s, "
-              f"{r['tok_s']:.3f} output tok/s, every request {r['tokens']} tokens; peak RSS {m['peak']:.2f} GiB")
+              f"{r['start_s']:.1f} s, TTFT first / last {r['ttft_first']:.1f} / {r['ttft_last']:.1f} s, "
+              f"{r['tok_s']:.3f} output tok/s (every request its {a.serve_new} tokens); peak RSS {m['peak']:.2f} GiB")
     return 0
 
 
 def serve(model, n: int, prompt: int, new: int, chunk: int) -> dict:
-    """``n`` requests submitted at once to a started ``Engine``: start-up s, sorted TTFTs, output tok/s."""
-    import threading
-
+    """``n`` requests submitted at once to a started ``Engine`` (``bench_engine.measure``): start-up s, TTFTs,
+    output tok/s."""
     import numpy as np
 
-    from nemojax.serve import Engine, Request
+    from bench_engine import measure
+    from nemojax.serve import Engine
 
     eng = Engine(model, max_num_seqs=n, max_model_len=prompt + new + 8, chunk=chunk, prefix_cache_bytes=0)
     t0 = time.perf_counter()
     eng.start()
-    out = {"start_s": time.perf_counter() - t0}
-    log(f"serving engine started in {out['start_s']:.1f} s")
-    first, toks, done, lock = {}, {}, threading.Event(), threading.Lock()
-
-    def on_output(o):
-        with lock:
-            now = time.perf_counter()
-            if o.token_ids:
-                first.setdefault(o.request_id, now)
-                toks[o.request_id] = toks.get(o.request_id, 0) + len(o.token_ids)
-                log(f"{o.request_id}: {toks[o.request_id]} tokens")
-            if o.finish_reason is not None:
-                out.setdefault("finished", []).append((o.request_id, o.finish_reason))
-                if len(out["finished"]) == n:
-                    done.set()
-
+    start_s = time.perf_counter() - t0
+    log(f"serving engine started in {start_s:.1f} s")
     rng = np.random.default_rng(1)
-    t0 = time.perf_counter()
     try:
-        for i in range(n):
-            ids = rng.integers(3, model.config.vocab_size, prompt).tolist()
-            eng.submit(Request(f"r{i}", ids, new, stop_token_ids=()), on_output)
-        done.wait()
-        wall = time.perf_counter() - t0
+        return {"start_s": start_s, **measure(eng, [rng.integers(3, model.config.vocab_size, prompt).tolist()
+                                                    for _ in range(n)], new, timeout=None)}
     finally:
         eng.stop()
-    out["ttft_s"] = sorted(t - t0 for t in first.values())
-    out["tokens"] = sorted(set(toks.values()))
-    out["tok_s"] = sum(toks.values()) / wall
-    out["wall_s"] = wall
-    return out
-
 
 if __name__ == "__main__":
     sys.exit(main())
