@@ -173,8 +173,11 @@ def expert_parallel_experts(x, weights, idx, up, down, mesh, batch: int) -> jax.
         off = jax.lax.axis_index("expert") * e_local if ep > 1 else 0
         li = idx - off
         mine = (li >= 0) & (li < e_local)
-        # other devices' assignments get expert id e_local: sorted last and never visited
-        y = grouped_experts(x, jnp.where(mine, weights, 0.0), jnp.where(mine, li, e_local), up, down)
+        # other devices' assignments get expert id e_local: sorted last and never visited. An expert expects as
+        # many rows here as on one device, so the blocks are sized by the whole bank (the products then have
+        # the single-device shapes and round alike)
+        y = grouped_experts(x, jnp.where(mine, weights, 0.0), jnp.where(mine, li, e_local), up, down,
+                            block=block_rows(x.shape[0] * idx.shape[1], E))
         return jax.lax.psum(y, split) if split else y
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(rows, None), P(rows, None), up_s, down_s),
