@@ -26,6 +26,9 @@ tests/hf_reference.py): prefill tok/s from ``model(prompt, use_cache=True, logit
 of a greedy loop from a copy of the post-prefill cache, token 1 being the argmax of the prefill logits), median
 of ``--repeats`` (``--repeats8``) loops: per forward the same work as nemojax's figure.
 
+llama.cpp (``--llamacpp f32,bf16,q8_0,q4_0``; tools/llamacpp_bench.py): the same checkpoint as GGUF files,
+batch 1, prefill and greedy decode timed through llama-cpp-python's C API in the same pinned workers.
+
 Correctness: greedy tokens of both sides are compared position by position (fp32 should agree: a sanity check).
 
 Limits, measured in the same run on the same pinned core(s) (``benchlib.measure_limits``): the memory-copy
@@ -41,11 +44,9 @@ rate (numpy / jax / torch, fp32 and bf16). From them:
   the last position only); the GEMM rate is the best median of the run's dtype;
 * targets: decode >= 80 % of the bandwidth limit in fp32, prefill >= 60 % of the matmul-rate limit.
 
-``--breakdown`` (on by default) also times, per batch size, one jitted decode step
-``forward(params, cfg, tok[:, None], None, cache, last_only=True)`` (cache at position prompt + new/2), every
-block kind (``nemojax.model.block``) and parts of it, rotating over distinct copies of the layer's weights
-(together >= 4x the last-level cache, so weights are not cache-resident), and lm_head; and on the
-transformers side per-layer decode times via forward hooks over 16 steps.
+``--breakdown`` (on by default) also times, per batch size, one jitted decode step (cache at position prompt +
+new/2), every block kind and parts of it, rotating over copies of the layer's weights (together >= 4x the
+last-level cache), and lm_head; on the transformers side per-layer decode times via forward hooks.
 
 Progress goes to stderr; stdout gets markdown tables, or with ``--json`` one JSON object.
 
@@ -69,6 +70,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import llamacpp_bench  # noqa: E402
 import transformers_bench  # noqa: E402
 from benchlib import (CONFIGS, compare_tokens, generation_cost_markdown, generation_limits, log,  # noqa: E402
                       median_time, median_time_rotating, pct, rate, tree_nbytes)
@@ -351,7 +353,7 @@ def worker_nemojax(spec: dict) -> dict:
 
 
 WORKERS = {"limits": benchlib.measure_limits, "nemojax": worker_nemojax,
-           "torch": transformers_bench.generation_worker}
+           "torch": transformers_bench.generation_worker, "llamacpp": llamacpp_bench.generation_worker}
 
 
 # ====================================================================================== driver
@@ -471,6 +473,7 @@ def markdown(rep: dict) -> str:
                 gbs = f"{p['gbs']:.1f}" if p["gbs"] else ""
                 L.append(f"| {name} | {p['ms']:.3f} | {mb} | {gbs} | {hf} |")
             L.append("")
+    L += llamacpp_bench.markdown(rep.get("llamacpp", []), rep["threads"])
     return "\n".join(L) + "\n"
 
 
@@ -509,6 +512,8 @@ def main(argv=None) -> int:
                     help="transformers experts_implementation to request (default: transformers' own choice)")
     ap.add_argument("--gemm-n", type=int, default=1024, help="GEMM size for the matmul-rate limit")
     ap.add_argument("--copy-mb", type=int, default=512, help="buffer size (MiB) for the bandwidth probes")
+    ap.add_argument("--llamacpp", default="", help="also run llama.cpp (llama-cpp-python) on the same weights as "
+                    f"these comma-separated GGUF types ({', '.join(llamacpp_bench.GGUF_TYPES)}), batch 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object with all results instead of tables")
     ap.add_argument("--_worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
@@ -521,6 +526,7 @@ def main(argv=None) -> int:
         ap.error("--prompt-len, --new-tokens, --repeats, --repeats8 must be positive and --chunk >= 0")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (transformers' decode is timed over new_tokens - 1 steps)")
+    gguf_types = llamacpp_bench.parse_types(ap, args.llamacpp)
     cores = benchlib.pick_cores(ap, args.threads, args.cores)
     benchlib.set_driver_env(args.threads)
 
@@ -582,6 +588,8 @@ def main(argv=None) -> int:
                 invariance[dtype] = compare_tokens(toks["nemojax"][batches[1]][:1], toks["nemojax"][1])
         if invariance:
             rep["batch_invariance"] = invariance
+        if gguf_types:
+            rep["llamacpp"] = llamacpp_bench.run(run_worker, gguf_types, folder, ppath, rep, work)
     w = rep["workers"][dtypes[0]]
     rep["env"] = {"cpu": benchlib.cpu_info(), "jax": w["nemojax"]["jax_version"],
                   "torch": w["transformers"]["torch_version"],
