@@ -526,7 +526,7 @@ def main(argv=None) -> int:
         ap.error("--prompt-len, --new-tokens, --repeats, --repeats8 must be positive and --chunk >= 0")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (transformers' decode is timed over new_tokens - 1 steps)")
-    gguf_types = llamacpp_bench.parse_types(ap, args.llamacpp)
+    gguf_types = llamacpp_bench.parse_types(ap, args.llamacpp, CONFIGS[args.config])
     cores = benchlib.pick_cores(ap, args.threads, args.cores)
     benchlib.set_driver_env(args.threads)
 

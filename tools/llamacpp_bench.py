@@ -120,11 +120,14 @@ def reference_logits(folder: str, prompts: str) -> np.ndarray:
     return np.asarray(forward_jit(m.params, m.config, ids), np.float32)[0, -1]
 
 
-def parse_types(ap, arg: str) -> list[str]:
-    """``--llamacpp`` -> the GGUF types to run (an argparse error for unknown ones or a missing llama-cpp-python)."""
+def parse_types(ap, arg: str, config: dict) -> list[str]:
+    """``--llamacpp`` -> the GGUF types to run (an argparse error for unknown ones, a config llama.cpp cannot run
+    or a missing llama-cpp-python)."""
     types = [t for t in arg.split(",") if t]
     if set(types) - set(GGUF_TYPES):
         ap.error(f"--llamacpp: types are {', '.join(GGUF_TYPES)}")
+    if types and "-" in config["hybrid_override_pattern"]:
+        ap.error("--llamacpp: llama.cpp's MoE architecture has no dense MLP layers ('-' in the pattern)")
     if types and not available():
         ap.error("--llamacpp needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
     return types
@@ -144,24 +147,23 @@ def run(run_worker, types: list[str], folder: str, prompts: str, rep: dict, work
     nemojax_bf16_decode = bf16[0] if bf16 else None
     log(f"llama.cpp: writing GGUF {', '.join(types)}")
     files = write_ggufs(folder, types, work, threads)
-    ref = reference_logits(folder, prompts)
     rows = []
     for t in types:
         spec = {"gguf": files[t]["path"], "prompts": prompts, "new_tokens": new_tokens, "repeats": repeats,
                 "tokens": os.path.join(work, f"tokens_llamacpp_{t}.npy"),
                 "logits": os.path.join(work, f"logits_llamacpp_{t}.npy")}
-        r = run_worker("llamacpp", spec, cores, threads, work) | {"type": t} | files[t]
-        toks, lg = np.load(spec["tokens"]), np.load(spec["logits"])
+        rows.append(run_worker("llamacpp", spec, cores, threads, work) | {"type": t} | files[t] | spec)
+        os.remove(files[t]["path"])
+    ref = reference_logits(folder, prompts)  # jax in this process only now: no fork after it
+    for r in rows:
+        toks, lg = np.load(r["tokens"]), np.load(r["logits"])
         r["tokens"] = compare_tokens(toks, ref_tokens) if ref_tokens is not None else {"match": 0, "total": 0}
         r["logits_max_abs"], r["logits_scale"] = float(np.abs(lg - ref).max()), float(np.abs(ref).max())
         if nemojax_bf16_decode:
             r["decode_vs_nemojax_bf16"] = r["decode_tok_s"] / nemojax_bf16_decode
-        log(f"llama.cpp {t}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode {r['decode_tok_s']:,.1f} tok/s, "
-            f"logits max abs diff {r['logits_max_abs']:.3g}, greedy tokens equal to nemojax fp32 "
+        log(f"llama.cpp {r['type']}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode {r['decode_tok_s']:,.1f} "
+            f"tok/s, logits max abs diff {r['logits_max_abs']:.3g}, greedy tokens equal to nemojax fp32 "
             f"{r['tokens']['match']}/{r['tokens']['total']}")
-        rows.append(r)
-    for f in files.values():
-        os.remove(f["path"])
     return rows
 
 
