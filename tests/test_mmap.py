@@ -274,3 +274,19 @@ def test_model_replace_keeps_the_rest_and_names_unknown_fields():
     assert r.config is m.config and r.experts is m.experts and r.params is p2 and m.params is not p2
     with pytest.raises(TypeError, match="unknown field.*'parms'"):
         m.replace(parms=p2)
+
+
+@pytest.mark.parametrize("kind", ["hlwq-q5", "nvfp4"])
+def test_mapped_load_leaves_the_expert_pages_unread(tmp_path, kind):
+    """Loading with mmap=True reads none of the routed experts: the load's checks sample a few pages of each
+    tensor (the HLWQ bit-order check once faulted in every page of every expert: the 30B checkpoint's 19 GB)."""
+    cfg = tiny_config(hidden_size=512, moe_intermediate_size=1024, n_routed_experts=32, num_experts_per_tok=2,
+                      hybrid_override_pattern="ME", num_hidden_layers=2)
+    params = quant.apply(init_params(cfg, 7, dtype="float32"), cfg, "hlwq-q5" if kind == "hlwq-q5" else "nvfp4-all")
+    save_params(params, cfg, tmp_path)
+    bank = sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    before = _rss_file_mb()
+    m = nemojax.load(str(tmp_path), dtype="float32", mmap=True)
+    grown = _rss_file_mb() - before
+    assert m.mapped.on_disk_bytes > 0.8 * bank, m.mapped  # the experts are most of the file
+    assert grown < 0.1 * bank / 2 ** 20, (grown, bank / 2 ** 20)

@@ -14,6 +14,7 @@ For packed codes the bit order is confirmed with the code-histogram test (``pack
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -53,6 +54,12 @@ def _unscale(ct_scaled: np.ndarray) -> np.ndarray:
         t = np.where(q < ct_scaled, np.nextafter(t, np.float32(np.inf)),
                      np.where(q > ct_scaled, np.nextafter(t, np.float32(-np.inf)), t)).astype(np.float32)
     return t
+
+
+def _later_expert(mod: str) -> bool:
+    """Whether ``mod`` is a routed expert other than expert 0 of its bank (``...experts.<e>.<proj>``)."""
+    m = re.search(r"\.experts\.(\d+)\.", mod)
+    return m is not None and m.group(1) != "0"
 
 
 def read_table(ck, name: str) -> np.ndarray:
@@ -100,8 +107,10 @@ def read_layout(ck, mod: str, shape: tuple[int, int], pc: dict | None):
                 raise QuantError(f"HLWQ table shape [{table.size}], expected [{1 << bits}] for {bits} bits")
             if codes.ndim != 2 or codes.shape[0] != out_f:
                 raise QuantError(f"codes shape {list(codes.shape)} does not fit a [{out_f}, {in_f}] weight")
-            if codes.shape[-1] == k_pad * bits // 8 and codes.shape[-1] != k_pad:
-                order = detect_bit_order(codes, bits, table)
+            # a bank's experts come from one writer: the bit order is checked on expert 0's codes only (each
+            # check faults in a few pages of a mapped file; 17664 expert tensors at the real shapes)
+            if codes.shape[-1] == k_pad * bits // 8 and codes.shape[-1] != k_pad and not _later_expert(mod):
+                order = detect_bit_order(codes, bits, table, max_groups=1024)
                 if order == "msb":
                     raise QuantError("packed codes are MSB-first per row, a layout no writer is known to produce")
             return codes, norms, table, bits, in_f
