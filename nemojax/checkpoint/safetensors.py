@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -20,6 +21,8 @@ from .output import check_size, write_array
 
 __all__ = ["SafetensorsError", "SafeFile", "save_file", "DTYPES", "DTYPE_NAMES", "tensor_entry", "encode_header", "array_shape_ok",
            "ALIGN", "aligned_first"]
+
+SMALL_TENSOR = 1 << 20  # bytes: below this a tensor's mapping reads no more than its own pages (SafeFile.get)
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -99,14 +102,22 @@ class SafeFile:
             raise SafetensorsError(f"{self.path}: no tensor {name!r}") from None
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of the tensor (no copy)."""
+        """A read-only memory-mapped view of the tensor (no copy).
+
+        A tensor under ``SMALL_TENSOR`` bytes is mapped with ``MADV_RANDOM``: reading it faults in its own pages
+        only, not the kernel's read-around window (``read_ahead_kb``, megabytes on some disks), which for the
+        thousands of small tensors between the experts of a large checkpoint would read the whole file."""
         dt, shape, b = self.dtype(name), self.shape(name), self._entry(name)[2]
         if math.prod(shape) == 0:
             if not array_shape_ok(shape, dt.itemsize):
                 raise SafetensorsError(f"{self.path}: tensor {name!r} is empty but its shape {list(shape)} has "
                                        f"dimensions no NumPy array can have")
             return np.zeros(shape, dt)
-        return np.memmap(self.path, dtype=dt, mode="r", offset=self._base + b, shape=shape)
+        a = np.memmap(self.path, dtype=dt, mode="r", offset=self._base + b, shape=shape)
+        mm = getattr(a, "_mmap", None)  # numpy's mmap.mmap of the view
+        if a.nbytes < SMALL_TENSOR and mm is not None and hasattr(mmap, "MADV_RANDOM"):
+            mm.madvise(mmap.MADV_RANDOM)
+        return a
 
 
 def array_shape_ok(shape, itemsize: int) -> bool:
