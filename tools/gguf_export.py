@@ -34,8 +34,8 @@ def _stay_f32(gguf_name: str, ndim: int) -> bool:
     return ndim < 2 or any(s in gguf_name for s in ("ssm_conv1d", "ssm_a", "ssm_d", "ssm_norm", "ffn_gate_inp"))
 
 
-def write_float_gguf(folder: str, out: str, outtype: str = "f32") -> dict:
-    """Checkpoint folder -> ``out`` (F32 or BF16 weights). Returns the config dict used."""
+def write_float_gguf(folder: str, out: str, outtype: str = "f32") -> None:
+    """Checkpoint folder -> ``out`` (F32 or BF16 weights)."""
     import gguf
 
     from nemojax.checkpoint.source import Checkpoint
@@ -126,28 +126,33 @@ def write_float_gguf(folder: str, out: str, outtype: str = "f32") -> dict:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return hp
+
+
+def quantize(src: str, out: str, outtype: str, threads: int = 1) -> None:
+    """An F32 GGUF ``src`` -> ``out`` in ``outtype`` (q8_0 / q4_0) by llama.cpp's quantizer, with its default
+    tensor choices (as ``llama-quantize``)."""
+    import llama_cpp
+
+    qp = llama_cpp.llama_model_quantize_default_params()
+    qp.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[outtype]
+    qp.nthread = threads
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), qp)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {out}, {outtype}) returned {rc}")
 
 
 def export(folder: str, out: str, outtype: str = "f32", threads: int = 1) -> str:
-    """``folder`` -> ``out`` in ``outtype``; the quantized types go through an F32 file and llama.cpp's
-    quantizer (default tensor choices, as ``llama-quantize``). Returns ``out``."""
+    """``folder`` -> ``out`` in ``outtype``; the quantized types through a temporary F32 file and
+    :func:`quantize`. Returns ``out``."""
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if outtype in ("f32", "bf16"):
         write_float_gguf(folder, out, outtype)
         return out
-    import llama_cpp
-
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
         src = os.path.join(tmp, "f32.gguf")
         write_float_gguf(folder, src, "f32")
-        qp = llama_cpp.llama_model_quantize_default_params()
-        qp.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[outtype]
-        qp.nthread = threads
-        rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), qp)
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({src} -> {out}, {outtype}) returned {rc}")
+        quantize(src, out, outtype, threads)
     return out
 
 

@@ -33,15 +33,24 @@ def available() -> str | None:
 
 
 def write_ggufs(folder: str, types: list[str], workdir: str, threads: int) -> dict:
-    """The checkpoint folder as one GGUF per type; returns {type: {"path", "bytes", "write_s"}}."""
+    """The checkpoint folder as one GGUF per type, the quantized ones from the one F32 file; returns
+    {type: {"path", "bytes", "write_s"}}."""
     import gguf_export
 
     out = {}
-    for t in types:
+    f32 = os.path.join(workdir, "bench-f32.gguf")
+    for t in sorted(types, key=lambda t: t != "f32"):  # F32 first: the quantizer's source
         path = os.path.join(workdir, f"bench-{t}.gguf")
         t0 = time.perf_counter()
-        gguf_export.export(folder, path, t, threads)
+        if t in ("f32", "bf16"):
+            gguf_export.write_float_gguf(folder, path, t)
+        else:
+            if not os.path.exists(f32):
+                gguf_export.write_float_gguf(folder, f32, "f32")
+            gguf_export.quantize(f32, path, t, threads)
         out[t] = {"path": path, "bytes": os.path.getsize(path), "write_s": time.perf_counter() - t0}
+    if "f32" not in types and os.path.exists(f32):
+        os.remove(f32)
     return out
 
 
@@ -152,11 +161,12 @@ def run(run_worker, types: list[str], folder: str, prompts: str, rep: dict, work
         spec = {"gguf": files[t]["path"], "prompts": prompts, "new_tokens": new_tokens, "repeats": repeats,
                 "tokens": os.path.join(work, f"tokens_llamacpp_{t}.npy"),
                 "logits": os.path.join(work, f"logits_llamacpp_{t}.npy")}
-        rows.append(run_worker("llamacpp", spec, cores, threads, work) | {"type": t} | files[t] | spec)
-        os.remove(files[t]["path"])
+        rows.append((run_worker("llamacpp", spec, cores, threads, work) | {"type": t} | files[t], spec))
+    for f in files.values():
+        os.remove(f["path"])
     ref = reference_logits(folder, prompts)  # jax in this process only now: no fork after it
-    for r in rows:
-        toks, lg = np.load(r["tokens"]), np.load(r["logits"])
+    for r, spec in rows:
+        toks, lg = np.load(spec["tokens"]), np.load(spec["logits"])
         r["tokens"] = compare_tokens(toks, ref_tokens) if ref_tokens is not None else {"match": 0, "total": 0}
         r["logits_max_abs"], r["logits_scale"] = float(np.abs(lg - ref).max()), float(np.abs(ref).max())
         if nemojax_bf16_decode:
@@ -164,7 +174,7 @@ def run(run_worker, types: list[str], folder: str, prompts: str, rep: dict, work
         log(f"llama.cpp {r['type']}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode {r['decode_tok_s']:,.1f} "
             f"tok/s, logits max abs diff {r['logits_max_abs']:.3g}, greedy tokens equal to nemojax fp32 "
             f"{r['tokens']['match']}/{r['tokens']['total']}")
-    return rows
+    return [r for r, _ in rows]
 
 
 def markdown(rows: list[dict], threads: int) -> list[str]:
