@@ -14,6 +14,7 @@ from .blocks.moe import RoutedExperts
 from .model import forward, forward_jit
 from .checkpoint import CheckpointError, MapReport, load_params, resolve_dtype, stack_banks
 from .experts.bank import HostBank
+from .kernels import resolve_backend
 
 __all__ = ["Model", "load"]
 
@@ -127,7 +128,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
     activations once per 128-block, codebook lookup x norm); base: the BF16 checkpoint an HLWQ checkpoint was
     made from (it supplies the e_score_correction_bias those checkpoints drop); dequantize: load every
     quantized weight as a plain ``dtype`` array. backend: the quantized matmuls' kernels, "xla" (reference),
-    "pallas" or "triton" (``nemojax.quant.set_backend``). run_options: the run options of other registered formats
+    "cpu", "pallas", "triton" or "auto" ("cpu" on a CPU, else "xla"; ``nemojax.quant.set_backend``). run_options: the run options of other registered formats
     (``QuantFormat.run_options``), e.g. ``fp8_mode="w8a8"`` for ModelOpt FP8 checkpoints with ``input_scale``
     ("w8a16", the default, is weight-only).
     mmap: (CPU only; ValueError elsewhere, and for an orbax folder) keep every weight stored as it is used in the
@@ -145,6 +146,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", nvfp4_mode: str = "w4a16"
         progress = os.isatty(2)
     if hlwq_path not in ("dequant", "rotated"):
         raise ValueError(f"hlwq_path={hlwq_path!r}: expected 'dequant' or 'rotated'")
+    backend = resolve_backend(backend)
     if backend != "xla":
         from . import quant
 

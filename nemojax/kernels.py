@@ -21,18 +21,26 @@ from pallas_kernels import nvfp4 as nvfp4_kernels
 from pallas_kernels import triton_gemv
 
 from .formats import format_of
-from .formats.nvfp4 import fake_quant
+from .formats.nvfp4 import fake_quant, rows_product
 
 __all__ = ["BACKENDS", "KERNELS", "FormatKernels", "linear", "linear_transformed", "grouped_experts",
-           "backend_unavailable", "interpret", "GEMV_ROWS"]
+           "backend_unavailable", "resolve_backend", "interpret", "GEMV_ROWS", "CPU_ROWS"]
 
-BACKENDS = ("xla", "pallas", "triton")
+BACKENDS = ("xla", "cpu", "pallas", "triton")
 GEMV_ROWS = 8  # up to this many rows the "triton" backend uses the jax-triton decode GEMVs
+CPU_ROWS = 64  # up to this many rows the "cpu" backend decodes NVFP4 tile by tile (more: the reference's GEMM)
 
 
 def interpret() -> bool:
     """Pallas runs compiled on GPU, interpreted elsewhere."""
     return jax.default_backend() != "gpu"
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"``: "cpu" when jax runs on a CPU, else "xla"; any other name unchanged."""
+    if backend == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return backend
 
 
 def backend_unavailable(backend: str) -> str | None:
@@ -89,6 +97,20 @@ def _nvfp4_takes(node) -> bool:
     return node.packed.ndim == 3 and nvfp4_kernels.supported(*node.shape[1:])
 
 
+def _nvfp4_cpu(x, node):
+    """The "cpu" backend: a decode-sized product reads the packed bytes only (``formats.nvfp4.rows_product``); larger
+    ones are GEMMs, for which the reference's dequantize-then-product is the fast way on a CPU."""
+    x2, lead = _rows(node.fake_quant_input(x))
+    if x2.shape[0] > CPU_ROWS:
+        return node.matmul(x)
+    y = rows_product(x2, node.packed, node.scale, node.scale_2)
+    return y.astype(x.dtype).reshape(*lead, node.shape[0])
+
+
+def _never(node) -> bool:
+    return False
+
+
 # ------------------------------------------------------------------------------------------------ HLWQ
 def _hlwq_rotated(xr, node):
     """``xr [..., K_pad]`` (rotated) @ ``(W H)^T`` for a 2-D HLWQ node."""
@@ -137,6 +159,9 @@ _HLWQ = FormatKernels(_hlwq_dense, _hlwq_grouped, _hlwq_takes, _hlwq_transformed
 #: (format name, backend) -> its kernels ("triton" differs from "pallas" in the decode GEMVs only)
 KERNELS: dict[tuple[str, str], FormatKernels] = {
     (fmt, backend): kern for fmt, kern in (("nvfp4", _NVFP4), ("hlwq", _HLWQ)) for backend in ("pallas", "triton")}
+# "cpu": plain XLA written for XLA:CPU. The routed experts run the XLA loop of the MoE (grouped: never), whose
+# per-expert products come back here as 2-D nodes.
+KERNELS[("nvfp4", "cpu")] = FormatKernels(_nvfp4_cpu, None, _never)
 
 
 def _kernels(node) -> FormatKernels | None:

@@ -40,8 +40,9 @@ def add_parser(sub) -> None:
                    help=f"sampling seed, 0..{SEED_MAX} (jax.random.PRNGKey keeps 32 bits)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--backend", default="xla", choices=["xla", "pallas", "triton"],
-                   help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton (GPU + jax-triton)")
+    p.add_argument("--backend", default="auto", choices=["auto", "xla", "cpu", "pallas", "triton"],
+                   help="kernels for NVFP4/HLWQ matmuls: auto (cpu on a CPU, else xla), xla (reference), cpu "
+                   "(4-bit decode from the packed bytes), pallas, triton (GPU + jax-triton)")
     p.add_argument("--expert-cache", type=int_in(1, INT32_MAX), default=None, metavar="N",
                    help="keep routed experts in host memory with N device slots per MoE layer")
     p.add_argument("--cache-policy", default="adaptive", help="expert-cache eviction policy: lru, lfu, "

@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mesh", default=None, metavar="D,E,T", help="device mesh (data, expert, tensor)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--backend", default="xla", choices=["xla", "pallas", "triton"],
-                   help="kernels for NVFP4/HLWQ matmuls: xla (reference), pallas, triton")
+    p.add_argument("--backend", default="auto", choices=["auto", "xla", "cpu", "pallas", "triton"],
+                   help="kernels for NVFP4/HLWQ matmuls: auto (cpu on a CPU, else xla), xla (reference), cpu "
+                   "(4-bit decode from the packed bytes), pallas, triton (GPU + jax-triton)")
     p.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -21,8 +21,8 @@ from flax import struct
 from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
                    ieee_div, per_tensor_spec, register)
 
-__all__ = ["NVFP4Weight", "quantize", "dequantize", "fake_quant", "e2m1_code", "E2M1_VALUES", "pack_codes",
-           "unpack_codes", "MODES", "SUFFIXES", "BLOCK"]
+__all__ = ["NVFP4Weight", "quantize", "dequantize", "rows_product", "fake_quant", "e2m1_code", "E2M1_VALUES",
+           "pack_codes", "unpack_codes", "MODES", "SUFFIXES", "BLOCK"]
 
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 E2M1_MAX, E4M3_MAX, BLOCK = 6.0, 448.0, 16
@@ -78,6 +78,61 @@ def dequantize(packed, scale, scale_2, dtype=jnp.float32) -> jax.Array:
     vals = jax.lax.bitcast_convert_type(packed, jnp.float4_e2m1fn).astype(jnp.float32)  # [..., N, K/2, 2]
     s = scale.astype(jnp.float32) * jnp.asarray(scale_2, jnp.float32)[..., None, None]
     return (vals.reshape(*lead, N, K2 * 2 // BLOCK, BLOCK) * s[..., None]).reshape(*lead, N, K2 * 2).astype(dtype)
+
+
+def _twice_e2m1(c: jax.Array) -> jax.Array:
+    """Codes 0..15 (uint8) -> 2 x their E2M1 value as float32, in integer arithmetic (what XLA:CPU vectorizes):
+    magnitudes 0..7 map to 0, 1, 2, 3, 4, 6, 8, 12 = m + relu(m - 4) + 2 relu(m - 6)."""
+    m = (c & 7).astype(jnp.int8)
+    v = m + jnp.maximum(m - 4, 0) + 2 * jnp.maximum(m - 6, 0)
+    return jnp.where(c >= 8, -v, v).astype(jnp.float32)
+
+
+def _tile_rows(n: int) -> int:
+    for t in (64, 32, 16, 8):
+        if n % t == 0:
+            return t
+    return 8
+
+
+def rows_product(x: jax.Array, packed, scale, scale_2) -> jax.Array:
+    """``x [M, K] @ W^T -> [M, N]`` float32 for a 2-D weight (packed [N, K/2], scale [N, K/16], scale_2 []), reading
+    only the packed bytes: the weight is decoded 64 rows at a time into a float32 tile that stays in cache.
+
+    For the few rows of a decode step on a CPU. ``dequantize`` + one product writes the whole dequantized weight
+    and reads it back, and XLA:CPU decodes at ~1 element per cycle into memory; here each tile's low and high
+    nibbles are decoded separately (no interleave: the even and odd inputs multiply them), behind optimization
+    barriers (else XLA rewrites the small products into fused multiply-reduce loops, or hoists the decode out of
+    the loop and materializes it). The weight's values are exact in float32, so this is the fp32 product of the
+    dequantized weight up to summation order.
+    """
+    N, K2 = packed.shape
+    M = x.shape[0]
+    T = _tile_rows(N)
+    pad = -N % T
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint8)  # 8-bit float slices are slow on XLA:CPU; bytes are not
+    if pad:
+        packed, bits = jnp.pad(packed, ((0, pad), (0, 0))), jnp.pad(bits, ((0, pad), (0, 0)))
+    nt = (N + pad) // T
+    pt, st = packed.reshape(nt, T, K2), bits.reshape(nt, T, K2 // 8)
+    xf = x.astype(jnp.float32)
+    xe, xo = xf[:, 0::2], xf[:, 1::2]  # [M, K/2]: the inputs of the low and the high nibbles
+    half = 0.5 * jnp.asarray(scale_2, jnp.float32)
+
+    def tile(i, acc):
+        p, s, i = jax.lax.optimization_barrier((jax.lax.dynamic_index_in_dim(pt, i, keepdims=False),
+                                                jax.lax.dynamic_index_in_dim(st, i, keepdims=False), i))
+        sc = (jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn).astype(jnp.float32) * half)[..., None]
+        p = p.reshape(T, K2 // 8, 8)
+        lo, hi = jax.lax.optimization_barrier(((_twice_e2m1(p & 15) * sc).reshape(T, K2),
+                                               (_twice_e2m1(p >> 4) * sc).reshape(T, K2)))
+        dims = (((1,), (1,)), ((), ()))
+        y = (jax.lax.dot_general(lo, xe, dims, preferred_element_type=jnp.float32)
+             + jax.lax.dot_general(hi, xo, dims, preferred_element_type=jnp.float32))  # [T, M]
+        return jax.lax.dynamic_update_index_in_dim(acc, y, i, 0)
+
+    acc = jax.lax.fori_loop(0, nt, tile, jnp.zeros((nt, T, M), jnp.float32))
+    return acc.reshape(nt * T, M)[:N].T
 
 
 def fake_quant(x: jax.Array, global_scale) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ..blocks.base import BLOCKS, Spec
 from ..config import Config
 from ..formats import FORMATS, QuantError, is_quantized
-from ..kernels import BACKENDS, backend_unavailable
+from ..kernels import BACKENDS, backend_unavailable, resolve_backend
 from ..params import param_specs, tree_paths
 
 __all__ = ["Recipe", "RECIPES", "apply", "calibrate_model", "module_name", "quantized_modules", "resolve_recipe",
@@ -201,10 +201,13 @@ def set_mode(params: dict, mode: str) -> dict:
 
 def set_backend(params: dict, backend: str) -> dict:
     """The same parameters with every quantized node's matmul run by ``backend`` (``nemojax.kernels``): "xla"
-    (the jnp reference: dequantize, then one XLA matmul), "pallas" (``pallas_kernels``: codes decoded inside the
-    kernels, dense and grouped for the MoE; on a CPU the kernels run in Pallas interpret mode, slow but exact) or
-    "triton" (as "pallas", with jax-triton decode GEMVs for up to 8 rows; needs a GPU and jax-triton). One switch
-    per model; a format without kernels runs its reference on every backend."""
+    (the jnp reference: dequantize, then one XLA matmul), "cpu" (plain XLA for XLA:CPU: NVFP4 products of up to
+    ``kernels.CPU_ROWS`` rows decode the packed bytes tile by tile, never a whole dequantized weight), "pallas"
+    (``pallas_kernels``: codes decoded inside the kernels, dense and grouped for the MoE; on a CPU the kernels run
+    in Pallas interpret mode, slow but exact), "triton" (as "pallas", with jax-triton decode GEMVs for up to 8
+    rows; needs a GPU and jax-triton) or "auto" ("cpu" when jax runs on a CPU, else "xla"). One switch per model;
+    a format without kernels runs its reference on every backend."""
+    backend = resolve_backend(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     why = backend_unavailable(backend)
