@@ -13,7 +13,8 @@ Rows (medium-config shapes: hidden 1024, experts 16 x 704, vocab 32000; bf16 unl
 * ``embedding row``: a 16-step loop gathering one row of a bf16 [32000, 1024] table per step, directly (XLA hoists
   an fp32 copy of the whole table out of the loop) vs through its raw bits (still a hoisted copy) vs raw bits
   behind a barrier tied to the token ids (``nemojax.ops.take_rows``, what ``nemojax.model.embed`` does);
-* ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product) vs bf16;
+* ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product; the "xla"
+  reference) vs the packed bytes decoded 64 rows at a time (``nvfp4.rows_product``, the "cpu" backend) vs bf16;
 * ``fp32 product`` of 1-16 rows: XLA's dot (its GEMM library from two rows on) vs a broadcast multiply and a sum
   over K (one fused pass over the weight) vs ``w @ x^T`` with the small result transposed (``nemojax.ops.linear``).
 
@@ -65,7 +66,7 @@ def measure() -> list[dict]:
     from nemojax import ops
     from nemojax.blocks.moe import grouped_experts
     from nemojax.formats.base import dot_rows
-    from nemojax.formats.nvfp4 import NVFP4Weight, dequantize
+    from nemojax.formats.nvfp4 import NVFP4Weight, dequantize, rows_product
 
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -144,6 +145,8 @@ def measure() -> list[dict]:
     add("W4A16 product [1,1024]x[4096,1024]", "NVFP4 (dequantize + two-row product)",
         timed(chain(lambda x, p, s, s2: dot_rows(x, dequantize(p, s, s2, x.dtype))), x, qs),
         qs[0][0].nbytes + qs[0][1].nbytes)
+    add("W4A16 product [1,1024]x[4096,1024]", "NVFP4, packed bytes decoded per 64-row tile (rows_product, cpu backend)",
+        timed(chain(lambda x, p, s, s2: rows_product(x, p, s, s2)), x, qs), qs[0][0].nbytes + qs[0][1].nbytes)
     add("W4A16 product [1,1024]x[4096,1024]", "bf16 (two-row product)", timed(chain(dot_rows), x, ws), nb)
     return rows
 

@@ -5,7 +5,7 @@ chunked-prefill tok/s of a long random prompt, greedy decode tok/s, and the deco
 run (bytes a decode step must read / the memory-copy bandwidth of this machine).
 
     python tools/bench_real_shapes.py CKPT [--mmap] [--expert-cache N] [--prompt-len 4096] [--chunk 512]
-                                           [--new-tokens 8] [--serve N] [--json]
+                                           [--new-tokens 8] [--backend auto] [--disk-mb M] [--serve N] [--json]
 
 CKPT is any Nemotron-H checkpoint folder (``tools/make_random_checkpoint.py`` writes real-shape ones). Prefill
 runs the prompt through ``nemojax.model.forward`` ``--chunk`` tokens at a time into one cache (memory bounded by
@@ -68,12 +68,35 @@ def step_bytes(model) -> float:
     return float(total)
 
 
+def disk_bandwidth(ckpt: str, nbytes: int) -> dict:
+    """Sequential read rate of the largest shard's first ``nbytes`` (GB/s), its pages dropped first
+    (``posix_fadvise(DONTNEED)``: only pages no process maps leave the cache, so call this before loading)."""
+    shards = [os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors")]
+    path = max(shards, key=os.path.getsize)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = min(nbytes, os.fstat(fd).st_size)
+        os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+        t0, off = time.perf_counter(), 0
+        while off < n:
+            off += len(os.pread(fd, min(64 << 20, n - off), off))
+        dt = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return {"file": os.path.basename(path), "nbytes": n, "s": dt, "gb_s": n / dt / 1e9}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt")
     ap.add_argument("--mmap", action="store_true", help="keep the weights memory-mapped from the files")
     ap.add_argument("--expert-cache", type=int, default=None, help="device slots per MoE layer (offload)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--backend", default="auto", help="quantized matmuls' kernels (nemojax.load backend=)")
+    ap.add_argument("--disk-mb", type=int, default=0,
+                    help="also measure the disk's read bandwidth on this many MiB of the largest shard (its pages "
+                         "dropped from the page cache first): the limit when weights stream from disk")
     ap.add_argument("--prompt-len", type=int, default=4096)
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -95,13 +118,17 @@ def main(argv=None) -> int:
     from nemojax.model import forward, forward_jit
 
     rep = {"ckpt": os.path.abspath(a.ckpt), "mmap": a.mmap, "expert_cache": a.expert_cache, "dtype": a.dtype,
+           "backend": a.backend,
            "prompt_len": a.prompt_len, "chunk": a.chunk, "new_tokens": a.new_tokens, "cpus": os.cpu_count()}
     rep["bandwidth"] = benchlib.copy_bandwidth(a.copy_mb, 3)
+    if a.disk_mb:
+        rep["disk"] = disk_bandwidth(a.ckpt, a.disk_mb << 20)
+        log(f"disk read {rep['disk']['gb_s']:.2f} GB/s")
     rep["memory_start"] = memory()
     log(f"loading {a.ckpt} (mmap={a.mmap})")
     t0 = time.perf_counter()
     kw = {"mmap": True} if a.mmap else {}
-    model = nemojax.load(a.ckpt, dtype=a.dtype, progress=False, **kw)
+    model = nemojax.load(a.ckpt, dtype=a.dtype, progress=False, backend=a.backend, **kw)
     if a.expert_cache is not None:
         model = model.offload(a.expert_cache)
     jax.block_until_ready(model.params)
@@ -143,6 +170,11 @@ def main(argv=None) -> int:
     rep["decode_limit_tok_s"] = bw / rep["step_bytes"]
     rep["decode_frac"] = rep["decode_tok_s"] / rep["decode_limit_tok_s"]
     if host:
+        rep["routed_step_bytes"] = float(sum(cfg.num_experts_per_tok * layer.expert_bytes
+                                             for layer in model.experts.layers.values()))
+    if a.disk_mb and host:  # every routed expert of a step read from disk: the floor when nothing is cached
+        rep["decode_limit_disk_tok_s"] = rep["disk"]["gb_s"] * 1e9 / rep["routed_step_bytes"]
+    if host:
         rep["expert_cache_stats"] = model.experts.stats.summary()
     del cache, logits
     if a.serve:
@@ -160,6 +192,9 @@ def main(argv=None) -> int:
           f"| {ml['RssAnon']:.2f} / {ml['RssFile']:.2f} | {m['peak']:.2f} | {rep['prefill_tok_s']:.1f} "
           f"| {rep['decode_tok_s']:.3f} | {rep['decode_limit_tok_s']:.2f} | {100 * rep['decode_frac']:.0f}% |")
     print(f"\nbytes per decode step {rep['step_bytes'] / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.1f} GB/s")
+    if "decode_limit_disk_tok_s" in rep:
+        print(f"routed experts per step {rep['routed_step_bytes'] / 1e9:.2f} GB; disk read {rep['disk']['gb_s']:.2f} "
+              f"GB/s: {rep['decode_limit_disk_tok_s']:.3f} tok/s with every routed expert read from disk")
     if a.serve:
         r = rep["serve"]
         print(f"\nserving engine, {a.serve} requests x ({a.serve_prompt} prompt + {a.serve_new} new tokens): start "

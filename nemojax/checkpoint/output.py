@@ -15,7 +15,8 @@ import numpy as np
 from .partials import MARKER, PREVIOUS_SUFFIX, Heartbeat, clean_partials, write_marker
 
 __all__ = ["atomic_output", "check_apart", "check_output", "copy_side_files", "ConvertError", "DiskFullError",
-           "is_disk_full", "write_array", "check_size", "preallocate", "folder_bytes", "current_umask"]
+           "is_disk_full", "write_array", "check_size", "preallocate", "insert_front", "folder_bytes",
+           "current_umask"]
 
 # the checkpoint's own files: written anew by every writer, never copied from the source
 _WEIGHT_FILES = {"config.json", "polar_config.json", "hf_quant_config.json", "model.safetensors.index.json"}
@@ -162,6 +163,27 @@ def preallocate(f, nbytes: int, where: str) -> None:
         if is_disk_full(e):
             raise DiskFullError(where, need=nbytes, what="reserving a scratch file") from e
         raise
+
+
+_FALLOC_FL_INSERT_RANGE = 0x20  # linux/falloc.h
+
+
+def insert_front(fd: int, nbytes: int, where: str) -> bool:
+    """Shift the whole content of the open file ``fd`` forward by ``nbytes`` without copying it (Linux
+    ``fallocate(FALLOC_FL_INSERT_RANGE)``: ext4, XFS; ``nbytes`` a multiple of the filesystem's block size),
+    leaving a zero-filled gap at the start; DiskFullError naming ``where`` when there is no room for it. False
+    where the platform or filesystem cannot (nothing changed)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if fn(fd, _FALLOC_FL_INSERT_RANGE, 0, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(where, need=nbytes, what="inserting a header")
+    return False
 
 
 def current_umask() -> int:

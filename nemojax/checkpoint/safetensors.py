@@ -285,13 +285,14 @@ def tensor_entry(name: str, a, offset: int, where: str) -> tuple[dict, int]:
 ALIGN = 64  # XLA:CPU aliases a host buffer (``load(..., mmap=True)``) only at this alignment
 
 
-def encode_header(header: dict, metadata: Mapping[str, str] | None) -> bytes:
+def encode_header(header: dict, metadata: Mapping[str, str] | None, align: int = ALIGN) -> bytes:
     """The bytes before the data section: the 8-byte length, then the JSON header padded with spaces so that the
-    data section starts at a multiple of ``ALIGN`` bytes (the header length stays a multiple of 8)."""
+    data section starts at a multiple of ``align`` bytes (default ``ALIGN``; the header length stays a multiple
+    of 8)."""
     if metadata:
         header = {**header, "__metadata__": dict(metadata)}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    raw += b" " * (-(8 + len(raw)) % align)
     return struct.pack("<Q", len(raw)) + raw
 
 

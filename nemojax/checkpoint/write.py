@@ -16,7 +16,7 @@ from ..config import Config
 from ..formats import QuantFormat, is_quantized
 from ..params import Spec, param_specs, tree_paths
 from .modelopt import config_quantization, hf_quant_config, linear_modules
-from .output import ConvertError, check_size, write_array
+from .output import ConvertError, DiskFullError, check_size, insert_front, write_array
 from .plan import flat_params
 from .safetensors import ALIGN, SafetensorsError, encode_header, save_file, tensor_entry
 from .source import INDEX, hf5_name, naming_function
@@ -85,13 +85,36 @@ class ShardWriter:
         self._data = None
         k = len(self.shards) + 1
         path = os.path.join(self.folder, f".shard-{k:05d}.safetensors")
-        with open(path, "wb") as out, open(self._data_path, "rb") as src:
-            head = encode_header(self._header, {"format": "pt"})
-            out.write(head)
-            shutil.copyfileobj(src, out, 16 << 20)
-            check_size(out, len(head) + self._size, path)
-        os.remove(self._data_path)
+        if not self._header_in_place(path):  # header + a copy of the data: a shard's worth of extra disk for a moment
+            with open(path, "wb") as out, open(self._data_path, "rb") as src:
+                head = encode_header(self._header, {"format": "pt"})
+                out.write(head)
+                shutil.copyfileobj(src, out, 16 << 20)
+                check_size(out, len(head) + self._size, path)
+            os.remove(self._data_path)
         self.shards.append((path, list(self._header)))
+
+    def _header_in_place(self, path: str) -> bool:
+        """Put the header in front of the data file without copying the data (``output.insert_front``; the header
+        padded to the filesystem's block size), so writing never needs more disk than the output; False (nothing
+        changed) where the filesystem cannot."""
+        block = os.statvfs(self.folder).f_bsize
+        if block <= 0 or block % ALIGN:
+            return False
+        head = encode_header(self._header, {"format": "pt"}, align=block)
+        fd = os.open(self._data_path, os.O_RDWR)
+        try:
+            if not insert_front(fd, len(head), path):
+                return False
+            if os.pwrite(fd, head, 0) != len(head):
+                raise DiskFullError(path, need=len(head), what="writing the header")
+            have, size = os.fstat(fd).st_size, len(head) + self._size
+            if have < size:
+                raise DiskFullError(path, need=size - have, what=f"writing ({have} of {size} bytes on disk)")
+        finally:
+            os.close(fd)
+        os.replace(self._data_path, path)
+        return True
 
     def abort(self) -> None:
         if self._data is not None:
