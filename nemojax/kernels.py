@@ -21,6 +21,7 @@ from pallas_kernels import nvfp4 as nvfp4_kernels
 from pallas_kernels import triton_gemv
 
 from .formats import format_of
+from .formats.hlwq.rows import rows_product as hlwq_rows_product
 from .formats.nvfp4 import fake_quant, rows_product
 
 __all__ = ["BACKENDS", "KERNELS", "FormatKernels", "linear", "linear_transformed", "grouped_experts",
@@ -28,7 +29,7 @@ __all__ = ["BACKENDS", "KERNELS", "FormatKernels", "linear", "linear_transformed
 
 BACKENDS = ("xla", "cpu", "pallas", "triton")
 GEMV_ROWS = 8  # up to this many rows the "triton" backend uses the jax-triton decode GEMVs
-CPU_ROWS = 64  # up to this many rows the "cpu" backend decodes NVFP4 tile by tile (more: the reference's GEMM)
+CPU_ROWS = 64  # up to this many rows the "cpu" backend decodes NVFP4 / HLWQ tile by tile (more: the reference GEMM)
 
 
 def interpret() -> bool:
@@ -154,6 +155,27 @@ def _hlwq_transformed(xr, node):
     return _hlwq_rotated(xr, node)
 
 
+def _hlwq_cpu_rotated(xr, node, dtype):
+    x2, lead = _rows(xr)
+    y = hlwq_rows_product(x2, node.packed, node.norms, node.table, node.bits)
+    return y.astype(dtype).reshape(*lead, node.packed.shape[0])
+
+
+def _hlwq_cpu(x, node):
+    """The "cpu" backend: a decode-sized product rotates x once (float32) and reads the packed codes only
+    (``formats.hlwq.rows``); larger ones run the reference, a GEMM after decoding."""
+    node.check_input(x)
+    if x.size // x.shape[-1] > CPU_ROWS:
+        return node.matmul(x)
+    return _hlwq_cpu_rotated(node.rotate(x.astype(jnp.float32)), node, x.dtype)
+
+
+def _hlwq_cpu_transformed(xr, node):
+    if xr.shape[-1] != node.k_pad or xr.size // xr.shape[-1] > CPU_ROWS:
+        return node.matmul_rotated(xr)
+    return _hlwq_cpu_rotated(xr, node, xr.dtype)
+
+
 _NVFP4 = FormatKernels(_nvfp4_dense, _nvfp4_grouped, _nvfp4_takes)
 _HLWQ = FormatKernels(_hlwq_dense, _hlwq_grouped, _hlwq_takes, _hlwq_transformed)
 #: (format name, backend) -> its kernels ("triton" differs from "pallas" in the decode GEMVs only)
@@ -162,6 +184,7 @@ KERNELS: dict[tuple[str, str], FormatKernels] = {
 # "cpu": plain XLA written for XLA:CPU. The routed experts run the XLA loop of the MoE (grouped: never), whose
 # per-expert products come back here as 2-D nodes.
 KERNELS[("nvfp4", "cpu")] = FormatKernels(_nvfp4_cpu, None, _never)
+KERNELS[("hlwq", "cpu")] = FormatKernels(_hlwq_cpu, None, _never, _hlwq_cpu_transformed)
 
 
 def _kernels(node) -> FormatKernels | None:

@@ -15,6 +15,9 @@ Rows (medium-config shapes: hidden 1024, experts 16 x 704, vocab 32000; bf16 unl
   behind a barrier tied to the token ids (``nemojax.ops.take_rows``, what ``nemojax.model.embed`` does);
 * ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product; the "xla"
   reference) vs the packed bytes decoded 64 rows at a time (``nvfp4.rows_product``, the "cpu" backend) vs bf16;
+* ``4-bit row product`` at the real model's widths: NVFP4 and HLWQ Q5 on the "xla" reference (dequantize, then
+  the two-row product) and on the "cpu" backend (the packed bytes decoded per 64-row tile; HLWQ's input rotated
+  once), beside bf16;
 * ``fp32 product`` of 1-16 rows: XLA's dot (its GEMM library from two rows on) vs a broadcast multiply and a sum
   over K (one fused pass over the weight) vs ``w @ x^T`` with the small result transposed (``nemojax.ops.linear``).
 
@@ -66,6 +69,10 @@ def measure() -> list[dict]:
     from nemojax import ops
     from nemojax.blocks.moe import grouped_experts
     from nemojax.formats.base import dot_rows
+    from nemojax.formats.hlwq import HLWQWeight, unpack_lsb
+    from nemojax.formats.hlwq import dequantize as hlwq_dequantize
+    from nemojax.formats.hlwq.hadamard import rotate
+    from nemojax.formats.hlwq.rows import rows_product as hlwq_rows
     from nemojax.formats.nvfp4 import NVFP4Weight, dequantize, rows_product
 
     rng = np.random.default_rng(0)
@@ -148,6 +155,26 @@ def measure() -> list[dict]:
     add("W4A16 product [1,1024]x[4096,1024]", "NVFP4, packed bytes decoded per 64-row tile (rows_product, cpu backend)",
         timed(chain(lambda x, p, s, s2: rows_product(x, p, s, s2)), x, qs), qs[0][0].nbytes + qs[0][1].nbytes)
     add("W4A16 product [1,1024]x[4096,1024]", "bf16 (two-row product)", timed(chain(dot_rows), x, ws), nb)
+
+    # 4-bit products at the real model's widths (fewer copies: they are large)
+    for Nw, Kw in ((1856, 2688), (2688, 1856), (10304, 2688)):
+        g = f"4-bit row product [1,{Kw}]x[{Nw},{Kw}]"
+        wr = [rnd(Nw, Kw) for _ in range(3)]
+        xr = rnd(1, Kw)
+        nq = [NVFP4Weight.from_float(w.astype(jnp.float32)) for w in wr]
+        hq = [HLWQWeight.from_float(w.astype(jnp.float32), 5) for w in wr]
+        nv = [(q.packed, q.scale, q.scale_2) for q in nq]
+        hl = [(q.packed, q.norms, q.table) for q in hq]
+        nvb, hlb = nv[0][0].nbytes + nv[0][1].nbytes, hl[0][0].nbytes + hl[0][1].nbytes
+        kp = hq[0].k_pad
+        hl_ref = lambda x, p, n, t: dot_rows(x, hlwq_dequantize(unpack_lsb(p, 5), n, t, Kw, x.dtype))  # noqa: E731
+        hl_cpu = lambda x, p, n, t: hlwq_rows(rotate(x.astype(jnp.float32), kp), p, n, t, 5)  # noqa: E731
+        add(g, "bf16 (two-row product)", timed(chain(dot_rows), xr, [(w,) for w in wr]), wr[0].nbytes, per=3)
+        add(g, "NVFP4, xla (dequantize + two-row product)",
+            timed(chain(lambda x, p, s, s2: dot_rows(x, dequantize(p, s, s2, x.dtype))), xr, nv), nvb, per=3)
+        add(g, "NVFP4, cpu (rows_product)", timed(chain(rows_product), xr, nv), nvb, per=3)
+        add(g, "HLWQ Q5, xla (dequantize + two-row product)", timed(chain(hl_ref), xr, hl), hlb, per=3)
+        add(g, "HLWQ Q5, cpu (rotate x, hlwq.rows.rows_product)", timed(chain(hl_cpu), xr, hl), hlb, per=3)
     return rows
 
 

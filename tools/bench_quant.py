@@ -7,7 +7,7 @@ Reports:
     whole medium model;
   * decode tok/s (batch 1, greedy) of bf16, NVFP4 weight-only (W4A16; the selective ``nvfp4`` recipe and
     ``nvfp4-all``, every linear of the blocks), each on the "xla" reference and the "cpu" backend, HLWQ dequant path
-    and HLWQ rotated path; in generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a
+    and HLWQ rotated path (each on both backends too); in generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a
     weight's dequantization out of the token loop) and one token per call (a server's decode step);
   * logit error vs bf16 (mean |dlogit|, KL(bf16 || q), top-1 agreement) for NVFP4 W4A16 / W4A4 and HLWQ with the
     polarquant-compatible and the converged codebook, on random-weight models (only relative orderings mean much).
@@ -110,6 +110,8 @@ def worker_quant(spec: dict) -> dict:
     res["quantize_medium_hlwq_s"] = round(time.perf_counter() - t0, 2)
     models["hlwq_q5_rotated"] = jax.tree.map(lambda x: x.replace(path="rotated") if isinstance(x, HLWQWeight) else x,
                                              models["hlwq_q5_dequant"], is_leaf=lambda x: isinstance(x, HLWQWeight))
+    models["hlwq_q5_dequant_cpu"] = quant.set_backend(models["hlwq_q5_dequant"], "cpu")
+    models["hlwq_q5_rotated_cpu"] = quant.set_backend(models["hlwq_q5_rotated"], "cpu")
     models["hlwq_q5_converged"] = quant.apply(base, cfg, "hlwq-q5-converged")
     benchlib.log(f"quantized the medium model: nvfp4 {res['quantize_medium_nvfp4_s']} s, "
                  f"hlwq {res['quantize_medium_hlwq_s']} s")
@@ -151,7 +153,7 @@ def worker_quant(spec: dict) -> dict:
 
 WORKERS = {"quant": worker_quant}
 DECODED = ("bf16", "nvfp4_w4a16", "nvfp4_w4a16_cpu", "nvfp4_all_w4a16", "nvfp4_all_w4a16_cpu", "hlwq_q5_dequant",
-           "hlwq_q5_rotated")
+           "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu")
 
 
 def markdown(r: dict) -> str:
@@ -161,7 +163,7 @@ def markdown(r: dict) -> str:
     L += ["", "| variant | decode tok/s (loop) | a token per call | mean abs dlogit vs bf16 | KL vs bf16 | "
           "top-1 agreement |", "|---|---|---|---|---|---|"]
     for k in ("bf16", "nvfp4_w4a16", "nvfp4_w4a16_cpu", "nvfp4_all_w4a16", "nvfp4_all_w4a16_cpu", "nvfp4_w4a4",
-              "hlwq_q5_dequant", "hlwq_q5_rotated", "hlwq_q5_converged"):
+              "hlwq_q5_dequant", "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu", "hlwq_q5_converged"):
         e = r["logit_error"].get(k, {})
         err = ("– | – | –" if k.endswith("_cpu") else  # the logits are a 128-token prefill: the reference's GEMMs
                f"{e.get('mean_abs', '0')} | {e.get('kl', '0')} | {e.get('top1', '1')}")

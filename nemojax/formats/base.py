@@ -60,10 +60,20 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["QuantError", "QuantFormat", "FORMATS", "register", "is_quantized", "format_of", "check_run_options",
-           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "NANO_SELECTIVE", "BLOCK_LINEARS"]
+           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "tile_rows", "NANO_SELECTIVE", "BLOCK_LINEARS"]
 
 
 FEW_ROWS = 32  # up to this many rows an fp32 product on CPU runs weight-major (see dot_rows)
+
+
+def tile_rows(n: int) -> int:
+    """Rows per tile of a weight decoded tile by tile on a CPU (``nvfp4.rows_product``, ``hlwq.rows``): 64 (a
+    float32 tile of a few thousand columns stays in cache) or the largest of 32 / 16 / 8 that divides ``n``;
+    8 when none does (the caller pads)."""
+    for t in (64, 32, 16, 8):
+        if n % t == 0:
+            return t
+    return 8
 
 
 def dot_rows(x: jax.Array, w: jax.Array, weight_major: bool = False) -> jax.Array:

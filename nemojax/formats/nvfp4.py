@@ -19,7 +19,7 @@ import numpy as np
 from flax import struct
 
 from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
-                   ieee_div, per_tensor_spec, register)
+                   ieee_div, per_tensor_spec, register, tile_rows)
 
 __all__ = ["NVFP4Weight", "quantize", "dequantize", "rows_product", "fake_quant", "e2m1_code", "E2M1_VALUES",
            "pack_codes", "unpack_codes", "MODES", "SUFFIXES", "BLOCK"]
@@ -80,19 +80,12 @@ def dequantize(packed, scale, scale_2, dtype=jnp.float32) -> jax.Array:
     return (vals.reshape(*lead, N, K2 * 2 // BLOCK, BLOCK) * s[..., None]).reshape(*lead, N, K2 * 2).astype(dtype)
 
 
-def _twice_e2m1(c: jax.Array) -> jax.Array:
-    """Codes 0..15 (uint8) -> 2 x their E2M1 value as float32, in integer arithmetic (what XLA:CPU vectorizes):
-    magnitudes 0..7 map to 0, 1, 2, 3, 4, 6, 8, 12 = m + relu(m - 4) + 2 relu(m - 6)."""
-    m = (c & 7).astype(jnp.int8)
-    v = m + jnp.maximum(m - 4, 0) + 2 * jnp.maximum(m - 6, 0)
-    return jnp.where(c >= 8, -v, v).astype(jnp.float32)
-
-
-def _tile_rows(n: int) -> int:
-    for t in (64, 32, 16, 8):
-        if n % t == 0:
-            return t
-    return 8
+def _e2m1_f16(bits: jax.Array) -> jax.Array:
+    """uint16 holding an E2M1 code's sign at bit 15 and its exponent and mantissa at bits 10..9 -> 2^-14 x its
+    value as float32: those are the bits of a float16 with the same exponent and mantissa, and the float16 -> float32
+    conversion is exact for its subnormals too (the code 0.5), where a float32 bit trick would meet XLA:CPU's
+    flush-to-zero."""
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
 
 
 def rows_product(x: jax.Array, packed, scale, scale_2) -> jax.Array:
@@ -103,12 +96,13 @@ def rows_product(x: jax.Array, packed, scale, scale_2) -> jax.Array:
     and reads it back, and XLA:CPU decodes at ~1 element per cycle into memory; here each tile's low and high
     nibbles are decoded separately (no interleave: the even and odd inputs multiply them), behind optimization
     barriers (else XLA rewrites the small products into fused multiply-reduce loops, or hoists the decode out of
-    the loop and materializes it). The weight's values are exact in float32, so this is the fp32 product of the
-    dequantized weight up to summation order.
+    the loop and materializes it); a code is decoded by moving its bits into a float16 (``_e2m1_f16``), a few
+    integer operations. The weight's values are exact in float32, so this is the fp32 product of the dequantized
+    weight up to summation order.
     """
     N, K2 = packed.shape
     M = x.shape[0]
-    T = _tile_rows(N)
+    T = tile_rows(N)
     pad = -N % T
     bits = jax.lax.bitcast_convert_type(scale, jnp.uint8)  # 8-bit float slices are slow on XLA:CPU; bytes are not
     if pad:
@@ -117,15 +111,16 @@ def rows_product(x: jax.Array, packed, scale, scale_2) -> jax.Array:
     pt, st = packed.reshape(nt, T, K2), bits.reshape(nt, T, K2 // 8)
     xf = x.astype(jnp.float32)
     xe, xo = xf[:, 0::2], xf[:, 1::2]  # [M, K/2]: the inputs of the low and the high nibbles
-    half = 0.5 * jnp.asarray(scale_2, jnp.float32)
+    unit = jnp.asarray(scale_2, jnp.float32) * 2.0 ** 14  # _e2m1_f16's 2^-14 folded into the block scales
 
     def tile(i, acc):
         p, s, i = jax.lax.optimization_barrier((jax.lax.dynamic_index_in_dim(pt, i, keepdims=False),
                                                 jax.lax.dynamic_index_in_dim(st, i, keepdims=False), i))
-        sc = (jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn).astype(jnp.float32) * half)[..., None]
-        p = p.reshape(T, K2 // 8, 8)
-        lo, hi = jax.lax.optimization_barrier(((_twice_e2m1(p & 15) * sc).reshape(T, K2),
-                                               (_twice_e2m1(p >> 4) * sc).reshape(T, K2)))
+        sc = (jax.lax.bitcast_convert_type(s, jnp.float8_e4m3fn).astype(jnp.float32) * unit)[..., None]
+        p = p.reshape(T, K2 // 8, 8).astype(jnp.uint16)
+        lo = _e2m1_f16(((p & 0x07) << 9) | ((p & 0x08) << 12))
+        hi = _e2m1_f16(((p & 0x70) << 5) | ((p & 0x80) << 8))
+        lo, hi = jax.lax.optimization_barrier(((lo * sc).reshape(T, K2), (hi * sc).reshape(T, K2)))
         dims = (((1,), (1,)), ((), ()))
         y = (jax.lax.dot_general(lo, xe, dims, preferred_element_type=jnp.float32)
              + jax.lax.dot_general(hi, xo, dims, preferred_element_type=jnp.float32))  # [T, M]
