@@ -177,7 +177,9 @@ def test_offload_tokens_equal_resident_and_experts_stay_views(folders):
     off = m.offload(3)
     assert all("experts" not in lp["mixer"] for lp in off.params["layers"])
     np.testing.assert_array_equal(off.generate(_prompts(), 6), ref)
-    assert off.experts.stats.misses > 0
+    st = off.experts.stats
+    assert st.misses > 0  # the prefill (19 live tokens) went through the slots
+    assert st.in_place >= 5 * CFG.num_experts_per_tok  # the decode steps (2 rows) read the mapped experts in place
     assert _host_views(off, os.path.join(d, "model.safetensors")) == m.mapped.on_disk_bytes > 0
 
 
@@ -187,6 +189,11 @@ def test_offload_nvfp4_logits_and_views(folders):
     off = nemojax.load(d, dtype="float32", mmap=True).offload(2)
     np.testing.assert_allclose(np.asarray(off.logits(_ids())), ref, rtol=1e-5, atol=1e-5)
     assert _host_views(off, os.path.join(d, "model.safetensors")) > 0
+    few = _ids()[:, :3]  # 6 rows: the experts are read in place, not through the slots
+    ref_few = np.asarray(nemojax.load(d, dtype="float32").logits(few))
+    before = off.experts.stats.in_place
+    np.testing.assert_allclose(np.asarray(off.logits(few)), ref_few, rtol=1e-5, atol=1e-5 * np.abs(ref_few).max())
+    assert off.experts.stats.in_place > before
 
 
 # ----------------------------------------------------------------------------------------------- the command line

@@ -10,6 +10,11 @@ policy (``nemojax.experts.policies``; the batch's experts are pinned before any 
 needing more distinct experts than slots is computed in passes of at most N experts, each pass adding the
 assignments of its experts only: the result equals the resident model's (fp32 sums in another order).
 
+On a CPU with experts left in the checkpoint files (``nemojax.load(..., mmap=True)``) the device *is* host memory:
+a forward of up to :data:`IN_PLACE_ROWS` live tokens (a decode step) reads its experts' file pages in place
+(``jax.device_put`` aliases them; no slot is filled, nothing copied), and larger ones (prefill) go through the
+slots as above, where grouping the rows by expert pays.
+
 Prefetch: after each MoE layer the next MoE layer's router is applied to the current residual stream; its
 predicted misses are put to the device right away (``device_put`` is asynchronous, so the copy overlaps the
 layers in between) and used when the real routing confirms them. Predictor precision and recall are counted.
@@ -33,18 +38,21 @@ from ..config import Config
 from ..generate import DecodeState, next_token
 from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
-from ..ops import as_bits, from_bits
+from ..ops import as_bits, from_bits, linear, relu2
 from .bank import HostBank, drop_mapped_pages
 from .policies import make_policy
 from .policies.slots import SlotTable
 
-__all__ = ["OffloadStats", "OffloadedExperts", "offload_experts"]
+__all__ = ["OffloadStats", "OffloadedExperts", "offload_experts", "IN_PLACE_ROWS"]
+
+IN_PLACE_ROWS = 8  # up to this many live tokens, a CPU reads mapped experts in place instead of through the slots
 
 
 @dataclasses.dataclass
 class OffloadStats:
     """Counters: ``hit_rate``, ``bytes_per_token``, ``wait_s`` (blocked on transfers), predictor
-    ``precision`` / ``recall`` (prefetched experts that were needed / needed experts that were prefetched)."""
+    ``precision`` / ``recall`` (prefetched experts that were needed / needed experts that were prefetched),
+    ``in_place`` (expert products that read the mapped files directly, bypassing the slots)."""
 
     hits: int = 0
     misses: int = 0
@@ -57,10 +65,12 @@ class OffloadStats:
     pred_correct: int = 0
     pred_total: int = 0
     needed_total: int = 0
+    in_place: int = 0
 
     def summary(self) -> dict:
         acc = self.hits + self.misses
         return {"hit_rate": self.hits / acc if acc else 0.0, "misses": self.misses, "hits": self.hits,
+                "in_place": self.in_place,
                 "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_moved / max(1, self.tokens),
                 "wait_s": self.wait_s, "tokens": self.tokens, "extra_passes": self.passes,
                 "prefetched_used": self.prefetched_used, "prefetched_wasted": self.prefetched_wasted,
@@ -88,8 +98,11 @@ class _Layer:
     files, of which each fetch stacks only the experts it moves), device slots, slot table."""
 
     def __init__(self, up, down, n_slots: int, policy: str, device, shared: dict | None = None):
+        self.views = None
         if isinstance(up, HostBank):  # per-expert views (mmap loads): host[j] is a list of E arrays, never stacked
             self.E = len(up)
+            if device.platform == "cpu":  # the device reads host memory: a few rows' experts are used in place
+                self.views = [{"up": u, "down": d} for u, d in zip(up.experts, down.experts)]
             per = [jax.tree_util.tree_flatten({"up": u, "down": d}) for u, d in zip(up.experts, down.experts)]
             self.treedef = per[0][1]
             self.host = [[leaves[j] for leaves, _ in per] for j in range(len(per[0][0]))]
@@ -159,6 +172,27 @@ class _Layer:
         stats.wait_s += time.perf_counter() - t0
         self.slots = _install(self.slots, at, jax.tree_util.tree_unflatten(self.treedef, new))
 
+    def in_place(self, rows: int) -> bool:
+        """Whether a forward of ``rows`` live tokens reads this layer's experts straight from the mapped files."""
+        return self.views is not None and rows <= IN_PLACE_ROWS
+
+    def routed_in_place(self, x, weights, idx, needed: list[int], stats: OffloadStats):
+        """The routed sum from the experts' file pages, aliased by ``jax.device_put`` on a CPU (no copy into the
+        slots, which on a CPU would copy them from one part of host memory to another): one jitted product per
+        expert, on every row, weighted by its routing weight (0 on rows that did not choose it)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        routed = None
+        for e in needed:
+            ex = jax.device_put(self.views[e], self.device)
+            y = _expert_on_rows(x2, weights, idx, jnp.int32(e), ex["up"], ex["down"])
+            routed = y if routed is None else routed + y
+        jax.block_until_ready(routed)
+        for e in needed:  # their pages stay in the page cache, not in this process's resident set
+            for a in jax.tree.leaves(self.views[e]):
+                drop_mapped_pages(a)
+        stats.in_place += len(needed)
+        return routed
+
     def drop_stale_prefetch(self, stats: OffloadStats) -> None:
         stats.prefetched_wasted += len(self.pending)
         self.pending.clear()
@@ -204,6 +238,10 @@ class OffloadedExperts(RoutedExperts):
         if not needed:  # every token masked
             lay.drop_stale_prefetch(stats)
             return jnp.zeros((ids.shape[0], x.shape[-1]), jnp.float32)
+        if lay.in_place(len(used)):
+            lay.drop_stale_prefetch(stats)
+            w = weights if live is None else jnp.where(jnp.asarray(live)[:, None], weights, 0.0)
+            return lay.routed_in_place(x, w, idx, needed, stats)
         if lay.pending or self.prefetch:
             stats.pred_correct += sum(1 for e in needed if e in lay.pending)
             stats.needed_total += len(needed)
@@ -227,7 +265,8 @@ class OffloadedExperts(RoutedExperts):
         and its predicted misses are put to the device."""
         self.layers[layer].table.policy.step()
         nxt = [j for j in self.layers if j > layer]
-        if not self.prefetch or not nxt:
+        rows = h.shape[0] * h.shape[1] if self._live is None else int(self._live.sum())
+        if not self.prefetch or not nxt or self.layers[nxt[0]].in_place(rows):
             return
         _, _, idx = STEPWISE.moe_input(params["layers"][nxt[0]], cfg, h)
         idx = np.asarray(idx)
@@ -288,6 +327,15 @@ def offload_experts(params: dict, cfg: Config, n_slots: int, policy: str = "adap
             lp = {**lp, "mixer": {k: v for k, v in lp["mixer"].items() if k != "experts"}}
         new_layers.append(lp)
     return {**params, "layers": new_layers}, OffloadedExperts(layers, int(n_slots), policy, prefetch, device)
+
+
+@jax.jit
+def _expert_on_rows(x, w, idx, e, up, down):
+    """One routed expert on every row: x [T, H]; w, idx [T, k]; e [] -> ``coef_t * down(relu2(up x_t))`` [T, H]
+    fp32 with ``coef_t`` the routing weight of ``e`` in row t (0 if t did not choose it)."""
+    coef = jnp.sum(jnp.where(idx == e, w, 0.0), axis=-1)
+    y = linear(relu2(linear(x, up)), down).astype(jnp.float32)
+    return y * coef[:, None]
 
 
 @jax.jit
