@@ -107,7 +107,8 @@ def _generate_offloaded(a, model, tok, ids, kw, thinking, folder, load_s) -> int
              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ost.items()}}
     _report(a, folder, text, new, shown, stats, thinking,
             lambda: f"[expert cache {a.expert_cache}/layer ({a.cache_policy}): hit rate {ost['hit_rate']:.1%}, "
-                    f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting | "
+                    f"{ost['bytes_per_token'] / 1e6:.2f} MB moved per token, {ost['wait_s']:.2f} s waiting"
+                    + (f", {ost['in_place']} expert products read in place" if ost["in_place"] else "") + " | "
                     f"{len(new)} tokens in {dt:.1f} s]")
     return 0
 
