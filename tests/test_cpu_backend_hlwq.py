@@ -49,7 +49,7 @@ def _numpy_weight(node: HLWQWeight) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n,k,m,bits", [(64, 256, 1, 5), (100, 200, 3, 5), (13, 128, 2, 3), (192, 384, CPU_ROWS, 5),
-                                        (72, 130, 7, 8), (40, 256, 1, 2)])
+                                        (72, 130, 7, 8), (40, 256, 1, 2), (24, 256, 2, 4), (33, 384, 1, 6)])
 def test_rows_product_equals_the_dequantized_product(n, k, m, bits):
     rng = np.random.default_rng(n * 1000 + k + m + bits)
     node = HLWQWeight.from_float(jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.01, 3), jnp.float32), bits)

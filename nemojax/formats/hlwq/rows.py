@@ -20,13 +20,32 @@ __all__ = ["rows_product"]
 GROUP = 8  # codes per group of ``bits`` bytes in the LSB-first packing (``packing.pack_lsb``)
 
 
-def _code(p: jax.Array, i: int, bits: int) -> jax.Array:
-    """``p [..., G, bits]`` (uint16 of the packed bytes) -> code ``i`` (0..7) of every group ``[..., G]`` int32."""
-    j, o = divmod(bits * i, 8)
-    v = p[..., j] >> o
-    if o + bits > 8:
-        v = v | (p[..., j + 1] << (8 - o))
-    return (v & ((1 << bits) - 1)).astype(jnp.int32)
+def _word(p: jax.Array, lo: int, hi: int) -> jax.Array:
+    """Bytes ``lo:hi`` (at most 4) of every group ``p [..., G, bits]`` uint8 -> their little-endian uint32 [..., G]."""
+    if hi - lo == 4:  # a contiguous copy behind a barrier, then a free bitcast: XLA:CPU vectorizes this, not strided bytes
+        return jax.lax.bitcast_convert_type(jax.lax.optimization_barrier(p[..., lo:hi]), jnp.uint32)
+    w = p[..., lo].astype(jnp.uint32)
+    for k in range(lo + 1, hi):
+        w = w | (p[..., k].astype(jnp.uint32) << (8 * (k - lo)))
+    return w
+
+
+def _codes(p: jax.Array, bits: int) -> list[jax.Array]:
+    """``p [..., G, bits]`` (the packed bytes, uint8) -> the 8 codes of every group, each ``[..., G]`` int32. The
+    group's bits are read as at most two uint32 words (bits 0..31 and 32..); code i is bits ``bits*i ..``."""
+    words = [_word(p, 0, min(bits, 4))] + ([_word(p, 4, bits)] if bits > 4 else [])
+    mask = (1 << bits) - 1
+    out = []
+    for i in range(GROUP):
+        s = bits * i
+        if s + bits <= 32:
+            v = words[0] >> s
+        elif s >= 32:
+            v = words[1] >> (s - 32)
+        else:  # straddles the two words
+            v = (words[0] >> s) | (words[1] << (32 - s))
+        out.append((v & mask).astype(jnp.int32))
+    return out
 
 
 def rows_product(xr: jax.Array, packed, norms, table, bits: int) -> jax.Array:
@@ -34,7 +53,7 @@ def rows_product(xr: jax.Array, packed, norms, table, bits: int) -> jax.Array:
     arrays: packed ``[N, K_pad*bits/8]`` uint8, norms ``[N, K_pad/128]``, table ``[2^bits]``.
 
     Per 64-row tile, code ``i`` of every group of 8 is decoded into its own ``[64, K_pad/8]`` array (no
-    interleave: the inputs ``xr[:, i::8]`` multiply it), looked up in the table scaled by the block's norm, and
+    interleave: the inputs ``xr[:, i::8]`` multiply it; the group's bytes read as uint32 words, ``_codes``), looked up in the table scaled by the block's norm, and
     the eight small products summed, behind optimization barriers (else XLA hoists the decode out of the loop, or
     turns the products into slow multiply-reduce loops). Equal to the fp32 product of the rotated-path weight up
     to summation order.
@@ -60,10 +79,10 @@ def rows_product(xr: jax.Array, packed, norms, table, bits: int) -> jax.Array:
     def tile(t, acc):
         p, r, t = jax.lax.optimization_barrier((jax.lax.dynamic_index_in_dim(pt, t, keepdims=False),
                                                 jax.lax.dynamic_index_in_dim(nt_, t, keepdims=False), t))
-        p, r = p.astype(jnp.uint16), r.astype(jnp.float32)[:, :, None]
+        r = r.astype(jnp.float32)[:, :, None]
         vs = jax.lax.optimization_barrier([
-            (jnp.take(levels, _code(p, i, bits), mode="fill").reshape(T, nb, BLOCK // GROUP) * r).reshape(T, G)
-            for i in range(GROUP)])
+            (jnp.take(levels, c, mode="fill").reshape(T, nb, BLOCK // GROUP) * r).reshape(T, G)
+            for c in _codes(p, bits)])
         y = sum(jax.lax.dot_general(v, x, dims, preferred_element_type=jnp.float32) for v, x in zip(vs, xs))
         return jax.lax.dynamic_update_index_in_dim(acc, y, t, 0)
 
