@@ -21,6 +21,7 @@ from pallas_kernels import nvfp4 as nvfp4_kernels
 from pallas_kernels import triton_gemv
 
 from .formats import format_of
+from .formats import fp8
 from .formats.hlwq.rows import rows_product as hlwq_rows_product
 from .formats.nvfp4 import fake_quant, rows_product
 
@@ -29,7 +30,7 @@ __all__ = ["BACKENDS", "KERNELS", "FormatKernels", "linear", "linear_transformed
 
 BACKENDS = ("xla", "cpu", "pallas", "triton")
 GEMV_ROWS = 8  # up to this many rows the "triton" backend uses the jax-triton decode GEMVs
-CPU_ROWS = 64  # up to this many rows the "cpu" backend decodes NVFP4 / HLWQ tile by tile (more: the reference GEMM)
+CPU_ROWS = 64  # up to this many rows the "cpu" backend decodes NVFP4 / HLWQ / FP8 tile by tile (more: a GEMM)
 
 
 def interpret() -> bool:
@@ -176,6 +177,21 @@ def _hlwq_cpu_transformed(xr, node):
     return _hlwq_cpu_rotated(xr, node, xr.dtype)
 
 
+# ------------------------------------------------------------------------------------------------ FP8
+def _fp8_cpu(x, node):
+    """The "cpu" backend: a decode-sized product reads the one-byte codes only (``formats.fp8.rows_product``;
+    W8A8 fake-quantizes x first, as the reference does); larger ones, and inputs the reference refuses, run the
+    reference."""
+    x2, lead = _rows(x)
+    if (x2.shape[0] > CPU_ROWS or node.mode not in fp8.MODES or x.shape[-1] != node.shape[-1]
+            or (node.mode == "w8a8" and node.input_scale is None)):
+        return node.matmul(x)
+    if node.mode == "w8a8":
+        x2 = fp8.fake_quant(x2, node.input_scale)
+    y = fp8.rows_product(x2, node.weight, node.weight_scale)
+    return y.astype(x.dtype).reshape(*lead, node.shape[0])
+
+
 _NVFP4 = FormatKernels(_nvfp4_dense, _nvfp4_grouped, _nvfp4_takes)
 _HLWQ = FormatKernels(_hlwq_dense, _hlwq_grouped, _hlwq_takes, _hlwq_transformed)
 #: (format name, backend) -> its kernels ("triton" differs from "pallas" in the decode GEMVs only)
@@ -185,6 +201,7 @@ KERNELS: dict[tuple[str, str], FormatKernels] = {
 # per-expert products come back here as 2-D nodes.
 KERNELS[("nvfp4", "cpu")] = FormatKernels(_nvfp4_cpu, None, _never)
 KERNELS[("hlwq", "cpu")] = FormatKernels(_hlwq_cpu, None, _never, _hlwq_cpu_transformed)
+KERNELS[("fp8", "cpu")] = FormatKernels(_fp8_cpu, None, _never)
 
 
 def _kernels(node) -> FormatKernels | None:

@@ -196,6 +196,19 @@ def test_offload_nvfp4_logits_and_views(folders):
     assert off.experts.stats.in_place > before
 
 
+def test_slots_are_made_when_first_needed(folders):
+    """A CPU reading mapped experts in place allocates no slots until a forward of more rows needs them."""
+    d = folders["float32"]
+    off = nemojax.load(d, dtype="float32", mmap=True).offload(2)
+    few = _ids(5)[:, :2]  # 4 rows: in place
+    ref = np.asarray(nemojax.load(d, dtype="float32").logits(few))
+    np.testing.assert_allclose(np.asarray(off.logits(few)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert off.experts.slot_bytes == 0 and off.experts.stats.in_place > 0
+    off.logits(_ids(5))  # 22 rows: through the slots
+    n_moe = CFG.pattern.count("E")
+    assert off.experts.slot_bytes == n_moe * 2 * 2 * CFG.hidden_size * CFG.moe_intermediate_size * 4 > 0
+
+
 # ----------------------------------------------------------------------------------------------- the command line
 def _run(capsys, *args):
     rc = main([str(a) for a in args])

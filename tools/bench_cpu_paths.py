@@ -15,9 +15,9 @@ Rows (medium-config shapes: hidden 1024, experts 16 x 704, vocab 32000; bf16 unl
   behind a barrier tied to the token ids (``nemojax.ops.take_rows``, what ``nemojax.model.embed`` does);
 * ``NVFP4 product``: one NVFP4 [4096, 1024] weight's W4A16 product (dequantize, then the row product; the "xla"
   reference) vs the packed bytes decoded 64 rows at a time (``nvfp4.rows_product``, the "cpu" backend) vs bf16;
-* ``4-bit row product`` at the real model's widths: NVFP4 and HLWQ Q5 on the "xla" reference (dequantize, then
-  the two-row product) and on the "cpu" backend (the packed bytes decoded per 64-row tile; HLWQ's input rotated
-  once), beside bf16;
+* ``4-bit row product`` at the real model's widths: NVFP4, HLWQ Q5 and FP8 on the "xla" reference (dequantize,
+  then the two-row product) and on the "cpu" backend (the packed bytes decoded per 64-row tile; HLWQ's input
+  rotated once), beside bf16;
 * ``fp32 product`` of 1-16 rows: XLA's dot (its GEMM library from two rows on) vs a broadcast multiply and a sum
   over K (one fused pass over the weight) vs ``w @ x^T`` with the small result transposed (``nemojax.ops.linear``).
 
@@ -69,6 +69,9 @@ def measure() -> list[dict]:
     from nemojax import ops
     from nemojax.blocks.moe import grouped_experts
     from nemojax.formats.base import dot_rows
+    from nemojax.formats.fp8 import FP8Weight
+    from nemojax.formats.fp8 import dequantize as fp8_dequantize
+    from nemojax.formats.fp8 import rows_product as fp8_rows
     from nemojax.formats.hlwq import HLWQWeight, unpack_lsb
     from nemojax.formats.hlwq import dequantize as hlwq_dequantize
     from nemojax.formats.hlwq.hadamard import rotate
@@ -175,6 +178,10 @@ def measure() -> list[dict]:
         add(g, "NVFP4, cpu (rows_product)", timed(chain(rows_product), xr, nv), nvb, per=3)
         add(g, "HLWQ Q5, xla (dequantize + two-row product)", timed(chain(hl_ref), xr, hl), hlb, per=3)
         add(g, "HLWQ Q5, cpu (rotate x, hlwq.rows.rows_product)", timed(chain(hl_cpu), xr, hl), hlb, per=3)
+        f8 = [(q.weight, q.weight_scale) for q in (FP8Weight.from_float(w) for w in wr)]
+        add(g, "FP8, xla (dequantize + two-row product)",
+            timed(chain(lambda x, c, s: dot_rows(x, fp8_dequantize(c, s, x.dtype))), xr, f8), f8[0][0].nbytes, per=3)
+        add(g, "FP8, cpu (fp8.rows_product)", timed(chain(fp8_rows), xr, f8), f8[0][0].nbytes, per=3)
     return rows
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Quantization measurements (NVFP4 and HLWQ) on the medium config, in one run, one pinned core.
+"""Quantization measurements (NVFP4, HLWQ and FP8) on the medium config, in one run, one pinned core.
 
 Reports:
   * resident bits per parameter by component for bf16, NVFP4 (selective ``nvfp4`` recipe) and HLWQ Q5;
@@ -7,7 +7,7 @@ Reports:
     whole medium model;
   * decode tok/s (batch 1, greedy) of bf16, NVFP4 weight-only (W4A16; the selective ``nvfp4`` recipe and
     ``nvfp4-all``, every linear of the blocks), each on the "xla" reference and the "cpu" backend, HLWQ dequant path
-    and HLWQ rotated path (each on both backends too); in generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a
+    and HLWQ rotated path, FP8 weight-only (W8A16; ``fp8`` and ``fp8-all``) (each on both backends too); in generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a
     weight's dequantization out of the token loop) and one token per call (a server's decode step);
   * logit error vs bf16 (mean |dlogit|, KL(bf16 || q), top-1 agreement) for NVFP4 W4A16 / W4A4 and HLWQ with the
     polarquant-compatible and the converged codebook, on random-weight models (only relative orderings mean much).
@@ -113,6 +113,10 @@ def worker_quant(spec: dict) -> dict:
     models["hlwq_q5_dequant_cpu"] = quant.set_backend(models["hlwq_q5_dequant"], "cpu")
     models["hlwq_q5_rotated_cpu"] = quant.set_backend(models["hlwq_q5_rotated"], "cpu")
     models["hlwq_q5_converged"] = quant.apply(base, cfg, "hlwq-q5-converged")
+    for r in ("fp8", "fp8-all"):  # weight-only (W8A16): no calibration
+        k = r.replace("-", "_") + "_w8a16"
+        models[k] = quant.apply(base, cfg, r)
+        models[k + "_cpu"] = quant.set_backend(models[k], "cpu")
     benchlib.log(f"quantized the medium model: nvfp4 {res['quantize_medium_nvfp4_s']} s, "
                  f"hlwq {res['quantize_medium_hlwq_s']} s")
     res["bits_per_param"] = {k: bits_by_component(models[k], cfg)
@@ -123,7 +127,7 @@ def worker_quant(spec: dict) -> dict:
     lp_ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
     res["logit_error"] = {}
     for k in ("nvfp4_w4a16", "nvfp4_all_w4a16", "nvfp4_w4a4", "hlwq_q5_dequant", "hlwq_q5_rotated",
-              "hlwq_q5_converged"):
+              "hlwq_q5_converged", "fp8_w8a16", "fp8_all_w8a16"):
         got = np.asarray(forward_jit(models[k], cfg, ids), np.float64)
         lp = got - got.max(-1, keepdims=True)
         lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
@@ -153,7 +157,8 @@ def worker_quant(spec: dict) -> dict:
 
 WORKERS = {"quant": worker_quant}
 DECODED = ("bf16", "nvfp4_w4a16", "nvfp4_w4a16_cpu", "nvfp4_all_w4a16", "nvfp4_all_w4a16_cpu", "hlwq_q5_dequant",
-           "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu")
+           "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu", "fp8_w8a16", "fp8_w8a16_cpu",
+           "fp8_all_w8a16", "fp8_all_w8a16_cpu")
 
 
 def markdown(r: dict) -> str:
@@ -163,7 +168,8 @@ def markdown(r: dict) -> str:
     L += ["", "| variant | decode tok/s (loop) | a token per call | mean abs dlogit vs bf16 | KL vs bf16 | "
           "top-1 agreement |", "|---|---|---|---|---|---|"]
     for k in ("bf16", "nvfp4_w4a16", "nvfp4_w4a16_cpu", "nvfp4_all_w4a16", "nvfp4_all_w4a16_cpu", "nvfp4_w4a4",
-              "hlwq_q5_dequant", "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu", "hlwq_q5_converged"):
+              "hlwq_q5_dequant", "hlwq_q5_dequant_cpu", "hlwq_q5_rotated", "hlwq_q5_rotated_cpu", "hlwq_q5_converged",
+              "fp8_w8a16", "fp8_w8a16_cpu", "fp8_all_w8a16", "fp8_all_w8a16_cpu"):
         e = r["logit_error"].get(k, {})
         err = ("– | – | –" if k.endswith("_cpu") else  # the logits are a 128-token prefill: the reference's GEMMs
                f"{e.get('mean_abs', '0')} | {e.get('kl', '0')} | {e.get('top1', '1')}")

@@ -176,6 +176,7 @@ def main(argv=None) -> int:
         rep["decode_limit_disk_tok_s"] = rep["disk"]["gb_s"] * 1e9 / rep["routed_step_bytes"]
     if host:
         rep["expert_cache_stats"] = model.experts.stats.summary()
+        rep["expert_slot_bytes"] = model.experts.slot_bytes  # allocated when a forward first needs them
     del cache, logits
     if a.serve:
         rep["serve"] = serve(model, a.serve, a.serve_prompt, a.serve_new, min(a.chunk, a.serve_prompt))

@@ -8,7 +8,7 @@ import mmap
 import jax
 import numpy as np
 
-__all__ = ["HostBank", "drop_mapped_pages"]
+__all__ = ["HostBank", "drop_mapped_pages", "will_need"]
 
 
 class HostBank:
@@ -34,16 +34,28 @@ class HostBank:
         return f"HostBank({len(self)} experts, {self.nbytes} bytes)"
 
 
+def _advise(a, advice: str) -> None:
+    """``madvise(advice)`` on the whole file mapping ``a`` is a view of; no-op for other arrays or platforms."""
+    while isinstance(a, np.ndarray):
+        mm = getattr(a, "_mmap", None) if isinstance(a, np.memmap) else None
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, advice):
+            try:
+                mm.madvise(getattr(mmap, advice))
+            except (OSError, ValueError):  # a closed map, or a platform without it
+                pass
+            return
+        a = a.base
+
+
+def will_need(a) -> None:
+    """Ask the kernel to read the file mapping ``a`` is a view of into the page cache now, in the background
+    (``madvise(MADV_WILLNEED)``): the reads of several experts then overlap each other and the products, instead of
+    faulting in page by page when a product first touches them. No-op for other arrays."""
+    _advise(a, "MADV_WILLNEED")
+
+
 def drop_mapped_pages(a) -> None:
     """Unmap the resident pages of the file mapping ``a`` is a view of (``madvise(MADV_DONTNEED)``), once its bytes
     were copied: the kernel's page cache keeps them (the next read is a minor fault), but they stop counting in
     this process's resident set, which would otherwise grow by every expert ever read. No-op for other arrays."""
-    while isinstance(a, np.ndarray):
-        mm = getattr(a, "_mmap", None) if isinstance(a, np.memmap) else None
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # a closed map, or a platform without it: nothing to release
-                pass
-            return
-        a = a.base
+    _advise(a, "MADV_DONTNEED")

@@ -39,7 +39,7 @@ from ..generate import DecodeState, next_token
 from ..blocks.moe import MOE, RoutedExperts, grouped_experts
 from ..model import STEPWISE, forward
 from ..ops import as_bits, from_bits, linear, relu2
-from .bank import HostBank, drop_mapped_pages
+from .bank import HostBank, drop_mapped_pages, will_need
 from .policies import make_policy
 from .policies.slots import SlotTable
 
@@ -119,10 +119,29 @@ class _Layer:
         self.N = self.table.n_slots
         one = [(tuple(a[0].shape), a[0].dtype) if isinstance(a, list) else (a.shape[1:], a.dtype) for a in self.host]
         self.expert_bytes = sum(int(np.prod(shp)) * np.dtype(dt).itemsize for shp, dt in one)
-        self.slots = jax.device_put(
-            jax.tree_util.tree_unflatten(self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in one]), device)
+        self.one = one
         self.device = device
+        self.slots_ = None
+        if self.views is None:  # a CPU reading mapped experts in place may never need its slots: made on first use
+            self.slots = self.slots
         self.pending: dict[int, list] = {}  # expert -> device leaves put ahead of use
+
+    @property
+    def slots(self):
+        """The device slots, per leaf ``[N, ...]`` (allocated when first used)."""
+        if self.slots_ is None:
+            self.slots_ = jax.device_put(jax.tree_util.tree_unflatten(
+                self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in self.one]), self.device)
+        return self.slots_
+
+    @slots.setter
+    def slots(self, value):
+        self.slots_ = value
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of device slots allocated so far."""
+        return 0 if self.slots_ is None else self.N * self.expert_bytes
 
     def fetch(self, experts: list[int]) -> list[list]:
         """One batched device_put of the given experts' leaves -> per leaf [m, ...] device arrays."""
@@ -181,6 +200,9 @@ class _Layer:
         slots, which on a CPU would copy them from one part of host memory to another): one jitted product per
         expert, on every row, weighted by its routing weight (0 on rows that did not choose it)."""
         x2 = x.reshape(-1, x.shape[-1])
+        for e in needed:  # pages not in the page cache yet are read ahead together
+            for a in jax.tree.leaves(self.views[e]):
+                will_need(a)
         routed = None
         for e in needed:
             ex = jax.device_put(self.views[e], self.device)
@@ -217,6 +239,12 @@ class OffloadedExperts(RoutedExperts):
         self.stats = OffloadStats()
         self.trace: list | None = None
         self._live: np.ndarray | None = None  # [B*T] bool during :meth:`forward`: the tokens that need experts
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of device slots allocated so far, over every layer (a CPU that reads mapped experts in place
+        allocates a layer's slots only when a forward of more than ``IN_PLACE_ROWS`` tokens first needs them)."""
+        return sum(lay.slot_bytes for lay in self.layers.values())
 
     def reset_stats(self) -> OffloadStats:
         """Start new counters; returns the previous ones."""

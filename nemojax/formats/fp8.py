@@ -32,10 +32,10 @@ import numpy as np
 from flax import struct
 
 from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
-                   ieee_div, per_tensor_spec, register)
+                   ieee_div, per_tensor_spec, register, tile_rows)
 
 __all__ = ["FP8Weight", "quantize", "dequantize", "fake_quant", "activation_multiplier", "check_quantizable",
-           "check_arrays", "E4M3_MAX", "MODES", "SUFFIXES"]
+           "check_arrays", "rows_product", "E4M3_MAX", "MODES", "SUFFIXES"]
 
 E4M3_MAX = 448.0
 MODES = ("w8a16", "w8a8")
@@ -77,6 +77,46 @@ def dequantize(weight, weight_scale, dtype=jnp.float32) -> jax.Array:
     return (weight.astype(jnp.float32) * s).astype(dtype)
 
 
+def _e4m3_f16(codes: jax.Array) -> jax.Array:
+    """uint8 E4M3 codes -> 2^-8 x their values as float32 (NaN codes excepted): an E4M3 code's exponent and
+    mantissa moved to bits 13..7 of a float16 are a float16 of the same mantissa whose exponent is biased by 15
+    instead of 7, subnormals included; the float16 -> float32 conversion is exact."""
+    b = codes.astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(((b & 0x7F) << 7) | ((b & 0x80) << 8), jnp.float16).astype(jnp.float32)
+
+
+def rows_product(x: jax.Array, weight, weight_scale) -> jax.Array:
+    """``x [M, K] @ W^T -> [M, N]`` float32 for a 2-D weight (e4m3 [N, K], weight_scale []), reading only the
+    one-byte codes: the weight is decoded 64 rows at a time into a float32 tile that stays in cache.
+
+    For the few rows of a decode step on a CPU, where ``dequantize`` + one product writes the whole dequantized
+    weight and reads it back. The codes are sliced as bytes (8-bit float slices are slow on XLA:CPU), decoded by
+    moving their bits into a float16 (``_e4m3_f16``), behind optimization barriers (else XLA hoists the decode out
+    of the loop and materializes it); the scale (and the decode's 2^8) multiplies the [M, N] result. The codes'
+    values are exact in float32, so this is the fp32 product of ``codes x scale`` up to rounding order.
+    """
+    N, K = weight.shape
+    M = x.shape[0]
+    T = tile_rows(N)
+    pad = -N % T
+    codes = jax.lax.bitcast_convert_type(weight, jnp.uint8)
+    if pad:
+        codes = jnp.pad(codes, ((0, pad), (0, 0)))
+    nt = (N + pad) // T
+    ct = codes.reshape(nt, T, K)
+    xf = x.astype(jnp.float32)
+
+    def tile(i, acc):
+        c, i = jax.lax.optimization_barrier((jax.lax.dynamic_index_in_dim(ct, i, keepdims=False), i))
+        w = jax.lax.optimization_barrier(_e4m3_f16(c))
+        y = jax.lax.dot_general(w, xf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [T, M]
+        return jax.lax.dynamic_update_index_in_dim(acc, y, i, 0)
+
+    acc = jax.lax.fori_loop(0, nt, tile, jnp.zeros((nt, T, M), jnp.float32))
+    unit = jnp.asarray(weight_scale, jnp.float32).reshape(()) * 2.0 ** 8
+    return acc.reshape(nt * T, M)[:N].T * unit
+
+
 def activation_multiplier(input_scale, calib_dtype=jnp.bfloat16) -> jax.Array:
     """ModelOpt's fake-quant multiplier ``448 * (1 / amax)`` from a checkpoint's ``input_scale = amax / 448``.
 
@@ -115,7 +155,7 @@ class FP8Weight(QuantFormat):
     weight_scale: jax.Array
     input_scale: jax.Array | None = None
     mode: str = struct.field(pytree_node=False, default="w8a16")
-    backend: str = struct.field(pytree_node=False, default="xla")  # no FP8 kernels: the reference on every backend
+    backend: str = struct.field(pytree_node=False, default="xla")  # kernels: "cpu" only (``nemojax.kernels``)
 
     name = "fp8"
     quant_algos = ("FP8",)

@@ -201,8 +201,8 @@ def set_mode(params: dict, mode: str) -> dict:
 
 def set_backend(params: dict, backend: str) -> dict:
     """The same parameters with every quantized node's matmul run by ``backend`` (``nemojax.kernels``): "xla"
-    (the jnp reference: dequantize, then one XLA matmul), "cpu" (plain XLA for XLA:CPU: NVFP4 and HLWQ products of up
-    to ``kernels.CPU_ROWS`` rows decode the packed bytes tile by tile, never a whole dequantized weight), "pallas"
+    (the jnp reference: dequantize, then one XLA matmul), "cpu" (plain XLA for XLA:CPU: NVFP4, HLWQ and FP8 products of
+    up to ``kernels.CPU_ROWS`` rows decode the packed bytes tile by tile, never a whole dequantized weight), "pallas"
     (``pallas_kernels``: codes decoded inside the kernels, dense and grouped for the MoE; on a CPU the kernels run
     in Pallas interpret mode, slow but exact), "triton" (as "pallas", with jax-triton decode GEMVs for up to 8
     rows; needs a GPU and jax-triton) or "auto" ("cpu" when jax runs on a CPU, else "xla"). One switch per model;
