@@ -48,6 +48,23 @@ SLOWEST_FIRST = ("test_offload.py", "test_sharding.py", "test_kernels.py", "test
                  "test_convert.py", "test_fp8.py", "test_generate.py", "test_orbax.py", "test_real_widths.py")
 
 
+def assert_cpu_backend_matches(q: dict, cfg: Config, seed: int = 2) -> None:
+    """Quantized params ``q`` on the "cpu" backend give the reference's logits (fp32, a 7-token prefill: within
+    ``CPU_ROWS``) and the same greedy tokens from generate's decode loop."""
+    import numpy as np
+
+    from nemojax import quant
+    from nemojax.generate import generate
+    from nemojax.model import forward_jit
+
+    qc = quant.set_backend(q, "cpu")
+    ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (2, 7))
+    ref = np.asarray(forward_jit(q, cfg, ids), np.float32)
+    got = np.asarray(forward_jit(qc, cfg, ids), np.float32)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(generate(qc, cfg, ids.tolist(), 6), generate(q, cfg, ids.tolist(), 6))
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda it: rank.get(os.path.basename(str(it.path)), len(rank)))  # stable: file order kept

@@ -17,12 +17,10 @@ import jax.numpy as jnp
 from nemojax import quant
 from nemojax.formats import is_quantized
 from nemojax.formats.fp8 import FP8Weight, rows_product
-from nemojax.generate import generate
 from nemojax.kernels import CPU_ROWS, linear
-from nemojax.model import forward_jit
 from nemojax.params import init_params
 
-from .conftest import tiny_config
+from .conftest import assert_cpu_backend_matches, tiny_config
 
 
 def _numpy_weight(node: FP8Weight) -> np.ndarray:
@@ -75,12 +73,7 @@ def test_cpu_backend_model_matches_the_reference(mode):
                          if isinstance(x, FP8Weight) else x, q, is_leaf=is_quantized)
     nodes = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if isinstance(x, FP8Weight)]
     assert len(nodes) >= 6 and any(x.weight.ndim == 3 for x in nodes)  # the routed experts' banks too
-    qc = quant.set_backend(q, "cpu")
-    ids = np.random.default_rng(2).integers(3, cfg.vocab_size, (2, 7))
-    ref = np.asarray(forward_jit(q, cfg, ids), np.float32)
-    got = np.asarray(forward_jit(qc, cfg, ids), np.float32)
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    np.testing.assert_array_equal(generate(qc, cfg, ids.tolist(), 6), generate(q, cfg, ids.tolist(), 6))
+    assert_cpu_backend_matches(q, cfg)
 
 
 def test_cpu_backend_keeps_the_reference_errors():
