@@ -58,6 +58,8 @@ def test_rows_product_never_materializes_the_weight():
     shapes = set(re.findall(r"(?:f32|bf16|f16)\[([\d,]+)\]", hlo))
     assert f"{n},{k}" not in shapes and f"{k},{n}" not in shapes, shapes
     assert f"64,{k}" in shapes  # the decoded tiles
+    # nor a byte copy of the whole weight (a bitcast to u8 outside the loop is one on XLA:CPU)
+    assert not re.search(rf"= u8\[(?:{n},{k}|{n // 64},64,{k})\]\S* (?:fusion|copy)\(", hlo)
 
 
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
