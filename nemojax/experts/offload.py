@@ -11,9 +11,9 @@ needing more distinct experts than slots is computed in passes of at most N expe
 assignments of its experts only: the result equals the resident model's (fp32 sums in another order).
 
 On a CPU with experts left in the checkpoint files (``nemojax.load(..., mmap=True)``) the device *is* host memory:
-a forward of up to :data:`IN_PLACE_ROWS` live tokens (a decode step) reads its experts' file pages in place
-(``jax.device_put`` aliases them; no slot is filled, nothing copied), and larger ones (prefill) go through the
-slots as above, where grouping the rows by expert pays.
+every forward reads its experts' file pages in place (``jax.device_put`` aliases them; no slot is filled, nothing
+copied), one jitted product per needed expert: on every row for up to :data:`IN_PLACE_ROWS` live tokens (a decode
+step), on the rows that chose it (gathered, padded to a power of two) for more (prefill).
 
 Prefetch: after each MoE layer the next MoE layer's router is applied to the current residual stream; its
 predicted misses are put to the device right away (``device_put`` is asynchronous, so the copy overlaps the
@@ -45,7 +45,7 @@ from .policies.slots import SlotTable
 
 __all__ = ["OffloadStats", "OffloadedExperts", "offload_experts", "IN_PLACE_ROWS"]
 
-IN_PLACE_ROWS = 8  # up to this many live tokens, a CPU reads mapped experts in place instead of through the slots
+IN_PLACE_ROWS = 8  # up to this many live tokens an expert read in place runs on every row; above, on its own rows
 
 
 @dataclasses.dataclass
@@ -191,23 +191,42 @@ class _Layer:
         stats.wait_s += time.perf_counter() - t0
         self.slots = _install(self.slots, at, jax.tree_util.tree_unflatten(self.treedef, new))
 
-    def in_place(self, rows: int) -> bool:
-        """Whether a forward of ``rows`` live tokens reads this layer's experts straight from the mapped files."""
-        return self.views is not None and rows <= IN_PLACE_ROWS
+    def in_place(self) -> bool:
+        """Whether this layer's experts are read straight from the mapped files (a CPU, a mapped load)."""
+        return self.views is not None
 
-    def routed_in_place(self, x, weights, idx, needed: list[int], stats: OffloadStats):
+    def routed_in_place(self, x, weights, idx, ids: np.ndarray, live, needed: list[int], stats: OffloadStats):
         """The routed sum from the experts' file pages, aliased by ``jax.device_put`` on a CPU (no copy into the
         slots, which on a CPU would copy them from one part of host memory to another): one jitted product per
-        expert, on every row, weighted by its routing weight (0 on rows that did not choose it)."""
+        expert weighted by its routing weight; up to ``IN_PLACE_ROWS`` live rows on every row (0 weight where a row
+        did not choose it), above on the rows that chose it. ids [T, k] (host); live [T] bool or None."""
         x2 = x.reshape(-1, x.shape[-1])
         for e in needed:  # pages not in the page cache yet are read ahead together
             for a in jax.tree.leaves(self.views[e]):
                 will_need(a)
-        routed = None
-        for e in needed:
-            ex = jax.device_put(self.views[e], self.device)
-            y = _expert_on_rows(x2, weights, idx, jnp.int32(e), ex["up"], ex["down"])
-            routed = y if routed is None else routed + y
+        n_live = ids.shape[0] if live is None else int(live.sum())
+        if n_live <= IN_PLACE_ROWS:
+            w = weights if live is None else jnp.where(jnp.asarray(live)[:, None], weights, 0.0)
+            routed = None
+            for e in needed:
+                ex = jax.device_put(self.views[e], self.device)
+                y = _expert_on_rows(x2, w, idx, jnp.int32(e), ex["up"], ex["down"])
+                routed = y if routed is None else routed + y
+        else:
+            chose = ids if live is None else np.where(live[:, None], ids, -1)
+            flat = chose.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            bounds = np.searchsorted(flat[order], [needed, np.asarray(needed) + 1])
+            T = x2.shape[0]
+            routed = jnp.zeros((T, x2.shape[1]), jnp.float32)
+            for e, lo, hi in zip(needed, *bounds):
+                rows = order[lo:hi] // ids.shape[1]  # the rows that chose e (once each: top-k ids are distinct)
+                b = max(IN_PLACE_ROWS, 1 << (len(rows) - 1).bit_length())  # bucketed: few compiled shapes
+                r = np.full(b, T, np.int32)  # row T: out of range, gathers zeros and scatters nowhere
+                r[:len(rows)] = rows
+                ex = jax.device_put(self.views[e], self.device)
+                routed = _expert_on_own_rows(routed, x2, weights, idx, jnp.asarray(r), jnp.int32(e), ex["up"],
+                                             ex["down"])
         jax.block_until_ready(routed)
         for e in needed:  # their pages stay in the page cache, not in this process's resident set
             for a in jax.tree.leaves(self.views[e]):
@@ -242,8 +261,8 @@ class OffloadedExperts(RoutedExperts):
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of device slots allocated so far, over every layer (a CPU that reads mapped experts in place
-        allocates a layer's slots only when a forward of more than ``IN_PLACE_ROWS`` tokens first needs them)."""
+        """Bytes of device slots allocated so far, over every layer (none on a CPU that reads mapped experts in
+        place: a layer's slots are made when a forward first needs them)."""
         return sum(lay.slot_bytes for lay in self.layers.values())
 
     def reset_stats(self) -> OffloadStats:
@@ -266,10 +285,9 @@ class OffloadedExperts(RoutedExperts):
         if not needed:  # every token masked
             lay.drop_stale_prefetch(stats)
             return jnp.zeros((ids.shape[0], x.shape[-1]), jnp.float32)
-        if lay.in_place(len(used)):
+        if lay.in_place():
             lay.drop_stale_prefetch(stats)
-            w = weights if live is None else jnp.where(jnp.asarray(live)[:, None], weights, 0.0)
-            return lay.routed_in_place(x, w, idx, needed, stats)
+            return lay.routed_in_place(x, weights, idx, ids, live, needed, stats)
         if lay.pending or self.prefetch:
             stats.pred_correct += sum(1 for e in needed if e in lay.pending)
             stats.needed_total += len(needed)
@@ -293,8 +311,7 @@ class OffloadedExperts(RoutedExperts):
         and its predicted misses are put to the device."""
         self.layers[layer].table.policy.step()
         nxt = [j for j in self.layers if j > layer]
-        rows = h.shape[0] * h.shape[1] if self._live is None else int(self._live.sum())
-        if not self.prefetch or not nxt or self.layers[nxt[0]].in_place(rows):
+        if not self.prefetch or not nxt or self.layers[nxt[0]].in_place():
             return
         _, _, idx = STEPWISE.moe_input(params["layers"][nxt[0]], cfg, h)
         idx = np.asarray(idx)
@@ -364,6 +381,17 @@ def _expert_on_rows(x, w, idx, e, up, down):
     coef = jnp.sum(jnp.where(idx == e, w, 0.0), axis=-1)
     y = linear(relu2(linear(x, up)), down).astype(jnp.float32)
     return y * coef[:, None]
+
+
+@partial(jax.jit, donate_argnums=0)
+def _expert_on_own_rows(acc, x, w, idx, rows, e, up, down):
+    """``acc [T, H] fp32 + coef_t * down(relu2(up x_t))`` for the rows [b] that chose expert e (entries T: padding,
+    gathering zeros and scattering nowhere), with ``coef_t`` the routing weight of ``e`` in row t."""
+    xr = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+    coef = jnp.sum(jnp.where(jnp.take(idx, rows, axis=0, mode="fill", fill_value=-1) == e,
+                             jnp.take(w, rows, axis=0, mode="fill", fill_value=0), 0.0), axis=-1)
+    y = linear(relu2(linear(xr, up)), down).astype(jnp.float32)
+    return acc.at[rows].add(y * coef[:, None], mode="drop")
 
 
 @jax.jit
