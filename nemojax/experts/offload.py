@@ -119,10 +119,10 @@ class _Layer:
         self.N = self.table.n_slots
         one = [(tuple(a[0].shape), a[0].dtype) if isinstance(a, list) else (a.shape[1:], a.dtype) for a in self.host]
         self.expert_bytes = sum(int(np.prod(shp)) * np.dtype(dt).itemsize for shp, dt in one)
-        self.one = one
+        self.leaf_shapes = one  # per leaf of one expert: (shape, dtype)
         self.device = device
         self.slots_ = None
-        if self.views is None:  # a CPU reading mapped experts in place may never need its slots: made on first use
+        if self.views is None:  # made now, except where experts are read in place (then on first use, if ever)
             self.slots = self.slots
         self.pending: dict[int, list] = {}  # expert -> device leaves put ahead of use
 
@@ -131,7 +131,7 @@ class _Layer:
         """The device slots, per leaf ``[N, ...]`` (allocated when first used)."""
         if self.slots_ is None:
             self.slots_ = jax.device_put(jax.tree_util.tree_unflatten(
-                self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in self.one]), self.device)
+                self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in self.leaf_shapes]), self.device)
         return self.slots_
 
     @slots.setter
