@@ -297,13 +297,31 @@ def test_model_replace_keeps_the_rest_and_names_unknown_fields():
         m.replace(parms=p2)
 
 
-@pytest.mark.parametrize("kind", ["hlwq-q5", "nvfp4"])
+def test_mapped_fp8_load_does_not_scan_the_expert_codes(folders, monkeypatch):
+    """The FP8 NaN-code scan reads every byte it checks (pages a mapped load must leave on disk: 29 GB of experts
+    at the real shapes), so a mapped load scans every module but the routed experts, and a plain load all."""
+    import nemojax.formats.fp8 as fp8
+
+    scanned, orig = {}, fp8.check_arrays
+    monkeypatch.setattr(fp8, "check_arrays", lambda *a, scan_codes=True, **k: (
+        scanned.__setitem__(a[3], scan_codes), orig(*a, scan_codes=scan_codes, **k))[1])
+    nemojax.load(folders["fp8"], dtype="float32", mmap=True)
+    experts = {m for m in scanned if ".experts." in m}
+    assert experts and not any(scanned[m] for m in experts)
+    assert any(scanned[m] for m in set(scanned) - experts)
+    scanned.clear()
+    nemojax.load(folders["fp8"], dtype="float32")
+    assert scanned and all(scanned.values())
+
+
+@pytest.mark.parametrize("kind", ["hlwq-q5", "nvfp4-all", "fp8-all"])
 def test_mapped_load_leaves_the_expert_pages_unread(tmp_path, kind):
     """Loading with mmap=True reads none of the routed experts: the load's checks sample a few pages of each
-    tensor (the HLWQ bit-order check once faulted in every page of every expert: the 30B checkpoint's 19 GB)."""
+    tensor (the HLWQ bit-order check once faulted in every page of every expert: the 30B checkpoint's 19 GB; the
+    FP8 NaN-code scan read all 29 GB of its experts)."""
     cfg = tiny_config(hidden_size=512, moe_intermediate_size=1024, n_routed_experts=32, num_experts_per_tok=2,
                       hybrid_override_pattern="ME", num_hidden_layers=2)
-    params = quant.apply(init_params(cfg, 7, dtype="float32"), cfg, "hlwq-q5" if kind == "hlwq-q5" else "nvfp4-all")
+    params = quant.apply(init_params(cfg, 7, dtype="float32"), cfg, kind)
     save_params(params, cfg, tmp_path)
     bank = sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     before = _rss_file_mb()

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from typing import Callable, Iterator
 
 import jax
@@ -60,10 +61,17 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["QuantError", "QuantFormat", "FORMATS", "register", "is_quantized", "format_of", "check_run_options",
-           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "tile_rows", "NANO_SELECTIVE", "BLOCK_LINEARS"]
+           "check_tensor", "check_scale", "ieee_div", "per_tensor_spec", "dot_rows", "tile_rows", "expert_index",
+           "NANO_SELECTIVE", "BLOCK_LINEARS"]
 
 
 FEW_ROWS = 32  # up to this many rows an fp32 product on CPU runs weight-major (see dot_rows)
+
+
+def expert_index(mod: str) -> int | None:
+    """The expert number of a routed expert's checkpoint module (``...experts.<e>.<proj>``), else None."""
+    m = re.search(r"\.experts\.(\d+)\.", mod)
+    return None if m is None else int(m.group(1))
 
 
 def tile_rows(n: int) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import struct
 
 from .base import (BLOCK_LINEARS, NANO_SELECTIVE, QuantError, QuantFormat, check_scale, check_tensor, dot_rows,
-                   ieee_div, per_tensor_spec, register, tile_rows)
+                   expert_index, ieee_div, per_tensor_spec, register, tile_rows)
 
 __all__ = ["FP8Weight", "quantize", "dequantize", "fake_quant", "activation_multiplier", "check_quantizable",
            "check_arrays", "rows_product", "E4M3_MAX", "MODES", "SUFFIXES"]
@@ -250,16 +250,20 @@ class FP8Weight(QuantFormat):
 
     @classmethod
     def read(cls, ck, mods: list[str], shape: tuple[int, int], *, stacked: bool = False, configs: dict | None = None,
-             **run_options) -> "FP8Weight":
-        """The stored tensors, each module's values checked (no NaN codes, finite positive scales)."""
+             copy: bool = True, **run_options) -> "FP8Weight":
+        """The stored tensors, each module's values checked (no NaN codes, finite positive scales). A mapped routed
+        expert (``copy=False``) keeps its codes on disk until a product reads them, so its codes are not scanned
+        (that would read every expert at load: 29 GB at the real shapes); its dtype, shape and scale are, and
+        ``nemojax verify`` (a plain load) scans every code."""
         for m in mods:
             ins = m + SUFFIXES["input_scale"]
             try:
                 check_arrays(ck.get(m + SUFFIXES["weight"]), ck.get(m + SUFFIXES["weight_scale"]),
-                             ck.get(ins) if ins in ck else None, m)
+                             ck.get(ins) if ins in ck else None, m,
+                             scan_codes=copy or expert_index(m) is None)
             except QuantError as e:
                 raise QuantError(f"{ck.file_of(m + SUFFIXES['weight'])}: {e}") from None
-        return super().read(ck, mods, shape, stacked=stacked, configs=configs, **run_options)
+        return super().read(ck, mods, shape, stacked=stacked, configs=configs, copy=copy, **run_options)
 
     def checkpoint_tensors(self, mod: str):
         yield mod + SUFFIXES["weight"], np.asarray(self.weight)
@@ -287,9 +291,10 @@ class FP8Weight(QuantFormat):
 _quantize_jit = jax.jit(quantize, static_argnames=("export_dtype",))
 
 
-def check_arrays(weight, weight_scale, input_scale=None, name: str = "weight"):
+def check_arrays(weight, weight_scale, input_scale=None, name: str = "weight", scan_codes: bool = True):
     """Checkpoint arrays of a node, checked (QuantError naming ``name``): e4m3 (or its uint8 bytes) weight
-    [..., N, K] without NaN codes, finite positive scales of shape [...] (a size-1 scale of a matrix is accepted).
+    [..., N, K] without NaN codes (``scan_codes=False``: not scanned, which reads no code), finite positive scales
+    of shape [...] (a size-1 scale of a matrix is accepted).
     Returns NumPy ``(weight e4m3, weight_scale f32 [...], input_scale f32 [...] or None)``."""
     weight = np.asarray(weight)
     if weight.dtype == np.uint8:
@@ -297,7 +302,7 @@ def check_arrays(weight, weight_scale, input_scale=None, name: str = "weight"):
     if weight.dtype != FP8 or weight.ndim < 2:
         raise QuantError(f"{name}.weight: FP8 needs float8_e4m3fn [..., out, in], got {weight.dtype} "
                          f"{list(weight.shape)}")
-    if np.any((weight.view(np.uint8) & 0x7F) == 0x7F):
+    if scan_codes and np.any((weight.view(np.uint8) & 0x7F) == 0x7F):
         raise QuantError(f"{name}.weight: contains NaN codes (an all-zero tensor exported with scale 0?)")
     lead = weight.shape[:-2]
 

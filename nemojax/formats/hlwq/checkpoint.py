@@ -14,11 +14,10 @@ For packed codes the bit order is confirmed with the code-histogram test (``pack
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-from ..base import QuantError
+from ..base import QuantError, expert_index
 from .codebook import lloyd_max_table
 from .hadamard import BLOCK, padded_in
 from .packing import detect_bit_order, unpack_msb_flat
@@ -54,12 +53,6 @@ def _unscale(ct_scaled: np.ndarray) -> np.ndarray:
         t = np.where(q < ct_scaled, np.nextafter(t, np.float32(np.inf)),
                      np.where(q > ct_scaled, np.nextafter(t, np.float32(-np.inf)), t)).astype(np.float32)
     return t
-
-
-def _later_expert(mod: str) -> bool:
-    """Whether ``mod`` is a routed expert other than expert 0 of its bank (``...experts.<e>.<proj>``)."""
-    m = re.search(r"\.experts\.(\d+)\.", mod)
-    return m is not None and m.group(1) != "0"
 
 
 def read_table(ck, name: str) -> np.ndarray:
@@ -109,7 +102,7 @@ def read_layout(ck, mod: str, shape: tuple[int, int], pc: dict | None):
                 raise QuantError(f"codes shape {list(codes.shape)} does not fit a [{out_f}, {in_f}] weight")
             # a bank's experts come from one writer: the bit order is checked on expert 0's codes only (each
             # check faults in a few pages of a mapped file; 17664 expert tensors at the real shapes)
-            if codes.shape[-1] == k_pad * bits // 8 and codes.shape[-1] != k_pad and not _later_expert(mod):
+            if codes.shape[-1] == k_pad * bits // 8 and codes.shape[-1] != k_pad and expert_index(mod) in (None, 0):
                 order = detect_bit_order(codes, bits, table, max_groups=1024)
                 if order == "msb":
                     raise QuantError("packed codes are MSB-first per row, a layout no writer is known to produce")
