@@ -2,7 +2,7 @@
 layer): concurrent greedy requests give the tokens of ``generate`` on the resident model, only real tokens route
 through the expert cache (not the chunk padding, not idle rows), ``stats`` reports the cache, prefix-cache hits
 are exact, a sampled request equals ``generate`` with its seed; a host-driven strategy without ``forward`` is
-refused."""
+refused; over experts memory-mapped from the files, the engine reads them in place and serves the same tokens."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -103,3 +103,26 @@ def test_a_host_driven_strategy_without_forward_is_refused(model):
 
     with pytest.raises(ValueError, match="model.experts.*forward"):
         Engine(nemojax.Model(model.config, model.params, Remote()), max_num_seqs=1, max_model_len=32, chunk=8)
+
+
+def test_mapped_experts_read_in_place_serve_the_same_tokens(model, tmp_path):
+    """A CPU engine over experts memory-mapped from the files: prompts of several chunks (more rows than
+    ``IN_PLACE_ROWS``: each expert on its own rows) and the running rows read the experts in place, no slot is made,
+    and every request gets what ``generate`` gives it on the resident model."""
+    from nemojax.checkpoint import save_params
+    from nemojax.experts.offload import IN_PLACE_ROWS
+
+    save_params(model.params, model.config, tmp_path)
+    off = nemojax.load(str(tmp_path), dtype="float32", mmap=True).offload(N_SLOTS)
+    eng = Engine(off, max_num_seqs=SLOTS, max_model_len=MAX_LEN, chunk=16)
+    eng.start()
+    try:
+        ps = prompts(np.random.default_rng(4), [21, 6, 33, 12])
+        assert max(len(p) for p in ps) > 2 * IN_PLACE_ROWS
+        out = run(eng, [Request(f"m{i}", p, 8) for i, p in enumerate(ps)])
+    finally:
+        eng.stop()
+    for i, p in enumerate(ps):
+        np.testing.assert_array_equal(out[f"m{i}"][0], generate(model.params, model.config, [p], 8)[0])
+    st = off.experts.stats
+    assert st.in_place > 0 and st.misses == 0 and off.experts.slot_bytes == 0
