@@ -7,8 +7,9 @@ Reports:
     whole medium model;
   * decode tok/s (batch 1, greedy) of bf16, NVFP4 weight-only (W4A16; the selective ``nvfp4`` recipe and
     ``nvfp4-all``, every linear of the blocks), each on the "xla" reference and the "cpu" backend, HLWQ dequant path
-    and HLWQ rotated path, FP8 weight-only (W8A16; ``fp8`` and ``fp8-all``) (each on both backends too); in generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a
-    weight's dequantization out of the token loop) and one token per call (a server's decode step);
+    and HLWQ rotated path, FP8 weight-only (W8A16; ``fp8`` and ``fp8-all``), each on both backends too; in
+    generate's jitted loop (``--new-tokens`` tokens per call, where XLA may hoist a weight's dequantization out of
+    the token loop) and one token per call (a server's decode step);
   * logit error vs bf16 (mean |dlogit|, KL(bf16 || q), top-1 agreement) for NVFP4 W4A16 / W4A4 and HLWQ with the
     polarquant-compatible and the converged codebook, on random-weight models (only relative orderings mean much).
 

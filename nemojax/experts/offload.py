@@ -121,18 +121,21 @@ class _Layer:
         self.expert_bytes = sum(int(np.prod(shp)) * np.dtype(dt).itemsize for shp, dt in one)
         self.leaf_shapes = one  # per leaf of one expert: (shape, dtype)
         self.device = device
-        self.slots_ = None
-        if self.views is None:  # made now, except where experts are read in place (then on first use, if ever)
-            self.slots = self.slots
+        self.slots_ = None  # made now, except where experts are read in place (then on first use, if ever)
+        if self.views is None:
+            self.slots_ = self._make_slots()
         self.pending: dict[int, list] = {}  # expert -> device leaves put ahead of use
 
     @property
     def slots(self):
         """The device slots, per leaf ``[N, ...]`` (allocated when first used)."""
         if self.slots_ is None:
-            self.slots_ = jax.device_put(jax.tree_util.tree_unflatten(
-                self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in self.leaf_shapes]), self.device)
+            self.slots_ = self._make_slots()
         return self.slots_
+
+    def _make_slots(self):
+        return jax.device_put(jax.tree_util.tree_unflatten(
+            self.treedef, [np.zeros((self.N, *shp), dt) for shp, dt in self.leaf_shapes]), self.device)
 
     @slots.setter
     def slots(self, value):

@@ -75,7 +75,7 @@ def expert_index(mod: str) -> int | None:
 
 
 def tile_rows(n: int) -> int:
-    """Rows per tile of a weight decoded tile by tile on a CPU (``nvfp4.rows_product``, ``hlwq.rows``): 64 (a
+    """Rows per tile of a weight decoded tile by tile on a CPU (the ``rows_product`` of nvfp4, hlwq.rows, fp8): 64 (a
     float32 tile of a few thousand columns stays in cache) or the largest of 32 / 16 / 8 that divides ``n``;
     8 when none does (the caller pads)."""
     for t in (64, 32, 16, 8):

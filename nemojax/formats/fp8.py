@@ -92,8 +92,9 @@ def rows_product(x: jax.Array, weight, weight_scale) -> jax.Array:
     For the few rows of a decode step on a CPU, where ``dequantize`` + one product writes the whole dequantized
     weight and reads it back. The codes are sliced as bytes (8-bit float slices are slow on XLA:CPU), decoded by
     moving their bits into a float16 (``_e4m3_f16``), behind optimization barriers (else XLA hoists the byte view
-    or the decode out of the loop and materializes it); the scale (and the decode's 2^8) multiplies the [M, N] result. The codes'
-    values are exact in float32, so this is the fp32 product of ``codes x scale`` up to rounding order.
+    or the decode out of the loop and materializes it); the scale (and the decode's 2^8) multiplies the [M, N]
+    result. The codes' values are exact in float32, so this is the fp32 product of ``codes x scale`` up to rounding
+    order.
     """
     N, K = weight.shape
     M = x.shape[0]

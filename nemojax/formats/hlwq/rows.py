@@ -22,7 +22,7 @@ GROUP = 8  # codes per group of ``bits`` bytes in the LSB-first packing (``packi
 
 def _word(p: jax.Array, lo: int, hi: int) -> jax.Array:
     """Bytes ``lo:hi`` (at most 4) of every group ``p [..., G, bits]`` uint8 -> their little-endian uint32 [..., G]."""
-    if hi - lo == 4:  # a contiguous copy behind a barrier, then a free bitcast: XLA:CPU vectorizes this, not strided bytes
+    if hi - lo == 4:  # a contiguous copy behind a barrier, then a free bitcast (XLA:CPU vectorizes it, not strides)
         return jax.lax.bitcast_convert_type(jax.lax.optimization_barrier(p[..., lo:hi]), jnp.uint32)
     w = p[..., lo].astype(jnp.uint32)
     for k in range(lo + 1, hi):
@@ -53,10 +53,10 @@ def rows_product(xr: jax.Array, packed, norms, table, bits: int) -> jax.Array:
     arrays: packed ``[N, K_pad*bits/8]`` uint8, norms ``[N, K_pad/128]``, table ``[2^bits]``.
 
     Per 64-row tile, code ``i`` of every group of 8 is decoded into its own ``[64, K_pad/8]`` array (no
-    interleave: the inputs ``xr[:, i::8]`` multiply it; the group's bytes read as uint32 words, ``_codes``), looked up in the table scaled by the block's norm, and
-    the eight small products summed, behind optimization barriers (else XLA hoists the decode out of the loop, or
-    turns the products into slow multiply-reduce loops). Equal to the fp32 product of the rotated-path weight up
-    to summation order.
+    interleave: the inputs ``xr[:, i::8]`` multiply it; the group's bytes read as uint32 words, ``_codes``), looked
+    up in the table scaled by the block's norm, and the eight small products summed, behind optimization barriers
+    (else XLA hoists the decode out of the loop, or turns the products into slow multiply-reduce loops). Equal to
+    the fp32 product of the rotated-path weight up to summation order.
     """
     bits = check_bits(bits)
     N, nbytes = packed.shape
